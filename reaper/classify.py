@@ -1,0 +1,203 @@
+"""Classify: one verdict with a reason per client, and statistics per family, in one streaming pass.
+
+Clients arrive newest first, so when a client is seen its family already knows whether a newer member
+exists; memory holds one small record per family, never one per client.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import random
+import statistics
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from reaper.config import ClassifyConfig
+from reaper.fingerprint import family_key, normalize_name
+from reaper.scan import ClientRow
+
+
+class Verdict(StrEnum):
+    LIVE = "live"
+    YOUNG = "young"
+    ORPHAN = "orphan"
+    ABANDONED = "abandoned"
+    IDLE = "idle"
+    PROTECTED = "protected"
+
+
+VERDICTS = tuple(Verdict)
+INTERVAL_SAMPLES = 512
+
+
+@dataclass(slots=True)
+class Classified:
+    """A client with its family and verdict."""
+
+    row: ClientRow
+    family: str
+    verdict: Verdict
+    reason: str
+
+
+@dataclass(slots=True)
+class FamilyStats:
+    """What one family looks like; bounded in size whatever the number of members."""
+
+    id: str
+    name: str | None
+    normalized_name: str
+    members: int = 0
+    live: int = 0
+    orphans: int = 0
+    abandoned: int = 0
+    first_registered: float | None = None
+    last_registered: float | None = None
+    recent: int = 0
+    newest_client_id: str | None = None
+    newest_live_client_id: str | None = None
+    _previous: float | None = None
+    _intervals: list[float] = field(default_factory=list)
+    _seen_intervals: int = 0
+
+    def add(self, row: ClientRow, verdict: Verdict, window_start: float, rng: random.Random) -> None:
+        self.members += 1
+        if self.newest_client_id is None:
+            self.newest_client_id = row.client_id
+        if verdict is Verdict.LIVE:
+            self.live += 1
+            if self.newest_live_client_id is None:
+                self.newest_live_client_id = row.client_id
+        elif verdict is Verdict.ORPHAN:
+            self.orphans += 1
+        elif verdict is Verdict.ABANDONED:
+            self.abandoned += 1
+        t = row.created_at
+        if t is None:
+            return
+        if self.last_registered is None:
+            self.last_registered = t
+        self.first_registered = t
+        if t >= window_start:
+            self.recent += 1
+        if self._previous is not None:
+            self._sample(self._previous - t, rng)
+        self._previous = t
+
+    def _sample(self, interval: float, rng: random.Random) -> None:
+        # Reservoir sampling keeps the median honest for huge families in fixed memory.
+        self._seen_intervals += 1
+        if len(self._intervals) < INTERVAL_SAMPLES:
+            self._intervals.append(interval)
+        else:
+            slot = rng.randrange(self._seen_intervals)
+            if slot < INTERVAL_SAMPLES:
+                self._intervals[slot] = interval
+
+    @property
+    def median_interval(self) -> float | None:
+        """Median seconds between consecutive registrations (None below two members)."""
+        return statistics.median(self._intervals) if self._intervals else None
+
+    @property
+    def survivor(self) -> str | None:
+        """The member a merge keeps: the newest live one, else the newest."""
+        return self.newest_live_client_id or self.newest_client_id
+
+
+@dataclass
+class Snapshot:
+    """The result of one scan: counts and families, no per-client data."""
+
+    profile: str
+    database: str
+    started_at: float
+    finished_at: float = 0.0
+    clients: int = 0
+    by_verdict: Counter[str] = field(default_factory=Counter)
+    by_reason: Counter[tuple[str, str]] = field(default_factory=Counter)
+    families: dict[str, FamilyStats] = field(default_factory=dict)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    problem_count: int = 0
+    churn_window: float = 86400.0
+    churn_min_registrations: int = 5
+
+    @property
+    def duration(self) -> float:
+        return max(0.0, self.finished_at - self.started_at)
+
+    def churning(self) -> list[FamilyStats]:
+        """Families with at least churn_min_registrations in the churn window, most first."""
+        fams = [f for f in self.families.values() if f.recent >= self.churn_min_registrations]
+        return sorted(fams, key=lambda f: (-f.recent, -f.members, f.id))
+
+    def top_families(self, k: int) -> list[FamilyStats]:
+        """The k largest families with more than one member, by orphans then members."""
+        fams = [f for f in self.families.values() if f.members > 1]
+        return sorted(fams, key=lambda f: (-f.orphans, -f.members, f.id))[:k]
+
+
+MAX_PROBLEMS_KEPT = 1000
+
+
+class Classifier:
+    """Consumes scanned clients newest first; yields Classified and fills a Snapshot."""
+
+    def __init__(self, settings: ClassifyConfig, snapshot: Snapshot, now: float):
+        self.s = settings
+        self.snapshot = snapshot
+        self.now = now
+        self.window_start = now - settings.churn_window
+        self.allow_ids = frozenset(settings.allow_client_ids)
+        self.rng = random.Random(0)
+
+    def verdict(self, row: ClientRow, has_newer: bool) -> tuple[Verdict, str]:
+        """The verdict and reason for one client (precedence: protected > live > young > abandoned > orphan)."""
+        if row.problems:
+            return Verdict.PROTECTED, "bad_row"
+        if row.cimd:
+            return Verdict.PROTECTED, "cimd"
+        if not row.dynamic:
+            return Verdict.PROTECTED, "static"
+        if row.client_id in self.allow_ids or any(
+            fnmatch.fnmatchcase(row.name or "", pattern) for pattern in self.s.allow_names
+        ):
+            return Verdict.PROTECTED, "allowlist"
+        if row.live:
+            kind = max(row.live, key=lambda k: row.live[k])
+            return Verdict.LIVE, f"live_{kind}"
+        if row.created_at is None:
+            return Verdict.PROTECTED, "unknown_age"
+        age = self.now - row.created_at
+        if age < self.s.young_for:
+            return Verdict.YOUNG, "grace_period"
+        if row.total_credentials == 0:
+            if age < self.s.abandoned_after:
+                return Verdict.YOUNG, "awaiting_first_token"
+            return Verdict.ABANDONED, "never_used"
+        if has_newer:
+            return Verdict.ORPHAN, "superseded"
+        return Verdict.IDLE, "no_newer_sibling"
+
+    def run(self, rows: Iterable[ClientRow]) -> Iterator[Classified]:
+        snap = self.snapshot
+        comps = self.s.family_components
+        for row in rows:
+            fam_id = family_key(comps, row.name, row.redirect_uris, row.software_id, row.subject, row.ip)
+            fam = snap.families.get(fam_id)
+            has_newer = fam is not None and fam.last_registered is not None
+            verdict, reason = self.verdict(row, has_newer)
+            if fam is None:
+                fam = FamilyStats(fam_id, row.name, normalize_name(row.name))
+                snap.families[fam_id] = fam
+            fam.add(row, verdict, self.window_start, self.rng)
+            snap.clients += 1
+            snap.by_verdict[verdict] += 1
+            snap.by_reason[(verdict, reason)] += 1
+            for problem in row.problems:
+                snap.problem_count += 1
+                if len(snap.problems) < MAX_PROBLEMS_KEPT:
+                    snap.problems.append((row.client_id, problem))
+            yield Classified(row, fam_id, verdict, reason)

@@ -1,0 +1,217 @@
+"""Command line: a thin shell over the callable core. Errors print one line; --debug shows the traceback."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from reaper import __version__
+from reaper.config import Config, load_config
+from reaper.errors import ConfigError, ReaperError
+
+EXIT_CODES = "Exit codes: 0 ok, 1 runtime or database error, 2 usage or configuration error, 3 schema mismatch."
+
+
+class Progress:
+    """A one-line progress indicator on stderr when it is a terminal."""
+
+    def __init__(self, label: str, enabled: bool | None = None):
+        self.label = label
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.last = 0.0
+        self.started = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < 0.2 and done < total):
+            return
+        self.last = now
+        pct = f" ({100 * done / total:.0f}%)" if total else ""
+        rate = done / max(now - self.started, 1e-6)
+        sys.stderr.write(f"\r{self.label}: {done:,}/{total:,} clients{pct}, {rate:,.0f}/s ")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--config, --database-url, --profile and --table, shared by every command that reads a database."""
+
+    @click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar=None,
+                  help="TOML config file (default: $DCR_REAPER_CONFIG, ./dcr-reaper.toml, /etc/dcr-reaper/config.toml).")
+    @click.option("--database-url", help="Auth server database URL (env DCR_REAPER_DATABASE_URL).")
+    @click.option("--profile", help="Built-in profile name or path to a profile .toml (env DCR_REAPER_PROFILE).")
+    @click.option("--table", "tables", multiple=True, metavar="NAME=PHYSICAL",
+                  help="Rename a profile table, e.g. --table oauth2_client=client (repeatable).")
+    @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+                  help="Set a profile option, e.g. --option refresh_lifetime=30d (repeatable).")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, config_path: str | None, database_url: str | None, profile: str | None,
+                tables: tuple[str, ...], options: tuple[str, ...], **kwargs: Any) -> Any:
+        overrides: dict[str, Any] = {"database_url": database_url, "profile": profile}
+        if tables:
+            overrides["tables"] = _pairs(tables, "--table")
+        if options:
+            overrides["options"] = _pairs(options, "--option")
+        config = load_config(config_path, overrides)
+        return fn(*args, config=config, **kwargs)
+
+    return wrapper
+
+
+def _pairs(items: tuple[str, ...], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r}: expected NAME=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
+@click.version_option(__version__, prog_name="dcr-reaper")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Find and safely reap the orphaned clients that OAuth Dynamic Client Registration leaves behind."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _verdicts(value: tuple[str, ...]) -> frozenset[str]:
+    from reaper.classify import VERDICTS
+
+    chosen = {v.strip() for item in value for v in item.split(",") if v.strip()}
+    unknown = chosen - {str(v) for v in VERDICTS}
+    if unknown:
+        raise ConfigError(f"--verdict: unknown verdict(s) {sorted(unknown)}; choose from {[str(v) for v in VERDICTS]}")
+    return frozenset(chosen)
+
+
+@cli.command()
+@source_options
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "markdown"]), default="table",
+              show_default=True)
+@click.option("--verdict", multiple=True, help="Only list clients with these verdicts (comma-separated or repeated).")
+@click.option("--family", help="Only list clients of this family (id prefix or normalized name).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), help="Write to a file, not stdout.")
+@click.option("--progress/--no-progress", default=None, help="Progress on stderr (default: when a terminal).")
+def report(config: Config, fmt: str, verdict: tuple[str, ...], family: str | None, output: str | None,
+           progress: bool | None) -> None:
+    """Scan and classify every client, read-only; print what a reap would do."""
+    from reaper.render import Filters, render
+    from reaper.report import classified
+
+    filters = Filters(_verdicts(verdict), family)
+    with classified(config, progress=Progress("scanning", progress)) as (stream, snapshot):
+        if output:
+            with open(output, "w", encoding="utf-8") as out:
+                render(fmt, stream, snapshot, out, filters, config.report.top_families, config.report.max_rows,
+                       config.report.show_ips)
+        else:
+            render(fmt, stream, snapshot, sys.stdout, filters, config.report.top_families, config.report.max_rows,
+                   config.report.show_ips)
+            sys.stdout.flush()
+
+
+@cli.command()
+@source_options
+def check(config: Config) -> None:
+    """Validate the config and the profile against the live schema; list every mismatch."""
+    from reaper.report import open_source
+
+    source = open_source(config)
+    source.engine.dispose()
+    click.echo(f"ok: profile '{source.profile.name}' matches {source.engine.url.render_as_string(hide_password=True)}")
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def profiles(ctx: click.Context) -> None:
+    """List the built-in profiles."""
+    from reaper.profile import builtin_profiles, load_profile
+
+    if ctx.invoked_subcommand is None:
+        for name in sorted(builtin_profiles()):
+            p = load_profile(name)
+            click.echo(f"{name:28} {p.description} [{', '.join(p.database)}]")
+
+
+@profiles.command("show")
+@click.argument("name")
+def profiles_show(name: str) -> None:
+    """Print a profile's mapping (a built-in name or a file path)."""
+    from reaper.profile import builtin_profiles, load_profile
+
+    load_profile(name)  # validates, and gives the clear error for an unknown name
+    path = builtin_profiles().get(name) or Path(name)
+    click.echo(path.read_text(encoding="utf-8"), nl=False)
+
+
+@cli.command()
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the demo database (default: ./dcr-reaper-demo.sqlite).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "markdown"]), default="table",
+              show_default=True)
+def demo(db_path: str | None, fmt: str) -> None:
+    """Build a SQLite database in mcp-memory-service's schema that reproduces the churn report, then report on it."""
+    from reaper.classify import VERDICTS
+    from reaper.demo import DEFAULT_PATH, build_demo
+    from reaper.render import Filters, render
+    from reaper.report import classified
+
+    path = build_demo(Path(db_path) if db_path else DEFAULT_PATH)
+    url = f"sqlite:///{path}"
+    config = load_config(None, {"database_url": url, "profile": "mcp-memory-service"}, environ={})
+    with classified(config) as (stream, snapshot):
+        everything = Filters(frozenset(str(v) for v in VERDICTS))
+        render(fmt, stream, snapshot, sys.stdout, everything, config.report.top_families, config.report.max_rows)
+    click.echo(f"\nDemo database: {path}", err=fmt != "table")
+    click.echo(f"Report on it yourself:  dcr-reaper report --profile mcp-memory-service --database-url {url}",
+               err=fmt != "table")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning errors into one line on stderr and an exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="dcr-reaper", standalone_mode=False)
+    except ReaperError as exc:
+        if debug:
+            traceback.print_exc()
+        problems = getattr(exc, "problems", [str(exc)])
+        for line in problems:
+            click.echo(f"dcr-reaper: error: {line}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("dcr-reaper: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        # `dcr-reaper report | head`: the reader left; exit quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, never a secret-bearing traceback
+        if debug:
+            traceback.print_exc()
+        click.echo(f"dcr-reaper: error: unexpected {type(exc).__name__}: {exc} (run with --debug for details)",
+                   err=True)
+        sys.exit(1)
+    sys.exit(0)

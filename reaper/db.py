@@ -1,0 +1,94 @@
+"""Engines: driver choice, read-only connections, password redaction and error translation."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+
+from reaper.dialects import dialect_for_name
+from reaper.errors import ConfigError, DatabaseError
+
+_DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg", "mysql": "mysql+pymysql",
+            "mariadb": "mariadb+pymysql"}
+
+
+def parse_url(raw: str) -> URL:
+    """A SQLAlchemy URL, with psycopg / PyMySQL as default drivers; a bare path means SQLite."""
+    if "://" not in raw:
+        raw = f"sqlite:///{Path(raw).expanduser().resolve()}"
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise ConfigError("database_url: not a database URL (expected e.g. postgresql://user@host/db)") from None
+    if url.drivername in _DRIVERS:
+        url = url.set(drivername=_DRIVERS[url.drivername])
+    return url
+
+
+def redact(url: URL | str) -> str:
+    """The URL with its password hidden, for messages and logs (S8)."""
+    try:
+        parsed = url if isinstance(url, URL) else make_url(url)
+    except ArgumentError:
+        return "<unparseable database URL>"
+    return parsed.render_as_string(hide_password=True)
+
+
+def _scrub(message: str, url: URL) -> str:
+    message = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    if url.password:
+        message = message.replace(str(url.password), "***")
+    return re.sub(r"password=\S+", "password=***", message)
+
+
+def describe_error(exc: BaseException, url: URL) -> str:
+    """One line describing a database error, never echoing the password."""
+    orig = getattr(exc, "orig", None) or exc
+    return _scrub(str(orig), url)
+
+
+def make_engine(raw_url: str, readonly: bool, **engine_kwargs: Any) -> Engine:
+    """An engine whose connections are read-only at the database when `readonly` (S1)."""
+    url = parse_url(raw_url)
+    try:
+        strategy = dialect_for_name(url.get_backend_name())
+    except ValueError as exc:
+        raise ConfigError(f"database_url: {exc}") from None
+    if strategy.name == "sqlite":
+        path = url.database
+        if not path or path == ":memory:":
+            raise ConfigError("database_url: an in-memory SQLite database has nothing to scan")
+        if not Path(path).is_file():
+            raise DatabaseError(f"cannot open {redact(url)}: no such SQLite database file")
+    connect_args = strategy.connect_args(readonly)
+    if "options" in connect_args and url.query.get("options"):
+        connect_args["options"] = f"{url.query['options']} {connect_args['options']}"
+    try:
+        engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True, **engine_kwargs)
+    except (NoSuchModuleError, ArgumentError) as exc:
+        raise ConfigError(f"database_url: {exc}") from None
+    statements = strategy.on_connect_statements(readonly)
+    if statements:
+
+        @sa.event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            for stmt in statements:
+                cur.execute(stmt)
+            cur.close()
+
+    return engine
+
+
+def check_connection(engine: Engine) -> None:
+    """Connect once, translating failures into one clear DatabaseError."""
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except DBAPIError as exc:
+        raise DatabaseError(f"cannot connect to {redact(engine.url)}: {describe_error(exc, engine.url)}") from None

@@ -1,0 +1,93 @@
+"""Per-database strategies, chosen once from the engine's dialect (no `if dialect ==` elsewhere)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.sql.elements import ColumnElement
+
+
+class Dialect:
+    """Defaults shared by every database."""
+
+    name = "generic"
+
+    def connect_args(self, readonly: bool) -> dict[str, Any]:
+        """Extra DBAPI connect() arguments."""
+        return {}
+
+    def on_connect_statements(self, readonly: bool) -> list[str]:
+        """Statements run on every new DBAPI connection."""
+        return []
+
+    def add_seconds(self, ts: ColumnElement[Any], seconds: ColumnElement[Any]) -> ColumnElement[Any]:
+        """`ts + seconds` for a timestamp column and an integer expression."""
+        raise NotImplementedError
+
+    def group_concat(self, column: ColumnElement[Any]) -> ColumnElement[Any]:
+        """Newline-joined values of a grouped column."""
+        return sa.func.aggregate_strings(column, "\n")
+
+    def stream_options(self, batch: int) -> dict[str, Any]:
+        """Execution options that stream rows instead of buffering the whole result."""
+        return {"stream_results": True, "yield_per": batch}
+
+
+class PostgresDialect(Dialect):
+    name = "postgresql"
+
+    def connect_args(self, readonly: bool) -> dict[str, Any]:
+        # default_transaction_read_only makes the server itself refuse writes (S1).
+        opts = "-c default_transaction_read_only=on" if readonly else ""
+        return {"options": opts} if opts else {}
+
+    def add_seconds(self, ts: ColumnElement[Any], seconds: ColumnElement[Any]) -> ColumnElement[Any]:
+        return ts + sa.func.make_interval(0, 0, 0, 0, 0, 0, seconds)
+
+
+class MySQLDialect(Dialect):
+    name = "mysql"
+
+    def on_connect_statements(self, readonly: bool) -> list[str]:
+        return ["SET SESSION TRANSACTION READ ONLY"] if readonly else []
+
+    def add_seconds(self, ts: ColumnElement[Any], seconds: ColumnElement[Any]) -> ColumnElement[Any]:
+        return sa.func.timestampadd(sa.text("SECOND"), seconds, ts)
+
+
+class SQLiteDialect(Dialect):
+    name = "sqlite"
+
+    def on_connect_statements(self, readonly: bool) -> list[str]:
+        # query_only makes SQLite refuse every write on this connection (S1).
+        stmts = ["PRAGMA busy_timeout = 5000"]
+        return stmts + (["PRAGMA query_only = ON"] if readonly else [])
+
+    def add_seconds(self, ts: ColumnElement[Any], seconds: ColumnElement[Any]) -> ColumnElement[Any]:
+        return sa.func.datetime(ts, sa.literal("+") + sa.cast(seconds, sa.String) + sa.literal(" seconds"))
+
+    def stream_options(self, batch: int) -> dict[str, Any]:
+        return {"yield_per": batch}
+
+
+_BY_NAME: dict[str, type[Dialect]] = {
+    "postgresql": PostgresDialect,
+    "mysql": MySQLDialect,
+    "mariadb": MySQLDialect,
+    "sqlite": SQLiteDialect,
+}
+
+
+def dialect_for_name(name: str) -> Dialect:
+    """The strategy for a SQLAlchemy dialect name."""
+    try:
+        return _BY_NAME[name]()
+    except KeyError:
+        raise ValueError(f"unsupported database '{name}' (supported: postgresql, mysql/mariadb, sqlite)") from None
+
+
+def dialect_for(engine: Engine) -> Dialect:
+    """The strategy for an engine."""
+    return dialect_for_name(engine.dialect.name)

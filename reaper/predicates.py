@@ -1,0 +1,125 @@
+"""Compile a profile Condition into a SQL expression over one table."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.expression import TableClause
+
+from reaper.dialects import Dialect
+from reaper.profile import Condition
+
+
+def now_param(now: datetime, encoding: str | None) -> Any:
+    """`now` in a column's encoding: epoch seconds, epoch ms, naive UTC or aware UTC datetime."""
+    if encoding == "epoch":
+        return now.timestamp()
+    if encoding == "epoch_ms":
+        return now.timestamp() * 1000
+    if encoding == "timestamptz":
+        return now.astimezone(UTC)
+    return now.astimezone(UTC).replace(tzinfo=None)
+
+
+def _shift(now: datetime, seconds: float, encoding: str | None) -> Any:
+    if encoding == "epoch":
+        return now.timestamp() - seconds
+    if encoding == "epoch_ms":
+        return (now.timestamp() - seconds) * 1000
+    return now_param(now - timedelta(seconds=seconds), encoding)
+
+
+class Compiler:
+    """Turns conditions into SQLAlchemy expressions for one table, one clock and one set of options."""
+
+    def __init__(self, table: TableClause, now: datetime, options: dict[str, Any], dialect: Dialect):
+        self.t = table
+        self.now = now
+        self.options = options
+        self.dialect = dialect
+
+    def col(self, name: str) -> ColumnElement[Any]:
+        return self.t.c[name]
+
+    def compile(self, cond: Condition) -> ColumnElement[bool]:
+        key, value = cond.kind()
+        return getattr(self, f"_{key}")(value)
+
+    def _all(self, items: tuple[Condition, ...]) -> ColumnElement[bool]:
+        return sa.and_(*(self.compile(c) for c in items))
+
+    def _any(self, items: tuple[Condition, ...]) -> ColumnElement[bool]:
+        return sa.or_(*(self.compile(c) for c in items))
+
+    def _not_(self, inner: Condition) -> ColumnElement[bool]:
+        return sa.not_(self.compile(inner))
+
+    def _is_null(self, column: str) -> ColumnElement[bool]:
+        return self.col(column).is_(None)
+
+    def _not_null(self, column: str) -> ColumnElement[bool]:
+        return self.col(column).is_not(None)
+
+    def _is_true(self, column: str) -> ColumnElement[bool]:
+        return self.col(column).is_(sa.true())
+
+    def _is_false(self, column: str) -> ColumnElement[bool]:
+        c = self.col(column)
+        return sa.or_(c.is_(None), c.is_(sa.false()))
+
+    def _equals(self, spec: dict[str, Any]) -> ColumnElement[bool]:
+        return self.col(spec["column"]) == spec["value"]
+
+    def _not_equals(self, spec: dict[str, Any]) -> ColumnElement[bool]:
+        c = self.col(spec["column"])
+        return sa.or_(c.is_(None), c != spec["value"])
+
+    def _gt(self, spec: dict[str, Any]) -> ColumnElement[bool]:
+        return self.col(spec["column"]) > spec["value"]
+
+    def _like(self, spec: dict[str, Any]) -> ColumnElement[bool]:
+        return self.col(spec["column"]).like(spec["pattern"])
+
+    def _contains(self, spec: dict[str, Any]) -> ColumnElement[bool]:
+        return self.col(spec["column"]).contains(spec["text"], autoescape=True)
+
+    def _not_revoked(self, spec: dict[str, Any]) -> ColumnElement[bool]:
+        c, enc = self.col(spec["column"]), spec.get("encoding")
+        future = c > now_param(self.now, enc)
+        if enc in ("epoch", "epoch_ms"):
+            return sa.or_(c.is_(None), c == 0, future)
+        return sa.or_(c.is_(None), future)
+
+    def _expires_at(self, spec: dict[str, Any]) -> ColumnElement[bool]:
+        c = self.col(spec["column"])
+        alive = c > now_param(self.now, spec.get("encoding"))
+        return sa.or_(c.is_(None), alive) if spec.get("null", "expired") == "never" else alive
+
+    def _lifetime(self, spec: dict[str, Any]) -> ColumnElement[bool]:
+        start, enc = self.col(spec["start"]), spec.get("encoding")
+        zero_never = spec.get("zero", "expired") == "never"
+        null_never = spec.get("null", "expired") == "never"
+        if "seconds_column" in spec:
+            secs = self.col(spec["seconds_column"])
+            if enc in ("epoch", "epoch_ms"):
+                factor = 1000 if enc == "epoch_ms" else 1
+                alive = start + secs * factor > now_param(self.now, enc)
+            else:
+                alive = self.dialect.add_seconds(start, secs) > now_param(self.now, enc)
+            extra = []
+            if zero_never:
+                extra.append(secs == 0)
+            if null_never:
+                extra.append(secs.is_(None))
+            return sa.or_(alive, *extra) if extra else alive
+        seconds = spec.get("seconds")
+        if "seconds_option" in spec:
+            seconds = self.options.get(spec["seconds_option"])
+        if seconds is None:
+            return sa.true() if null_never else sa.false()
+        if seconds == 0:
+            return sa.true() if zero_never else sa.false()
+        return start > _shift(self.now, float(seconds), enc)

@@ -1,0 +1,101 @@
+"""The read-only pipeline: config -> profile -> scan -> classify -> Snapshot (S1: nothing here writes)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
+
+from reaper.check import check_schema
+from reaper.classify import Classified, Classifier, Snapshot
+from reaper.config import Config
+from reaper.db import check_connection, describe_error, make_engine, redact
+from reaper.dialects import dialect_for
+from reaper.errors import ConfigError, DatabaseError, SchemaError
+from reaper.profile import BoundProfile, bind_profile
+from reaper.scan import count_clients, scan
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Source:
+    """A bound profile and a read-only engine on the auth database."""
+
+    profile: BoundProfile
+    engine: Engine
+
+
+def open_source(config: Config, readonly: bool = True) -> Source:
+    """Bind the profile, connect (read-only by default) and check the schema; raise on any mismatch."""
+    if not config.database_url:
+        raise ConfigError("database_url is not set (use --database-url, DCR_REAPER_DATABASE_URL or the config file)")
+    profile = bind_profile(config)
+    engine = make_engine(config.database_url, readonly=readonly)
+    check_connection(engine)
+    if engine.dialect.name not in profile.profile.database and not (
+        engine.dialect.name in ("mysql", "mariadb") and "mysql" in profile.profile.database
+    ):
+        raise ConfigError(
+            f"profile '{profile.name}' supports {', '.join(profile.profile.database)}, not {engine.dialect.name}"
+        )
+    try:
+        problems = check_schema(engine, profile)
+    except DBAPIError as exc:
+        raise DatabaseError(f"reading the schema of {redact(engine.url)}: {describe_error(exc, engine.url)}") from None
+    if problems:
+        raise SchemaError(problems)
+    return Source(profile, engine)
+
+
+@contextmanager
+def classified(
+    config: Config, source: Source | None = None, progress: Progress | None = None, now: float | None = None
+) -> Iterator[tuple[Iterator[Classified], Snapshot]]:
+    """Stream classified clients; the Snapshot is complete once the stream is exhausted."""
+    src = source or open_source(config)
+    started = time.time() if now is None else now
+    now_dt = datetime.fromtimestamp(started, UTC)
+    snapshot = Snapshot(
+        profile=src.profile.name,
+        database=redact(src.engine.url),
+        started_at=started,
+        churn_window=config.classify.churn_window,
+        churn_min_registrations=config.classify.churn_min_registrations,
+    )
+    dialect = dialect_for(src.engine)
+    try:
+        with src.engine.connect() as conn:
+            total = count_clients(conn, src.profile) if progress else 0
+            rows = scan(conn, src.profile, dialect, now_dt, config.classify.clock_skew)
+            stream = Classifier(config.classify, snapshot, started).run(rows)
+
+            def counted() -> Iterator[Classified]:
+                for n, item in enumerate(stream, 1):
+                    if progress and n % 1000 == 0:
+                        progress(n, total)
+                    yield item
+                if progress:
+                    progress(snapshot.clients, total)
+                snapshot.finished_at = time.time()
+
+            yield counted(), snapshot
+            conn.rollback()
+    except DBAPIError as exc:
+        raise DatabaseError(f"scan of {redact(src.engine.url)} failed: {describe_error(exc, src.engine.url)}") from None
+    finally:
+        if source is None:
+            src.engine.dispose()
+
+
+def report(config: Config, progress: Progress | None = None) -> Snapshot:
+    """Scan and classify everything; return only the Snapshot."""
+    with classified(config, progress=progress) as (stream, snapshot):
+        for _ in stream:
+            pass
+    return snapshot
