@@ -58,6 +58,8 @@ class FamilyStats:
     recent: int = 0
     newest_client_id: str | None = None
     newest_live_client_id: str | None = None
+    newest_key: str | None = None
+    newest_live_key: str | None = None
     _previous: float | None = None
     _intervals: list[float] = field(default_factory=list)
     _seen_intervals: int = 0
@@ -65,11 +67,11 @@ class FamilyStats:
     def add(self, row: ClientRow, verdict: Verdict, window_start: float, rng: random.Random) -> None:
         self.members += 1
         if self.newest_client_id is None:
-            self.newest_client_id = row.client_id
+            self.newest_client_id, self.newest_key = row.client_id, row.key
         if verdict is Verdict.LIVE:
             self.live += 1
             if self.newest_live_client_id is None:
-                self.newest_live_client_id = row.client_id
+                self.newest_live_client_id, self.newest_live_key = row.client_id, row.key
         elif verdict is Verdict.ORPHAN:
             self.orphans += 1
         elif verdict is Verdict.ABANDONED:
@@ -105,6 +107,11 @@ class FamilyStats:
     def survivor(self) -> str | None:
         """The member a merge keeps: the newest live one, else the newest."""
         return self.newest_live_client_id or self.newest_client_id
+
+    @property
+    def survivor_key(self) -> str | None:
+        """The survivor's key (what credential rows reference)."""
+        return self.newest_live_key if self.newest_live_client_id else self.newest_key
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 import time
@@ -17,7 +18,10 @@ from reaper import __version__
 from reaper.config import Config, load_config
 from reaper.errors import ConfigError, ReaperError
 
-EXIT_CODES = "Exit codes: 0 ok, 1 runtime or database error, 2 usage or configuration error, 3 schema mismatch."
+EXIT_CODES = (
+    "Exit codes: 0 ok, 1 runtime or database error, 2 usage or configuration error, 3 schema mismatch, "
+    "4 another reaper holds the lock, 5 the plan exceeds a cap (nothing reaped)."
+)
 
 
 class Progress:
@@ -180,10 +184,47 @@ def demo(db_path: str | None, fmt: str) -> None:
                err=fmt != "table")
 
 
+@cli.command()
+@source_options
+@click.option("--apply", "do_apply", is_flag=True, help="Act on the plan. Without it nothing is written.")
+@click.option("--force", is_flag=True, help="Act even when the plan exceeds max_per_run or max_fraction.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--progress/--no-progress", default=None, help="Progress on stderr (default: when a terminal).")
+def reap(config: Config, do_apply: bool, force: bool, fmt: str, progress: bool | None) -> None:
+    """Plan what the policy would reap (dry-run, the default); --apply does it, with tombstones."""
+    from reaper.plan_render import render_run
+    from reaper.reap import CapExceeded, RunResult, apply, plan
+
+    the_plan = plan(config, progress=Progress("scanning", progress))
+    if not do_apply:
+        render_run(RunResult(the_plan, applied=False), fmt, sys.stdout, config.report.max_rows)
+        if the_plan.cap_problem and not force:
+            raise CapExceeded(f"{the_plan.cap_problem}; an --apply run would reap nothing")
+        return
+    result = apply(config, the_plan, force=force, progress=Progress("reaping", progress))
+    render_run(result, fmt, sys.stdout, config.report.max_rows)
+
+
+@cli.command()
+@source_options
+@click.option("--run", "run_id", help="Restore every client reaped by this run.")
+@click.option("--client", "client_id", help="Restore one client (client_id or key).")
+def restore(config: Config, run_id: str | None, client_id: str | None) -> None:
+    """Put reaped clients back exactly as they were, from their tombstones."""
+    from reaper.restore import restore as do_restore
+
+    result = do_restore(config, run_id=run_id, client_id=client_id)
+    click.echo(f"restored {len(result.restored)} client(s), {result.rows} row(s)")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning errors into one line on stderr and an exit code."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    if not debug:
+        # SQLAlchemy logs some errors (e.g. closing a cursor after `| head`) with a traceback through
+        # logging's last-resort handler; the CLI speaks in one-line errors, so keep its logs quiet.
+        logging.getLogger("sqlalchemy").addHandler(logging.NullHandler())
     try:
         cli.main(args=args, prog_name="dcr-reaper", standalone_mode=False)
     except ReaperError as exc:
@@ -197,7 +238,11 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("dcr-reaper: aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        exc.show()
+        # One line, like every other error (click's own output is a usage block plus the error).
+        hint = ""
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            hint = f" (see '{exc.ctx.command_path} --help')"
+        click.echo(f"dcr-reaper: error: {exc.format_message()}{hint}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

@@ -6,7 +6,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
@@ -53,6 +53,8 @@ class ClassifyConfig(_Section):
     family_components: tuple[str, ...] = Field(FAMILY_COMPONENTS, description="what a family fingerprint uses")
     allow_client_ids: tuple[str, ...] = Field((), description="client_ids that are always protected")
     allow_names: tuple[str, ...] = Field((), description="glob patterns of client names always protected")
+    ip_prefix_v4: int = Field(24, ge=8, le=32, description="IPv4 registrant addresses aggregate to this prefix")
+    ip_prefix_v6: int = Field(56, ge=16, le=128, description="IPv6 registrant addresses aggregate to this prefix")
 
     def model_post_init(self, __context: Any) -> None:
         unknown = [c for c in self.family_components if c not in FAMILY_COMPONENTS]
@@ -68,6 +70,36 @@ class ReportConfig(_Section):
     show_ips: bool = False
 
 
+Action = Literal["delete", "disable", "merge"]
+ReapVerdict = Literal["orphan", "abandoned", "idle"]
+
+
+class PolicyConfig(_Section):
+    """What a reap may act on, how, and how much at most."""
+
+    verdicts: tuple[ReapVerdict, ...] = Field(("orphan", "abandoned"), description="verdicts to act on")
+    actions: dict[ReapVerdict, Action] = Field(
+        default_factory=lambda: {"orphan": "delete", "abandoned": "delete", "idle": "disable"},
+        description="action per verdict",
+    )
+    min_age: Duration = Field(86400.0, description="never act on a client younger than this")
+    max_per_run: int = Field(1000, ge=1, description="a run that would act on more reaps nothing (S4)")
+    max_fraction: float = Field(0.5, gt=0, le=1, description="... or on more than this share of all clients")
+    batch_size: int = Field(200, ge=1, le=10000, description="clients per short transaction")
+    pause: Duration = Field(0.05, description="sleep between batches, to let the auth server breathe")
+    lock_timeout: Duration = Field(2.0, description="give up on a row lock after this (S7)")
+    statement_timeout: Duration = Field(30.0, description="abort a statement running longer (S7)")
+    late_token_sweep: Duration = Field(2.0, description="re-check reaped clients for late tokens after this")
+
+
+class LedgerConfig(_Section):
+    """Where the reaper keeps runs, tombstones and aliases."""
+
+    url: str | None = Field(None, description="a separate database; default: the auth database itself")
+    schema_: str | None = Field(None, alias="schema", description="database schema for the ledger tables")
+    prefix: str = Field("dcr_reaper_", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,30}$")
+
+
 class Config(_Section):
     """The whole configuration."""
 
@@ -77,17 +109,40 @@ class Config(_Section):
     options: dict[str, Any] = Field(default_factory=dict, description="profile options, e.g. refresh_lifetime")
     classify: ClassifyConfig = ClassifyConfig()
     report: ReportConfig = ReportConfig()
+    policy: PolicyConfig = PolicyConfig()
+    ledger: LedgerConfig = LedgerConfig()
 
 
-def _format_errors(exc: ValidationError, source: str) -> list[str]:
+def _set_at(layer: dict[str, Any], loc: tuple[Any, ...]) -> tuple[str, ...] | None:
+    """The path of the value `layer` sets at or above `loc`, if it sets one."""
+    node: Any = layer
+    for i, part in enumerate(loc):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+        if not isinstance(node, dict):
+            return tuple(str(p) for p in loc[: i + 1])
+    return tuple(str(p) for p in loc) if loc else None
+
+
+def _format_errors(
+    exc: ValidationError, source: str, env: dict[str, Any] | None = None, flags: dict[str, Any] | None = None
+) -> list[str]:
     problems = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        # Name where the bad value came from: a flag, an environment variable, else the file.
+        if flags and _set_at(flags, err["loc"]):
+            origin = "command line"
+        elif env and (path := _set_at(env, err["loc"])):
+            origin = ENV_PREFIX + "__".join(path).upper()
+        else:
+            origin = source
         if err["type"] == "extra_forbidden":
-            problems.append(f"{source}: unknown key '{key}'")
+            problems.append(f"{origin}: unknown key '{key}'")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{source}: {key}: {msg}")
+            problems.append(f"{origin}: {key}: {msg}")
     return problems
 
 
@@ -152,9 +207,10 @@ def load_config(
     config_file = find_config_file(path, environ)
     data: dict[str, Any] = read_toml(config_file) if config_file else {}
     source = str(config_file) if config_file else "config"
-    data = _merge(data, _env_overrides(environ))
-    data = _merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    env = _env_overrides(environ)
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    data = _merge(_merge(data, env), flags)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
+        raise ConfigError(_format_errors(exc, source, env, flags)) from None

@@ -23,8 +23,8 @@ def parse_url(raw: str) -> URL:
         raw = f"sqlite:///{Path(raw).expanduser().resolve()}"
     try:
         url = make_url(raw)
-    except ArgumentError:
-        raise ConfigError("database_url: not a database URL (expected e.g. postgresql://user@host/db)") from None
+    except (ArgumentError, ValueError):  # ValueError: a non-numeric port
+        raise ConfigError("database_url: not a database URL (expected e.g. postgresql://user@host:5432/db)") from None
     if url.drivername in _DRIVERS:
         url = url.set(drivername=_DRIVERS[url.drivername])
     return url
@@ -34,15 +34,18 @@ def redact(url: URL | str) -> str:
     """The URL with its password hidden, for messages and logs (S8)."""
     try:
         parsed = url if isinstance(url, URL) else make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         return "<unparseable database URL>"
-    return parsed.render_as_string(hide_password=True)
+    if "password" in parsed.query:  # libpq also takes ?password=...
+        parsed = parsed.update_query_dict({"password": "***"})
+    return parsed.render_as_string(hide_password=True).replace("password=%2A%2A%2A", "password=***")
 
 
 def _scrub(message: str, url: URL) -> str:
     message = message.strip().splitlines()[0] if message.strip() else "unknown error"
-    if url.password:
-        message = message.replace(str(url.password), "***")
+    secrets = [url.password, *url.normalized_query.get("password", ())]
+    for secret in filter(None, secrets):
+        message = message.replace(str(secret), "***")
     return re.sub(r"password=\S+", "password=***", message)
 
 
@@ -72,6 +75,8 @@ def make_engine(raw_url: str, readonly: bool, **engine_kwargs: Any) -> Engine:
         engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True, **engine_kwargs)
     except (NoSuchModuleError, ArgumentError) as exc:
         raise ConfigError(f"database_url: {exc}") from None
+    if strategy.name == "sqlite" and not readonly:
+        _sqlite_immediate_transactions(engine)
     statements = strategy.on_connect_statements(readonly)
     if statements:
 
@@ -83,6 +88,18 @@ def make_engine(raw_url: str, readonly: bool, **engine_kwargs: Any) -> Engine:
             cur.close()
 
     return engine
+
+
+def _sqlite_immediate_transactions(engine: Engine) -> None:
+    """Let SQLAlchemy, not pysqlite, begin transactions, and take the write lock at BEGIN."""
+
+    @sa.event.listens_for(engine, "connect")
+    def _no_driver_transactions(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin_immediate(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def check_connection(engine: Engine) -> None:

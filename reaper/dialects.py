@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy import Table
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
 
@@ -34,9 +35,25 @@ class Dialect:
         """Execution options that stream rows instead of buffering the whole result."""
         return {"stream_results": True, "yield_per": batch}
 
+    def set_timeouts(self, conn: Connection, lock_timeout: float, statement_timeout: float) -> None:
+        """Bound how long this transaction waits for locks and runs one statement (S7)."""
+
+    def for_update(self) -> dict[str, Any]:
+        """with_for_update() arguments: lock the rows we act on, skip rows the auth server holds."""
+        return {"skip_locked": True}
+
+    def delete_returning(self, conn: Connection, table: Table, where: Any) -> list[dict[str, Any]]:
+        """Delete rows and return exactly the rows deleted."""
+        result = conn.execute(sa.delete(table).where(where).returning(*table.c))
+        return [dict(r) for r in result.mappings()]
+
 
 class PostgresDialect(Dialect):
     name = "postgresql"
+
+    def set_timeouts(self, conn: Connection, lock_timeout: float, statement_timeout: float) -> None:
+        conn.execute(sa.text(f"SET LOCAL lock_timeout = {int(lock_timeout * 1000)}"))
+        conn.execute(sa.text(f"SET LOCAL statement_timeout = {int(statement_timeout * 1000)}"))
 
     def connect_args(self, readonly: bool) -> dict[str, Any]:
         # default_transaction_read_only makes the server itself refuse writes (S1).
@@ -49,6 +66,18 @@ class PostgresDialect(Dialect):
 
 class MySQLDialect(Dialect):
     name = "mysql"
+
+    def set_timeouts(self, conn: Connection, lock_timeout: float, statement_timeout: float) -> None:
+        conn.execute(sa.text(f"SET SESSION innodb_lock_wait_timeout = {max(1, round(lock_timeout))}"))
+        if conn.dialect.name == "mariadb" or "mariadb" in str(conn.dialect.server_version_info).lower():
+            conn.execute(sa.text(f"SET SESSION max_statement_time = {statement_timeout:g}"))
+
+    def delete_returning(self, conn: Connection, table: Table, where: Any) -> list[dict[str, Any]]:
+        # MySQL has no DELETE ... RETURNING: lock the rows (and the gaps, under InnoDB) first, then delete them.
+        rows = [dict(r) for r in conn.execute(sa.select(table).where(where).with_for_update()).mappings()]
+        if rows:
+            conn.execute(sa.delete(table).where(where))
+        return rows
 
     def on_connect_statements(self, readonly: bool) -> list[str]:
         return ["SET SESSION TRANSACTION READ ONLY"] if readonly else []
@@ -70,6 +99,9 @@ class SQLiteDialect(Dialect):
 
     def stream_options(self, batch: int) -> dict[str, Any]:
         return {"yield_per": batch}
+
+    def for_update(self) -> dict[str, Any]:
+        return {}  # SQLite has no row locks; BEGIN IMMEDIATE takes the write lock for the batch
 
 
 _BY_NAME: dict[str, type[Dialect]] = {

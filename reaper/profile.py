@@ -126,9 +126,13 @@ class CredentialMap(_Model):
     ref: str = Field(description="column holding the client's key")
     kind: Literal["token", "code", "consent", "session"] = "token"
     issued_at: FieldMap | None = Field(None, description="when the row was issued; feeds 'last token'")
-    live: Condition | None = Field(None, description="when the row is a live credential; absent = always live")
+    live: Condition | None = Field(
+        None, description="when the row is a live credential; absent = always live (consents: never)"
+    )
     exclude: Condition | None = Field(None, description="rows that never count (DOT's registration token)")
     tenant: dict[str, str] | None = None
+    movable: bool = Field(False, description="a merge moves these rows to the survivor (consents)")
+    unique_by: tuple[str, ...] = Field((), description="columns that identify a movable row besides the client")
 
 
 class DeleteMap(_Model):

@@ -103,6 +103,13 @@ def profile_columns(profile: BoundProfile) -> dict[str, set[str]]:
     return out
 
 
+def live_condition(cred: CredentialMap, compiler: Compiler) -> Any:
+    """SQL for 'this row is a live credential' (a consent alone never keeps a client alive)."""
+    if cred.live is not None:
+        return compiler.compile(cred.live)
+    return sa.false() if cred.kind == "consent" else sa.true()
+
+
 def _flag(cond_sql: Any) -> Any:
     return sa.case((cond_sql, 1), else_=0)
 
@@ -131,7 +138,7 @@ def build_query(profile: BoundProfile, dialect: Dialect, now: datetime) -> sa.Se
     for i, cred in enumerate(profile.credentials):
         t = _table(profile.table(cred.table), _credential_columns(cred)).alias(f"t{i}")
         cc = Compiler(t, now, profile.options, dialect)
-        live = cc.compile(cred.live) if cred.live is not None else sa.true()
+        live = live_condition(cred, cc)
         aggs = [
             t.c[cred.ref].label("ref"),
             sa.func.sum(_flag(live)).label("live"),
