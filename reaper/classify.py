@@ -56,6 +56,7 @@ class FamilyStats:
     first_registered: float | None = None
     last_registered: float | None = None
     recent: int = 0
+    new: int = 0
     newest_client_id: str | None = None
     newest_live_client_id: str | None = None
     newest_key: str | None = None
@@ -64,7 +65,8 @@ class FamilyStats:
     _intervals: list[float] = field(default_factory=list)
     _seen_intervals: int = 0
 
-    def add(self, row: ClientRow, verdict: Verdict, window_start: float, rng: random.Random) -> None:
+    def add(self, row: ClientRow, verdict: Verdict, window_start: float, rng: random.Random,
+            new_since: float | None = None) -> None:
         self.members += 1
         if self.newest_client_id is None:
             self.newest_client_id, self.newest_key = row.client_id, row.key
@@ -84,6 +86,8 @@ class FamilyStats:
         self.first_registered = t
         if t >= window_start:
             self.recent += 1
+        if new_since is not None and t > new_since:
+            self.new += 1
         if self._previous is not None:
             self._sample(self._previous - t, rng)
         self._previous = t
@@ -130,6 +134,8 @@ class Snapshot:
     problem_count: int = 0
     churn_window: float = 86400.0
     churn_min_registrations: int = 5
+    new_registrations: int = 0
+    newest_registration: float = 0.0
 
     @property
     def duration(self) -> float:
@@ -152,7 +158,8 @@ MAX_PROBLEMS_KEPT = 1000
 class Classifier:
     """Consumes scanned clients newest first; yields Classified and fills a Snapshot."""
 
-    def __init__(self, settings: ClassifyConfig, snapshot: Snapshot, now: float):
+    def __init__(self, settings: ClassifyConfig, snapshot: Snapshot, now: float, new_since: float | None = None):
+        self.new_since = new_since
         self.s = settings
         self.snapshot = snapshot
         self.now = now
@@ -199,7 +206,11 @@ class Classifier:
             if fam is None:
                 fam = FamilyStats(fam_id, row.name, normalize_name(row.name))
                 snap.families[fam_id] = fam
-            fam.add(row, verdict, self.window_start, self.rng)
+            fam.add(row, verdict, self.window_start, self.rng, self.new_since)
+            if self.new_since is not None and row.created_at is not None and row.created_at > self.new_since:
+                snap.new_registrations += 1
+            if row.created_at is not None and row.created_at > snap.newest_registration:
+                snap.newest_registration = row.created_at
             snap.clients += 1
             snap.by_verdict[verdict] += 1
             snap.by_reason[(verdict, reason)] += 1

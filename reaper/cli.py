@@ -217,6 +217,33 @@ def restore(config: Config, run_id: str | None, client_id: str | None) -> None:
     click.echo(f"restored {len(result.restored)} client(s), {result.rows} row(s)")
 
 
+@cli.command()
+@source_options
+@click.option("--port", type=int, help="Port for /metrics, /healthz and /readyz (default 9465).")
+@click.option("--bind", "bind_address", help="Address to listen on (default 0.0.0.0).")
+@click.option("--interval", help="Scan interval, e.g. 5m (ignored with service.scan_cron).")
+def serve(config: Config, port: int | None, bind_address: str | None, interval: str | None) -> None:
+    """Run as a sidecar: scheduled scans (and reaps, if enabled), Prometheus metrics, health endpoints."""
+    from reaper.service import serve as run_service
+
+    changes = {k: v for k, v in {"port": port, "bind_address": bind_address, "scan_interval": interval}.items()
+               if v is not None}
+    if changes:
+        data = config.model_dump(by_alias=True)
+        data["service"].update(changes)
+        config = _revalidate(data)
+    sys.exit(run_service(config))
+
+
+def _revalidate(data: dict[str, Any]) -> Config:
+    from pydantic import ValidationError
+
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning errors into one line on stderr and an exit code."""
     args = sys.argv[1:] if argv is None else argv

@@ -100,6 +100,21 @@ class LedgerConfig(_Section):
     prefix: str = Field("dcr_reaper_", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,30}$")
 
 
+class ServiceConfig(_Section):
+    """`dcr-reaper serve`: schedule, HTTP endpoints, shutdown."""
+
+    bind_address: str = "0.0.0.0"
+    port: int = Field(9465, ge=0, le=65535)
+    scan_interval: Duration = Field(300.0, description="scan this often (ignored when scan_cron is set)")
+    scan_cron: str | None = Field(None, description="crontab expression, e.g. '*/10 * * * *'")
+    reap: bool = Field(False, description="reap after each scan (off by default)")
+    grace: Duration = Field(30.0, description="on SIGTERM, wait this long for the current batch")
+    ready_max_age: Duration | None = Field(None, description="last success older than this -> not ready "
+                                                             "(default: 3 scan intervals)")
+    top_families: int = Field(20, ge=0, le=200, description="families named in metrics; the rest are 'other'")
+    database_timeout: Duration = Field(5.0, description="connect timeout for the readiness check")
+
+
 class Config(_Section):
     """The whole configuration."""
 
@@ -111,6 +126,7 @@ class Config(_Section):
     report: ReportConfig = ReportConfig()
     policy: PolicyConfig = PolicyConfig()
     ledger: LedgerConfig = LedgerConfig()
+    service: ServiceConfig = ServiceConfig()
 
 
 def _set_at(layer: dict[str, Any], loc: tuple[Any, ...]) -> tuple[str, ...] | None:

@@ -55,7 +55,8 @@ def open_source(config: Config, readonly: bool = True) -> Source:
 
 @contextmanager
 def classified(
-    config: Config, source: Source | None = None, progress: Progress | None = None, now: float | None = None
+    config: Config, source: Source | None = None, progress: Progress | None = None, now: float | None = None,
+    new_since: float | None = None,
 ) -> Iterator[tuple[Iterator[Classified], Snapshot]]:
     """Stream classified clients; the Snapshot is complete once the stream is exhausted."""
     src = source or open_source(config)
@@ -73,7 +74,7 @@ def classified(
         with src.engine.connect() as conn:
             total = count_clients(conn, src.profile) if progress else 0
             rows = scan(conn, src.profile, dialect, now_dt, config.classify.clock_skew)
-            stream = Classifier(config.classify, snapshot, started).run(rows)
+            stream = Classifier(config.classify, snapshot, started, new_since).run(rows)
 
             def counted() -> Iterator[Classified]:
                 for n, item in enumerate(stream, 1):
