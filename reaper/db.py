@@ -24,7 +24,7 @@ def parse_url(raw: str) -> URL:
     try:
         url = make_url(raw)
     except (ArgumentError, ValueError):  # ValueError: a non-numeric port
-        raise ConfigError("database_url: not a database URL (expected e.g. postgresql://user@host:5432/db)") from None
+        raise ConfigError("database_url: not a database URL (e.g. postgresql://user@host:5432/db)") from None
     if url.drivername in _DRIVERS:
         url = url.set(drivername=_DRIVERS[url.drivername])
     return url
@@ -38,6 +38,9 @@ def redact(url: URL | str) -> str:
         return "<unparseable database URL>"
     if "password" in parsed.query:  # libpq also takes ?password=...
         parsed = parsed.update_query_dict({"password": "***"})
+    db = parsed.database or ""
+    if parsed.get_backend_name() == "sqlite" and db.startswith("file:") and parsed.query.get("uri") == "true":
+        return f"sqlite:///{db.removeprefix('file:')}"  # the read-only form of a plain SQLite URL
     return parsed.render_as_string(hide_password=True).replace("password=%2A%2A%2A", "password=***")
 
 
@@ -68,6 +71,9 @@ def make_engine(raw_url: str, readonly: bool, **engine_kwargs: Any) -> Engine:
             raise ConfigError("database_url: an in-memory SQLite database has nothing to scan")
         if not Path(path).is_file():
             raise DatabaseError(f"cannot open {redact(url)}: no such SQLite database file")
+        if readonly:
+            # Opened read-only by the OS as well: even a WAL checkpoint on close cannot touch the file (S1).
+            url = url.set(database=f"file:{Path(path).resolve()}", query={**url.query, "mode": "ro", "uri": "true"})
     connect_args = strategy.connect_args(readonly)
     if "options" in connect_args and url.query.get("options"):
         connect_args["options"] = f"{url.query['options']} {connect_args['options']}"

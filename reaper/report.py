@@ -37,6 +37,15 @@ def open_source(config: Config, readonly: bool = True) -> Source:
         raise ConfigError("database_url is not set (use --database-url, DCR_REAPER_DATABASE_URL or the config file)")
     profile = bind_profile(config)
     engine = make_engine(config.database_url, readonly=readonly)
+    try:
+        _check_source(engine, profile)
+    except BaseException:
+        engine.dispose()
+        raise
+    return Source(profile, engine)
+
+
+def _check_source(engine: Engine, profile: BoundProfile) -> None:
     check_connection(engine)
     if engine.dialect.name not in profile.profile.database and not (
         engine.dialect.name in ("mysql", "mariadb") and "mysql" in profile.profile.database
@@ -50,7 +59,6 @@ def open_source(config: Config, readonly: bool = True) -> Source:
         raise DatabaseError(f"reading the schema of {redact(engine.url)}: {describe_error(exc, engine.url)}") from None
     if problems:
         raise SchemaError(problems)
-    return Source(profile, engine)
 
 
 @contextmanager

@@ -1,0 +1,273 @@
+"""Safety invariant S1: report never writes, and the database itself enforces it.
+
+(a) a read-only engine's writes fail at the database; (b) a write slipped into the report path fails and
+changes nothing; (c) `python -m reaper report` leaves the database exactly as it found it. Each refusal has a
+control showing the same write succeeds on a read-write connection: they fail if read-only mode goes away.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from authlib.integrations.sqla_oauth2 import (
+    OAuth2AuthorizationCodeMixin,
+    OAuth2ClientMixin,
+    OAuth2TokenMixin,
+)
+from sqlalchemy import Column, Integer
+from sqlalchemy.exc import DBAPIError, InternalError, OperationalError
+from sqlalchemy.orm import DeclarativeBase, Session
+
+import reaper.report
+from reaper.classify import Verdict
+from reaper.config import load_config
+from reaper.db import make_engine
+from reaper.errors import DatabaseError
+
+TABLES = ("oauth2_client", "oauth2_token", "oauth2_code")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Client(Base, OAuth2ClientMixin):
+    __tablename__ = "oauth2_client"
+    id = Column(Integer, primary_key=True)
+
+
+class Token(Base, OAuth2TokenMixin):
+    __tablename__ = "oauth2_token"
+    id = Column(Integer, primary_key=True)
+    user_id = Column(Integer)
+
+
+class AuthorizationCode(Base, OAuth2AuthorizationCodeMixin):
+    __tablename__ = "oauth2_code"
+    id = Column(Integer, primary_key=True)
+    user_id = Column(Integer)
+
+
+CHURN = 6  # registrations of one CLI; the newest has a live token
+
+
+def populate(engine: sa.Engine) -> None:
+    """An Authlib server's tables after a re-auth loop, written through Authlib's models."""
+    Base.metadata.create_all(engine)
+    now = int(time.time())
+    with Session(engine) as session:
+        for i in range(CHURN):
+            age = 2 * 3600 + (CHURN - 1 - i) * 1800
+            client = Client(client_id=f"churn-{i}", client_id_issued_at=now - age)
+            client.set_client_metadata(
+                {
+                    "client_name": "Claude Code (wiki)",
+                    "token_endpoint_auth_method": "none",
+                    "redirect_uris": [f"http://localhost:{50000 + i}/callback"],
+                }
+            )
+            session.add(client)
+            expires = 3600 if i < CHURN - 1 else 0
+            session.add(
+                Token(
+                    client_id=client.client_id,
+                    access_token=f"at-{i}",
+                    issued_at=now - age + 5,
+                    expires_in=expires,
+                    user_id=1,
+                )
+            )
+        static = Client(client_id="dashboard")
+        static.set_client_metadata(
+            {"client_name": "Dashboard", "redirect_uris": ["https://dash.example.com/cb"]}
+        )
+        session.add(static)
+        session.add(AuthorizationCode(code="c-1", client_id="dashboard", auth_time=now - 30, user_id=1))
+        session.commit()
+
+
+def state(engine: sa.Engine) -> dict[str, Any]:
+    """Everything a write would change: the tables that exist, and every row of ours, as read read-write."""
+    with engine.connect() as conn:
+        out: dict[str, Any] = {"tables": sorted(sa.inspect(conn).get_table_names())}
+        for table in TABLES:
+            if table not in out["tables"]:
+                continue
+            out[table] = [tuple(r) for r in conn.execute(sa.text(f"SELECT * FROM {table} ORDER BY id"))]
+            if engine.dialect.name == "postgresql":
+                # xmin changes on any UPDATE, even one that writes the same values back.
+                out[f"{table}.xmin"] = conn.execute(
+                    sa.text(f"SELECT xmin::text FROM {table} ORDER BY id")
+                ).all()
+    return out
+
+
+def file_hash(path: str) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+def reaper_config(url: str) -> Any:
+    return load_config(None, {"database_url": url, "profile": "authlib"}, environ={})
+
+
+WRITES = {
+    "insert": "INSERT INTO oauth2_client (client_id, client_id_issued_at, client_secret_expires_at) "
+    "VALUES ('intruder', 1, 0)",
+    "update": "UPDATE oauth2_client SET client_metadata = '{}'",
+    "delete": "DELETE FROM oauth2_token",
+    "create": "CREATE TABLE reaper_intruder (x integer)",
+    "drop": "DROP TABLE oauth2_code",
+}
+REFUSAL = {
+    "sqlite": (OperationalError, "readonly database"),
+    "postgresql": (InternalError, "read-only transaction"),
+}
+
+
+@pytest.mark.parametrize("kind", list(WRITES))
+def test_readonly_engine_refuses_writes_at_the_database(db, kind):
+    populate(db.engine)
+    before = state(db.engine)
+    engine = make_engine(db.url, readonly=True)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM oauth2_client")).scalar_one() == CHURN + 1
+            with pytest.raises(DBAPIError) as err:
+                conn.execute(sa.text(WRITES[kind]))
+                conn.commit()
+            conn.rollback()
+    finally:
+        engine.dispose()
+    error_class, message = REFUSAL[db.kind]
+    assert isinstance(err.value, error_class), err.value
+    assert message in str(err.value.orig)
+    assert state(db.engine) == before
+
+
+def test_readwrite_engine_accepts_the_same_writes(db):
+    """Control: the statements above are valid writes; only the read-only mode stops them."""
+    populate(db.engine)
+    before = state(db.engine)
+    engine = make_engine(db.url, readonly=False)
+    try:
+        with engine.begin() as conn:
+            for stmt in WRITES.values():
+                conn.execute(sa.text(stmt))
+    finally:
+        engine.dispose()
+    after = state(db.engine)
+    assert "reaper_intruder" in after["tables"] and "oauth2_code" not in after["tables"]
+    assert after["oauth2_token"] == [] and len(after["oauth2_client"]) == len(before["oauth2_client"]) + 1
+
+
+def _sabotage(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make the report path delete every client, and commit, on the connection it scans with."""
+    calls: list[str] = []
+    real_scan = reaper.report.scan
+
+    def scan_that_writes(conn: sa.Connection, *args: Any, **kwargs: Any) -> Any:
+        calls.append(conn.engine.dialect.name)
+        conn.execute(sa.text("DELETE FROM oauth2_token"))
+        conn.execute(sa.text("DELETE FROM oauth2_client"))
+        conn.commit()
+        return real_scan(conn, *args, **kwargs)
+
+    monkeypatch.setattr(reaper.report, "scan", scan_that_writes)
+    return calls
+
+
+def test_write_slipped_into_report_fails_at_the_database(db, monkeypatch):
+    populate(db.engine)
+    before = state(db.engine)
+    calls = _sabotage(monkeypatch)
+
+    with pytest.raises(DatabaseError) as err:
+        reaper.report.report(reaper_config(db.url))
+
+    assert calls == [db.kind], "the sabotaged scan ran on the report's connection"
+    assert REFUSAL[db.kind][1] in str(err.value)
+    assert "scan of" in str(err.value)
+    assert state(db.engine) == before
+
+
+def test_slipped_write_would_succeed_on_a_readwrite_source(db, monkeypatch):
+    """Control: the same sabotage through a read-write source really deletes, so the test above can fail."""
+    populate(db.engine)
+    calls = _sabotage(monkeypatch)
+    config = reaper_config(db.url)
+    source = reaper.report.open_source(config, readonly=False)
+    try:
+        with reaper.report.classified(config, source=source) as (stream, snapshot):
+            assert list(stream) == []
+    finally:
+        source.engine.dispose()
+    assert calls == [db.kind] and snapshot.clients == 0
+    after = state(db.engine)
+    assert after["oauth2_client"] == [] and after["oauth2_token"] == []
+
+
+def _run_report(url: str, cwd: Any) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DCR_REAPER_")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reaper",
+            "report",
+            "--profile",
+            "authlib",
+            "--database-url",
+            url,
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _check_report(data: dict[str, Any]) -> None:
+    verdicts = data["summary"]["by_verdict"]
+    assert data["summary"]["clients"] == CHURN + 1
+    assert (verdicts[Verdict.LIVE], verdicts[Verdict.ORPHAN], verdicts[Verdict.PROTECTED]) == (
+        1,
+        CHURN - 1,
+        1,
+    )
+
+
+def test_report_command_leaves_sqlite_file_byte_identical(sqlite_db, tmp_path):
+    populate(sqlite_db.engine)
+    sqlite_db.engine.dispose()
+    path = sqlite_db.engine.url.database
+    before = file_hash(path)
+    files_before = sorted(os.listdir(os.path.dirname(path)))
+
+    _check_report(_run_report(sqlite_db.url, tmp_path))
+
+    assert file_hash(path) == before
+    assert sorted(os.listdir(os.path.dirname(path))) == files_before, "no journal or WAL left behind"
+    assert len(state(sqlite_db.engine)["oauth2_client"]) == CHURN + 1
+
+
+def test_report_command_leaves_postgres_rows_untouched(pg_db, tmp_path):
+    populate(pg_db.engine)
+    before = state(pg_db.engine)
+
+    _check_report(_run_report(pg_db.url, tmp_path))
+
+    assert state(pg_db.engine) == before
