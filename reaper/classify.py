@@ -7,6 +7,7 @@ exists; memory holds one small record per family, never one per client.
 from __future__ import annotations
 
 import fnmatch
+from array import array
 import random
 import statistics
 from collections import Counter
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from reaper.config import ClassifyConfig
-from reaper.fingerprint import family_key, normalize_name
+from reaper.fingerprint import family_id, normalize_name, parts_of
 from reaper.scan import ClientRow
 
 
@@ -29,7 +30,7 @@ class Verdict(StrEnum):
 
 
 VERDICTS = tuple(Verdict)
-INTERVAL_SAMPLES = 512
+INTERVAL_SAMPLES = 64
 
 
 @dataclass(slots=True)
@@ -62,7 +63,7 @@ class FamilyStats:
     newest_key: str | None = None
     newest_live_key: str | None = None
     _previous: float | None = None
-    _intervals: list[float] = field(default_factory=list)
+    _intervals: array[float] = field(default_factory=lambda: array("d"))
     _seen_intervals: int = 0
 
     def add(self, row: ClientRow, verdict: Verdict, window_start: float, rng: random.Random,
@@ -165,6 +166,7 @@ class Classifier:
         self.now = now
         self.window_start = now - settings.churn_window
         self.allow_ids = frozenset(settings.allow_client_ids)
+        self.allow_names = tuple(settings.allow_names)
         self.rng = random.Random(0)
 
     def verdict(self, row: ClientRow, has_newer: bool) -> tuple[Verdict, str]:
@@ -175,9 +177,9 @@ class Classifier:
             return Verdict.PROTECTED, "cimd"
         if not row.dynamic:
             return Verdict.PROTECTED, "static"
-        if row.client_id in self.allow_ids or any(
-            fnmatch.fnmatchcase(row.name or "", pattern) for pattern in self.s.allow_names
-        ):
+        if row.client_id in self.allow_ids or (self.allow_names and any(
+            fnmatch.fnmatchcase(row.name or "", pattern) for pattern in self.allow_names
+        )):
             return Verdict.PROTECTED, "allowlist"
         if row.live:
             kind = max(row.live, key=lambda k: row.live[k])
@@ -197,25 +199,39 @@ class Classifier:
 
     def run(self, rows: Iterable[ClientRow]) -> Iterator[Classified]:
         snap = self.snapshot
-        comps = self.s.family_components
-        for row in rows:
-            fam_id = family_key(comps, row.name, row.redirect_uris, row.software_id, row.subject, row.ip)
-            fam = snap.families.get(fam_id)
-            has_newer = fam is not None and fam.last_registered is not None
-            verdict, reason = self.verdict(row, has_newer)
-            if fam is None:
-                fam = FamilyStats(fam_id, row.name, normalize_name(row.name))
-                snap.families[fam_id] = fam
-            fam.add(row, verdict, self.window_start, self.rng, self.new_since)
-            if self.new_since is not None and row.created_at is not None and row.created_at > self.new_since:
-                snap.new_registrations += 1
-            if row.created_at is not None and row.created_at > snap.newest_registration:
-                snap.newest_registration = row.created_at
-            snap.clients += 1
-            snap.by_verdict[verdict] += 1
-            snap.by_reason[(verdict, reason)] += 1
-            for problem in row.problems:
-                snap.problem_count += 1
-                if len(snap.problems) < MAX_PROBLEMS_KEPT:
-                    snap.problems.append((row.client_id, problem))
-            yield Classified(row, fam_id, verdict, reason)
+        parts_of_row = parts_of(self.s.family_components)
+        by_parts: dict[tuple[object, ...], FamilyStats] = {}  # one entry per family
+        counts: dict[tuple[Verdict, str], int] = {}
+        window_start, rng, new_since = self.window_start, self.rng, self.new_since
+        verdict_of = self.verdict
+        try:
+            for row in rows:
+                parts = parts_of_row(row)
+                fam = by_parts.get(parts)
+                if fam is None:
+                    fam_id = family_id(parts)
+                    fam = snap.families.get(fam_id)
+                    if fam is None:
+                        fam = snap.families[fam_id] = FamilyStats(fam_id, row.name, normalize_name(row.name))
+                    by_parts[parts] = fam
+                verdict, reason = verdict_of(row, fam.last_registered is not None)
+                fam.add(row, verdict, window_start, rng, new_since)
+                created = row.created_at
+                if created is not None:
+                    if new_since is not None and created > new_since:
+                        snap.new_registrations += 1
+                    if created > snap.newest_registration:
+                        snap.newest_registration = created
+                key = (verdict, reason)
+                counts[key] = counts.get(key, 0) + 1
+                if row.problems:
+                    for problem in row.problems:
+                        snap.problem_count += 1
+                        if len(snap.problems) < MAX_PROBLEMS_KEPT:
+                            snap.problems.append((row.client_id, problem))
+                yield Classified(row, fam.id, verdict, reason)
+        finally:
+            for (verdict, reason), n in counts.items():
+                snap.clients += n
+                snap.by_verdict[verdict] += n
+                snap.by_reason[(verdict, reason)] += n

@@ -62,6 +62,13 @@ class ClassifyConfig(_Section):
             raise ValueError(f"unknown family component(s) {unknown}; choose from {list(FAMILY_COMPONENTS)}")
 
 
+class ScanConfig(_Section):
+    """How the scan query runs on the database."""
+
+    work_mem_mb: int = Field(64, ge=1, le=4096, description="PostgreSQL work_mem for the scan transaction")
+    batch_size: int = Field(5000, ge=100, le=100000, description="rows fetched per round trip")
+
+
 class ReportConfig(_Section):
     """How reports look."""
 
@@ -123,6 +130,7 @@ class Config(_Section):
     tables: dict[str, str] = Field(default_factory=dict, description="rename a profile's tables")
     options: dict[str, Any] = Field(default_factory=dict, description="profile options, e.g. refresh_lifetime")
     classify: ClassifyConfig = ClassifyConfig()
+    scan: ScanConfig = ScanConfig()
     report: ReportConfig = ReportConfig()
     policy: PolicyConfig = PolicyConfig()
     ledger: LedgerConfig = LedgerConfig()

@@ -38,6 +38,9 @@ class Dialect:
     def set_timeouts(self, conn: Connection, lock_timeout: float, statement_timeout: float) -> None:
         """Bound how long this transaction waits for locks and runs one statement (S7)."""
 
+    def prepare_scan(self, conn: Connection, work_mem_mb: int) -> None:
+        """Session settings for the one big scan query (local to its transaction)."""
+
     def for_update(self) -> dict[str, Any]:
         """with_for_update() arguments: lock the rows we act on, skip rows the auth server holds."""
         return {"skip_locked": True}
@@ -50,6 +53,14 @@ class Dialect:
 
 class PostgresDialect(Dialect):
     name = "postgresql"
+
+    def prepare_scan(self, conn: Connection, work_mem_mb: int) -> None:
+        # One backend, no parallel workers (each would rebuild the whole token aggregate: 3x the work on the
+        # auth server's CPUs), no JIT (seconds of compile time for a query run once), enough memory to keep
+        # the aggregate off disk.
+        conn.execute(sa.text("SET LOCAL max_parallel_workers_per_gather = 0"))
+        conn.execute(sa.text("SET LOCAL jit = off"))
+        conn.execute(sa.text(f"SET LOCAL work_mem = '{int(work_mem_mb)}MB'"))
 
     def set_timeouts(self, conn: Connection, lock_timeout: float, statement_timeout: float) -> None:
         conn.execute(sa.text(f"SET LOCAL lock_timeout = {int(lock_timeout * 1000)}"))

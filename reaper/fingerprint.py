@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import unicodedata
+from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 from urllib.parse import urlsplit
 
 LOOPBACK_NAMES = frozenset({"localhost"})
@@ -16,7 +19,8 @@ def normalize_name(name: str | None) -> str:
     """NFKC, case-folded, whitespace-collapsed client name ('' for none)."""
     if not name:
         return ""
-    folded = unicodedata.normalize("NFKC", name).casefold()
+    # NFKC again after folding: case folding can leave text unnormalized ("ΐ" vs its upper case).
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
     return " ".join(folded.split())
 
 
@@ -30,9 +34,25 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-@lru_cache(maxsize=65536)
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+# The common case, a plain loopback URI with a port, without urlsplit; anything unusual takes the full path.
+_LOOPBACK_WITH_PORT = re.compile(
+    rf"(https?)://(localhost|127\.{_OCTET}\.{_OCTET}\.{_OCTET}|\[::1\]):([0-9]{{1,5}})([/?][^\s#]*)?(?:#[^\s]*)?\Z"
+)
+
+
 def normalize_redirect_uri(uri: str) -> str:
     """The URI with scheme and host lower-cased and, on a loopback host, the port removed."""
+    m = _LOOPBACK_WITH_PORT.match(uri)
+    if m is not None and int(m.group(3)) <= 65535:
+        rest = m.group(4) or ""
+        if not rest.endswith("?") and "?#" not in uri:
+            return f"{m.group(1)}://{m.group(2)}{rest}"
+    return _normalize_any(uri)
+
+
+@lru_cache(maxsize=16384)
+def _normalize_any(uri: str) -> str:
     uri = uri.strip()
     try:
         parts = urlsplit(uri)
@@ -69,6 +89,68 @@ def ip_prefix(ip: str | None, v4_bits: int = 24, v6_bits: int = 56) -> str:
     return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False))
 
 
+FamilyParts = tuple[object, ...]
+
+
+def family_parts(
+    components: tuple[str, ...],
+    name: str | None,
+    redirect_uris: tuple[str, ...],
+    software_id: str | None,
+    subject: str | None,
+    ip: str | None,
+) -> FamilyParts:
+    """The cheap, hashable raw material of a fingerprint: equal for every member of a family."""
+    out: list[object] = []
+    for component in components:
+        if component == "name":
+            out.append(name or "")
+        elif component == "redirect_uris":
+            out.append(frozenset(normalize_redirect_uri(u) for u in redirect_uris))
+        elif component == "software_id":
+            out.append(software_id or "")
+        elif component == "subject":
+            out.append(subject or "")
+        elif component == "ip":
+            out.append(ip_prefix(ip))
+    return (components, *out)
+
+
+_GETTERS: dict[str, Callable[[Any], object]] = {
+    "name": lambda r: r.name or "",
+    "redirect_uris": lambda r: frozenset(map(normalize_redirect_uri, r.redirect_uris)),
+    "software_id": lambda r: r.software_id or "",
+    "subject": lambda r: r.subject or "",
+    "ip": lambda r: ip_prefix(r.ip),
+}
+
+
+def parts_of(components: tuple[str, ...]) -> Callable[[Any], FamilyParts]:
+    """A fast family_parts for one fixed component list, reading a scanned row's attributes."""
+    getters = tuple(_GETTERS[c] for c in components)
+    if len(getters) == 5:  # the default: spelled out, it is the hot path of every scan
+        g0, g1, g2, g3, g4 = getters
+        return lambda r: (components, g0(r), g1(r), g2(r), g3(r), g4(r))
+    return lambda r: (components, *(g(r) for g in getters))
+
+
+def family_id(parts: FamilyParts) -> str:
+    """A short stable id for a family, from its parts (the expensive step: callers cache per family)."""
+    components, values = parts[0], parts[1:]
+    text = []
+    for component, value in zip(components, values):  # type: ignore[call-overload]
+        if component == "name":
+            text.append(_escape(normalize_name(value)))
+        elif component == "redirect_uris":
+            uris = {_escape(u) for u in value} - {""}
+            text.append("\x1f".join(sorted(uris)))
+        elif component == "ip":
+            text.append(value)
+        else:
+            text.append(_escape(value))
+    return _digest("\x1e".join(text))
+
+
 def family_key(
     components: tuple[str, ...],
     name: str | None,
@@ -78,21 +160,18 @@ def family_key(
     ip: str | None,
 ) -> str:
     """A short stable id for the family these attributes put a client in."""
-    parts = []
-    for component in components:
-        if component == "name":
-            parts.append(normalize_name(name))
-        elif component == "redirect_uris":
-            parts.append("\x1f".join(sorted({normalize_redirect_uri(u) for u in redirect_uris})))
-        elif component == "software_id":
-            parts.append(software_id or "")
-        elif component == "subject":
-            parts.append(subject or "")
-        elif component == "ip":
-            parts.append(ip_prefix(ip))
-    return _digest("\x1e".join(parts))
+    return family_id(family_parts(components, name, redirect_uris, software_id, subject, ip))
 
 
-@lru_cache(maxsize=262144)
+# The separators (and the escape itself) inside a value are escaped, so values cannot shift across
+# separators and merge two families; text without them is unchanged, and so are its family ids.
+_ESCAPES = str.maketrans({"\x1b": "\x1b\x1b", "\x1e": "\x1b>", "\x1f": "\x1b?"})
+
+
+def _escape(text: str) -> str:
+    return text.translate(_ESCAPES)
+
+
+@lru_cache(maxsize=16384)
 def _digest(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=6).hexdigest()

@@ -80,8 +80,9 @@ def classified(
     dialect = dialect_for(src.engine)
     try:
         with src.engine.connect() as conn:
+            dialect.prepare_scan(conn, config.scan.work_mem_mb)
             total = count_clients(conn, src.profile) if progress else 0
-            rows = scan(conn, src.profile, dialect, now_dt, config.classify.clock_skew)
+            rows = scan(conn, src.profile, dialect, now_dt, config.classify.clock_skew, config.scan.batch_size)
             stream = Classifier(config.classify, snapshot, started, new_since).run(rows)
 
             def counted() -> Iterator[Classified]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import json
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.expression import TableClause
@@ -175,11 +177,17 @@ def build_query(profile: BoundProfile, dialect: Dialect, now: datetime) -> sa.Se
 def _split(value: Any, fmt: str | None) -> tuple[str, ...]:
     if value is None:
         return ()
+    if value.__class__ is list:
+        items = tuple(value)
+        for v in items:
+            if v.__class__ is not str:
+                return tuple(str(v) for v in items if v is not None)
+        return items
     if isinstance(value, list | tuple):
         return tuple(str(v) for v in value if v is not None)
     text = str(value)
     if fmt == "json":
-        parsed = json.loads(text)
+        parsed = orjson.loads(text)
         if isinstance(parsed, str):
             return (parsed,)
         if not isinstance(parsed, list):
@@ -193,99 +201,177 @@ def _split(value: Any, fmt: str | None) -> tuple[str, ...]:
 
 
 class RowDecoder:
-    """Turns one raw result row into a ClientRow; bad data becomes a problem, never an exception."""
+    """Turns one raw result row into a ClientRow; bad data becomes a problem, never an exception.
 
-    def __init__(self, profile: BoundProfile, now: datetime, skew: float):
+    Column positions and decoding steps are worked out once, so the per-row work is plain indexing.
+    """
+
+    def __init__(self, profile: BoundProfile, now: datetime, skew: float, keys: list[str]):
         cm = profile.client
         self.profile = profile
         self.now = now.timestamp()
         self.skew = skew
+        pos = {k: i for i, k in enumerate(keys)}
         data_cols = sorted(
             {f.column for f in (cm.created_at, *(getattr(cm, n) for n in FIELDS)) if f is not None and f.column}
         )
-        self.col_index = {name: f"f_{i}" for i, name in enumerate(data_cols)}
-        self.fields = {n: getattr(cm, n) for n in FIELDS if getattr(cm, n) is not None}
-        self.creds = [(i, c) for i, c in enumerate(profile.credentials)]
-
-    def _json(self, row: Any, column: str, cache: dict[str, Any], problems: list[str]) -> Any:
-        if column not in cache:
-            raw = getattr(row, self.col_index[column])
-            if raw is None or isinstance(raw, dict | list):
-                cache[column] = raw
+        col_pos = {name: pos[f"f_{i}"] for i, name in enumerate(data_cols)}
+        self.created = None
+        if cm.created_at is not None and cm.created_at.column:
+            self.created = (col_pos[cm.created_at.column], cm.created_at.column, cm.created_at.encoding)
+        # Plain fields: (attribute, position, column, list format). JSON fields grouped by column, so each
+        # document is parsed once: (position, column, [(attribute, path parts, list format)]).
+        self.plain: list[tuple[str, int, str, str | None]] = []
+        groups: dict[int, tuple[int, str, list[tuple[str, tuple[str, ...], str | None]]]] = {}
+        for name in FIELDS:
+            f = getattr(cm, name)
+            if f is None:
+                continue
+            if f.rows is not None:
+                self.plain.append((name, pos[f"rows_{name}"], f.rows.table, "rows"))
+            elif f.json_path:
+                at = col_pos[f.column or ""]
+                groups.setdefault(at, (at, f.column or "", []))[2].append((name, tuple(f.json_path.split(".")), f.format))
             else:
-                try:
-                    cache[column] = json.loads(raw)
-                except (ValueError, TypeError):
-                    problems.append(f"{column}: malformed JSON")
-                    cache[column] = None
-        return cache[column]
-
-    def _value(self, row: Any, name: str, f: FieldMap, cache: dict[str, Any], problems: list[str]) -> Any:
-        if f.rows is not None:
-            return getattr(row, f"rows_{name}")
-        if f.json_path:
-            doc = self._json(row, f.column or "", cache, problems)
-            for part in f.json_path.split("."):
-                doc = doc.get(part) if isinstance(doc, dict) else None
-            return doc
-        return getattr(row, self.col_index[f.column or ""])
+                self.plain.append((name, col_pos[f.column or ""], f.column or "", f.format))
+        self.json_groups = list(groups.values())
+        self.flags = [(flag, pos.get(f"is_{flag}")) for flag in ("dynamic", "cimd", "disabled")]
+        self.creds = []
+        for i, cred in enumerate(profile.credentials):
+            enc = cred.issued_at.encoding if cred.issued_at else None
+            self.creds.append((cred.kind, pos[f"live_{i}"], pos[f"total_{i}"], pos.get(f"last_{i}"), enc))
+        self.key_pos, self.id_pos = pos["k"], pos["client_id"]
 
     def decode(self, row: Any) -> ClientRow:
         problems: list[str] = []
-        cm = self.profile.client
         created = None
-        if cm.created_at is not None and cm.created_at.column:
-            raw = getattr(row, self.col_index[cm.created_at.column])
-            try:
-                created = to_epoch(raw, cm.created_at.encoding)
-            except (TypeError, ValueError):
-                problems.append(f"{cm.created_at.column}: unreadable time {str(raw)[:40]!r}")
-            if created is not None and created > self.now + self.skew:
-                problems.append(f"{cm.created_at.column}: registration time is in the future")
-        out = ClientRow(key=str(row.k), client_id=str(row.client_id), created_at=created, problems=problems)
-        cache: dict[str, Any] = {}
-        for name, f in self.fields.items():
-            value = self._value(row, name, f, cache, problems)
-            if name == "redirect_uris":
+        if self.created is not None:
+            at, column, encoding = self.created
+            raw = row[at]
+            if encoding == "epoch" and raw.__class__ in (int, float):
+                created = float(raw)
+            else:
                 try:
-                    out.redirect_uris = _split(value, f.format)
-                except (ValueError, TypeError):
-                    problems.append(f"{f.column}: redirect URIs unreadable")
-            elif value is not None:
-                setattr(out, name, value if isinstance(value, str) else str(value))
-        mapping = row._mapping
-        out.dynamic = bool(mapping.get("is_dynamic", 1))
-        out.cimd = bool(mapping.get("is_cimd", 0))
-        out.disabled = bool(mapping.get("is_disabled", 0))
-        last = None
-        for i, cred in self.creds:
-            live = mapping[f"live_{i}"]
-            if live:
-                out.live[cred.kind] = out.live.get(cred.kind, 0) + int(live)
-            out.total_credentials += int(mapping[f"total_{i}"] or 0)
-            raw_last = mapping.get(f"last_{i}")
-            if raw_last is not None:
-                try:
-                    t = to_epoch(raw_last, cred.issued_at.encoding if cred.issued_at else None)
+                    created = to_epoch(raw, encoding)
                 except (TypeError, ValueError):
-                    t = None
+                    problems.append(f"{column}: unreadable time {str(raw)[:40]!r}")
+            if created is not None and created > self.now + self.skew:
+                problems.append(f"{column}: registration time is in the future")
+        out = ClientRow(str(row[self.key_pos]), str(row[self.id_pos]), created, problems=problems)
+        for name, at, column, fmt in self.plain:
+            self._set(out, name, row[at], column, fmt, problems)
+        for at, column, fields in self.json_groups:
+            doc = _parse_json(row[at], column, problems)
+            for name, path, fmt in fields:
+                value = doc
+                for part in path:
+                    value = value.get(part) if value.__class__ is dict else None
+                self._set(out, name, value, column, fmt, problems)
+        for flag, at in self.flags:
+            if at is not None:
+                setattr(out, flag, bool(row[at]))
+        last = None
+        for kind, live_at, total_at, last_at, enc in self.creds:
+            live = row[live_at]
+            if live:
+                out.live[kind] = out.live.get(kind, 0) + int(live)
+            total = row[total_at]
+            if total:
+                out.total_credentials += int(total)
+            if last_at is not None:
+                raw_last = row[last_at]
+                if raw_last is None:
+                    continue
+                if enc == "epoch" and raw_last.__class__ in (int, float):
+                    t: float | None = float(raw_last)
+                else:
+                    try:
+                        t = to_epoch(raw_last, enc)
+                    except (TypeError, ValueError):
+                        t = None
                 if t is not None and (last is None or t > last):
                     last = t
         out.last_used = last
         return out
 
 
+    @staticmethod
+    def _set(out: ClientRow, name: str, value: Any, column: str, fmt: str | None, problems: list[str]) -> None:
+        if name == "redirect_uris":
+            try:
+                out.redirect_uris = _split(value, fmt)
+            except (ValueError, TypeError):
+                problems.append(f"{column}: redirect URIs unreadable")
+        elif value is not None:
+            setattr(out, name, value if value.__class__ is str else str(value))
+
+
+def _parse_json(raw: Any, column: str, problems: list[str]) -> Any:
+    if raw is None or isinstance(raw, dict | list):
+        return raw
+    try:
+        return orjson.loads(raw)
+    except (ValueError, TypeError):
+        problems.append(f"{column}: malformed JSON")
+        return None
+
+
 def scan(conn: Connection, profile: BoundProfile, dialect: Dialect, now: datetime, skew: float,
          batch: int = 2000) -> Iterator[ClientRow]:
-    """Stream every client, newest first, with its credential facts."""
+    """Stream every client, newest first, with its credential facts.
+
+    A reader thread fetches the next batch while this one decodes and classifies the last, so the database's
+    work and ours overlap.
+    """
     query = build_query(profile, dialect, now)
-    decoder = RowDecoder(profile, now, skew)
     result = conn.execution_options(**dialect.stream_options(batch)).execute(query)
+    decoder = RowDecoder(profile, now, skew, list(result.keys()))
+    decode = decoder.decode
     try:
-        for row in result:
-            yield decoder.decode(row)
+        for rows in _prefetched(result, batch):
+            for row in rows:
+                yield decode(row)
     finally:
         result.close()
+
+
+_DONE = object()
+
+
+def _prefetched(result: Any, batch: int) -> Iterator[list[Any]]:
+    """Batches of rows, read one batch ahead by a helper thread; errors re-raised here."""
+    box: queue.Queue[Any] = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                rows = result.fetchmany(batch)
+                if not rows:
+                    break
+                box.put(rows)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            box.put(exc)
+        box.put(_DONE)
+
+    thread = threading.Thread(target=reader, name="scan-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = box.get()
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a reader waiting on a full queue
+            try:
+                box.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
 
 
 def count_clients(conn: Connection, profile: BoundProfile) -> int:

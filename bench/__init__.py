@@ -1,0 +1,1 @@
+"""Benchmarks: scan, memory, reap throughput and cost to the auth server (see docs/performance.md)."""
