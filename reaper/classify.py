@@ -58,6 +58,7 @@ class FamilyStats:
     last_registered: float | None = None
     recent: int = 0
     new: int = 0
+    tied: int = 0
     newest_client_id: str | None = None
     newest_live_client_id: str | None = None
     newest_key: str | None = None
@@ -80,15 +81,18 @@ class FamilyStats:
         elif verdict is Verdict.ABANDONED:
             self.abandoned += 1
         t = row.created_at
-        if t is None:
-            return
+        if t is None or row.problems:
+            return  # an unreadable row (a future time, say) must never make its siblings look superseded
         if self.last_registered is None:
             self.last_registered = t
         self.first_registered = t
         if t >= window_start:
             self.recent += 1
-        if new_since is not None and t > new_since:
-            self.new += 1
+        if new_since is not None:
+            if t > new_since:
+                self.new += 1
+            elif t == new_since:
+                self.tied += 1
         if self._previous is not None:
             self._sample(self._previous - t, rng)
         self._previous = t
@@ -137,6 +141,7 @@ class Snapshot:
     churn_min_registrations: int = 5
     new_registrations: int = 0
     newest_registration: float = 0.0
+    newest_by_family: Counter[str] = field(default_factory=Counter)
 
     @property
     def duration(self) -> float:
@@ -159,8 +164,12 @@ MAX_PROBLEMS_KEPT = 1000
 class Classifier:
     """Consumes scanned clients newest first; yields Classified and fills a Snapshot."""
 
-    def __init__(self, settings: ClassifyConfig, snapshot: Snapshot, now: float, new_since: float | None = None):
+    def __init__(self, settings: ClassifyConfig, snapshot: Snapshot, now: float, new_since: float | None = None,
+                 seen_at_watermark: dict[str, int] | None = None):
+        # Registrations newer than `new_since` are new; of those exactly at it, the ones beyond what the
+        # previous scan already saw there (`seen_at_watermark`, per family) are new too.
         self.new_since = new_since
+        self.seen_at_watermark = seen_at_watermark or {}
         self.s = settings
         self.snapshot = snapshot
         self.now = now
@@ -217,11 +226,14 @@ class Classifier:
                 verdict, reason = verdict_of(row, fam.last_registered is not None)
                 fam.add(row, verdict, window_start, rng, new_since)
                 created = row.created_at
-                if created is not None:
+                if created is not None and not row.problems:
                     if new_since is not None and created > new_since:
                         snap.new_registrations += 1
                     if created > snap.newest_registration:
                         snap.newest_registration = created
+                        snap.newest_by_family.clear()
+                    if created == snap.newest_registration:
+                        snap.newest_by_family[fam.id] += 1
                 key = (verdict, reason)
                 counts[key] = counts.get(key, 0) + 1
                 if row.problems:
@@ -231,6 +243,12 @@ class Classifier:
                             snap.problems.append((row.client_id, problem))
                 yield Classified(row, fam.id, verdict, reason)
         finally:
+            if new_since is not None:
+                for fam in {f.id: f for f in by_parts.values()}.values():
+                    extra = max(0, fam.tied - self.seen_at_watermark.get(fam.id, 0))
+                    fam.tied = 0
+                    fam.new += extra
+                    snap.new_registrations += extra
             for (verdict, reason), n in counts.items():
                 snap.clients += n
                 snap.by_verdict[verdict] += n

@@ -64,11 +64,12 @@ class Compiler:
         return self.col(column).is_not(None)
 
     def _is_true(self, column: str) -> ColumnElement[bool]:
-        return self.col(column).is_(sa.true())
+        # Through an integer so it reads booleans and 0/1 integer flags alike, on every database.
+        return sa.cast(self.col(column), sa.Integer) != 0
 
     def _is_false(self, column: str) -> ColumnElement[bool]:
         c = self.col(column)
-        return sa.or_(c.is_(None), c.is_(sa.false()))
+        return sa.or_(c.is_(None), sa.cast(c, sa.Integer) == 0)
 
     def _equals(self, spec: dict[str, Any]) -> ColumnElement[bool]:
         return self.col(spec["column"]) == spec["value"]

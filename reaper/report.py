@@ -64,7 +64,7 @@ def _check_source(engine: Engine, profile: BoundProfile) -> None:
 @contextmanager
 def classified(
     config: Config, source: Source | None = None, progress: Progress | None = None, now: float | None = None,
-    new_since: float | None = None,
+    new_since: float | None = None, seen_at_watermark: dict[str, int] | None = None,
 ) -> Iterator[tuple[Iterator[Classified], Snapshot]]:
     """Stream classified clients; the Snapshot is complete once the stream is exhausted."""
     src = source or open_source(config)
@@ -83,7 +83,7 @@ def classified(
             dialect.prepare_scan(conn, config.scan.work_mem_mb)
             total = count_clients(conn, src.profile) if progress else 0
             rows = scan(conn, src.profile, dialect, now_dt, config.classify.clock_skew, config.scan.batch_size)
-            stream = Classifier(config.classify, snapshot, started, new_since).run(rows)
+            stream = Classifier(config.classify, snapshot, started, new_since, seen_at_watermark).run(rows)
 
             def counted() -> Iterator[Classified]:
                 for n, item in enumerate(stream, 1):
@@ -94,7 +94,15 @@ def classified(
                     progress(snapshot.clients, total)
                 snapshot.finished_at = time.time()
 
-            yield counted(), snapshot
+            outer = counted()
+            try:
+                yield outer, snapshot
+            finally:
+                # Close the generators (and so the server-side cursor) while the connection is still open,
+                # even when the consumer stopped early (a broken pipe, a stop request).
+                outer.close()
+                stream.close()
+                rows.close()
             conn.rollback()
     except DBAPIError as exc:
         raise DatabaseError(f"scan of {redact(src.engine.url)} failed: {describe_error(exc, src.engine.url)}") from None

@@ -255,7 +255,9 @@ class RowDecoder:
                     created = to_epoch(raw, encoding)
                 except (TypeError, ValueError):
                     problems.append(f"{column}: unreadable time {str(raw)[:40]!r}")
-            if created is not None and created > self.now + self.skew:
+            if created is None and not problems:
+                problems.append(f"{column}: no registration time (NULL)")
+            elif created is not None and created > self.now + self.skew:
                 problems.append(f"{column}: registration time is in the future")
         out = ClientRow(str(row[self.key_pos]), str(row[self.id_pos]), created, problems=problems)
         for name, at, column, fmt in self.plain:
