@@ -65,20 +65,29 @@ class Service:
             connect_args=_connect_timeout(config.database_url, self.s.database_timeout))
         self._last_error: str | None = None
         self._watermark: float | None = None
+        self._at_watermark: dict[str, int] = {}  # per family: registrations seen exactly at the watermark
         self._busy = threading.Lock()
         self.httpd: WSGIServer | None = None
 
     # -- one tick ---------------------------------------------------------------------------------------
 
     def _ensure_leader(self) -> bool:
-        if self.lock is not None and self.lock.alive():
-            return True
         if self.lock is not None:
+            try:
+                if self.lock.alive():
+                    return True
+            except Exception:  # noqa: BLE001 - a lock connection in any bad state is a lost lock
+                pass
             log_event("leadership_lost")
-            self.lock.release()
-            self.lock = None
+            lock, self.lock = self.lock, None
+            _discard(lock)
         lock = RunLock(self._lock_engine, lock_name(self._lock_engine, self.config.ledger.prefix))
-        if lock.try_acquire():
+        try:
+            got = lock.try_acquire()
+        except Exception:
+            _discard(lock)  # connected but failed before the answer: close what it opened
+            raise
+        if got:
             self.lock = lock
             log_event("leadership_acquired")
             return True
@@ -109,7 +118,8 @@ class Service:
         try:
             source = open_source(self.config)
             try:
-                with classified(self.config, source, new_since=self._watermark) as (stream, snapshot):
+                with classified(self.config, source, new_since=self._watermark,
+                                seen_at_watermark=self._at_watermark) as (stream, snapshot):
                     for _ in stream:
                         if self.stop_event.is_set():
                             raise ReaperError("stopped during scan")
@@ -119,7 +129,11 @@ class Service:
             self._fail("scan", exc)
             return
         first = self._watermark is None
-        self._watermark = max(snapshot.newest_registration, self._watermark or 0.0) or started
+        if snapshot.newest_registration and snapshot.newest_registration >= (self._watermark or 0.0):
+            self._watermark = snapshot.newest_registration
+            self._at_watermark = dict(snapshot.newest_by_family)
+        elif self._watermark is None:
+            self._watermark = started
         self.metrics.record_scan(snapshot, first)
         self._last_error = None
         log_event("scan", clients=snapshot.clients, families=len(snapshot.families),
@@ -213,13 +227,31 @@ class Service:
         if clean:
             self._busy.release()
         if self.lock is not None:
-            self.lock.release()
+            lock, self.lock = self.lock, None
+            _discard(lock)
         if self.httpd is not None:
             self.httpd.shutdown()
+            self.httpd.server_close()  # shutdown() only stops the loop; this closes the listening socket
         self._lock_engine.dispose()
         self._ping_engine.dispose()
         log_event("stopped", clean=clean)
         return clean
+
+
+def _discard(lock: RunLock) -> None:
+    """Release a lock whose connection may be broken; never raises.
+
+    RunLock.release() expects a DBAPIError from a dead connection, but a connection cut inside its transaction
+    raises PendingRollbackError on the next statement; the server dropped the lock with the connection anyway,
+    so closing is all that is left to do.
+    """
+    try:
+        lock.release()
+    except Exception:  # noqa: BLE001
+        try:
+            lock._close()  # noqa: SLF001
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def _now_dt() -> Any:
