@@ -92,9 +92,19 @@ class Ledger:
 
     def add_tombstone(self, conn: Connection, run_id: str, key: str, client_id: str, action: str, verdict: str,
                       reason: str, family: str, payload: dict[str, Any], state: str = "done") -> None:
-        conn.execute(self.tombstones.insert().values(
-            run_id=run_id, client_key=key, client_id=client_id, action=action, verdict=verdict, reason=reason,
-            family=family, acted_at=time.time(), state=state, payload=encode_payload(payload)))
+        self.add_tombstones(conn, [self.tombstone_row(run_id, key, client_id, action, verdict, reason, family,
+                                                      payload, state)])
+
+    def tombstone_row(self, run_id: str, key: str, client_id: str, action: str, verdict: str, reason: str,
+                      family: str, payload: dict[str, Any], state: str = "done") -> dict[str, Any]:
+        return dict(run_id=run_id, client_key=key, client_id=client_id, action=action, verdict=verdict,
+                    reason=reason, family=family, acted_at=time.time(), state=state,
+                    payload=encode_payload(payload))
+
+    def add_tombstones(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """Insert a batch's tombstones in one executemany (one statement per row cost ~0.5 ms each)."""
+        if rows:
+            conn.execute(self.tombstones.insert(), rows)
 
     def add_alias(self, conn: Connection, alias: str, canonical: str, family: str, run_id: str) -> None:
         conn.execute(self.aliases.delete().where(self.aliases.c.alias_client_id == alias))

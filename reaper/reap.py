@@ -5,6 +5,7 @@ Dry-run and --apply share `plan()`; only `apply()` writes. The safety argument i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -126,7 +127,9 @@ def plan(config: Config, source: Source | None = None, progress: Progress | None
         if fam.members >= 2 and fam.survivor == c.client_id:
             kept += 1  # S3: the survivor of a family is never reaped
             continue
-        if c.action == "merge":
+        if c.action == "merge" and fam.survivor != c.client_id:
+            # A lone client is its own family's survivor: nothing to merge into, so no move and no alias
+            # (an alias to itself would point at a deleted client); it is deleted with its tombstone.
             c.canonical, c.canonical_key = fam.survivor, fam.survivor_key
         candidates.append(c)
     result = Plan(candidates, snap.clients, snap.families, kept_survivors=kept)
@@ -171,7 +174,17 @@ class Reaper:
 
     def _reflect(self, md: sa.MetaData, name: str) -> sa.Table:
         schema, _, bare = name.rpartition(".")
-        return sa.Table(bare, md, autoload_with=self.engine, schema=schema or None)
+        listeners = []
+        if self.dialect.name == "sqlite":
+            # SQLite keeps whatever the server wrote, whatever the declared type ('2024-05-01 10:00:00' or an
+            # epoch int in a TIMESTAMP column, 't' in a BOOLEAN): read and write stored values untouched, like
+            # the scan's untyped columns, so a tombstone restores them exactly and an odd value cannot crash a
+            # batch. (Typed, SQLAlchemy rewrote timestamps as '... .000000' on restore.)
+            def _untyped(_inspector: Any, _table: Any, info: dict[str, Any]) -> None:
+                info["type"] = sa.types.NullType()
+
+            listeners.append(("column_reflect", _untyped))
+        return sa.Table(bare, md, autoload_with=self.engine, schema=schema or None, listeners=listeners)
 
     @property
     def key_col(self) -> Any:
@@ -239,10 +252,12 @@ class Reaper:
                 if c.action == "merge" and c.canonical_key:
                     payloads[c.key]["moved"] = self._move(conn, c)
             self._delete(conn, [c.key for c in deleting], payloads, now)
+        state = "done" if ledger_conn is conn else "pending"
+        self.ledger.add_tombstones(ledger_conn, [
+            self.ledger.tombstone_row(run_id, c.key, c.client_id, c.action, c.verdict, c.reason, c.family,
+                                      payloads[c.key], state)
+            for c in acting])
         for c in acting:
-            self.ledger.add_tombstone(
-                ledger_conn, run_id, c.key, c.client_id, c.action, c.verdict, c.reason, c.family, payloads[c.key],
-                state="done" if ledger_conn is conn else "pending")
             if c.action == "merge" and c.canonical:
                 self.ledger.add_alias(ledger_conn, c.client_id, c.canonical, c.family, run_id)
         return acting, skipped
@@ -376,7 +391,7 @@ def _ledger_engine(config: Config) -> Engine | None:
 
 
 def apply(config: Config, the_plan: Plan, force: bool = False, stop: threading.Event | None = None,
-          progress: Callable[[int, int], None] | None = None) -> RunResult:
+          progress: Callable[[int, int], None] | None = None, held_lock: RunLock | None = None) -> RunResult:
     """Execute a plan under the run lock (S6), in batches, tombstoning everything (S5)."""
     from reaper.restore import restore_keys
 
@@ -388,7 +403,9 @@ def apply(config: Config, the_plan: Plan, force: bool = False, stop: threading.E
     engine = make_engine(config.database_url, readonly=False)
     ledger_engine = _ledger_engine(config)
     try:
-        with RunLock(engine, lock_name(engine, config.ledger.prefix)):
+        # The service already leads and keeps its lock across runs; the CLI takes (and releases) its own.
+        run_lock = contextlib.nullcontext() if held_lock else RunLock(engine, lock_name(engine, config.ledger.prefix))
+        with run_lock:
             reaper_ = Reaper(config, bind_profile_for(config), engine, ledger_engine)
             reaper_.ledger.create(ledger_engine or engine)
             reaper_.recover_pending()

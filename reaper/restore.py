@@ -88,6 +88,15 @@ def _restore(reaper_: Reaper, tombs: Sequence[Any], check_only_new: bool) -> Res
     if not tombs:
         return result
     payloads = {t.id: decode_payload(t.payload) for t in tombs}
+
+    def record(lconn: Connection) -> None:
+        ids = [t.id for t in tombs]
+        lconn.execute(sa.update(ledger.tombstones).where(ledger.tombstones.c.id.in_(ids))
+                      .values(restored_at=time.time()))
+        aliases = [t.client_id for t in tombs if t.action == "merge"]
+        if aliases:
+            lconn.execute(sa.delete(ledger.aliases).where(ledger.aliases.c.alias_client_id.in_(aliases)))
+
     with reaper_.engine.begin() as conn:
         problems = [p for t in tombs for p in _conflicts(conn, reaper_, t, payloads[t.id])]
         if problems:
@@ -96,18 +105,14 @@ def _restore(reaper_: Reaper, tombs: Sequence[Any], check_only_new: bool) -> Res
         for t in tombs:
             result.rows += _put_back(conn, reaper_, t, payloads[t.id])
             result.restored.append(t.client_key)
-        lconn_ctx = reaper_.ledger_engine.begin() if reaper_.ledger_engine is not None else None
-        lconn = lconn_ctx.__enter__() if lconn_ctx is not None else conn
-        try:
-            ids = [t.id for t in tombs]
-            lconn.execute(sa.update(ledger.tombstones).where(ledger.tombstones.c.id.in_(ids))
-                          .values(restored_at=time.time()))
-            aliases = [t.client_id for t in tombs if t.action == "merge"]
-            if aliases:
-                lconn.execute(sa.delete(ledger.aliases).where(ledger.aliases.c.alias_client_id.in_(aliases)))
-        finally:
-            if lconn_ctx is not None:
-                lconn_ctx.__exit__(None, None, None)
+        if reaper_.ledger_engine is None:
+            record(conn)  # same transaction as the rows
+    if reaper_.ledger_engine is not None:
+        # A separate ledger records the restore only once the rows are committed: had it committed first, a
+        # refused auth commit would leave the tombstones marked restored and the clients gone for good. The
+        # other way round, a failed ledger write leaves them open and a retry stops at RestoreConflict.
+        with reaper_.ledger_engine.begin() as lconn:
+            record(lconn)
     return result
 
 
