@@ -6,6 +6,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Table
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -35,6 +36,14 @@ class Dialect:
         """Execution options that stream rows instead of buffering the whole result."""
         return {"stream_results": True, "yield_per": batch}
 
+    def in_(self, column: Any, values: list[Any]) -> Any:
+        """`column IN values`, with values converted to the column's type (keys travel as text)."""
+        return column.in_(typed_values(column, values))
+
+    def is_lock_timeout(self, exc: BaseException) -> bool:
+        """True for 'gave up waiting for a row lock' (the auth server holds it): skip, don't fail."""
+        return False
+
     def set_timeouts(self, conn: Connection, lock_timeout: float, statement_timeout: float) -> None:
         """Bound how long this transaction waits for locks and runs one statement (S7)."""
 
@@ -48,11 +57,19 @@ class Dialect:
     def delete_returning(self, conn: Connection, table: Table, where: Any) -> list[dict[str, Any]]:
         """Delete rows and return exactly the rows deleted."""
         result = conn.execute(sa.delete(table).where(where).returning(*table.c))
-        return [dict(r) for r in result.mappings()]
+        return [r._asdict() for r in result]
 
 
 class PostgresDialect(Dialect):
     name = "postgresql"
+
+    def in_(self, column: Any, values: list[Any]) -> Any:
+        # One array parameter instead of hundreds of placeholders: the statement text stays the same from
+        # batch to batch, so neither SQLAlchemy nor the server re-parses it.
+        return column == sa.any_(sa.bindparam(None, typed_values(column, values), type_=ARRAY(column.type)))
+
+    def is_lock_timeout(self, exc: BaseException) -> bool:
+        return getattr(getattr(exc, "orig", None), "sqlstate", None) == "55P03"
 
     def prepare_scan(self, conn: Connection, work_mem_mb: int) -> None:
         # One backend, no parallel workers (each would rebuild the whole token aggregate: 3x the work on the
@@ -78,6 +95,10 @@ class PostgresDialect(Dialect):
 class MySQLDialect(Dialect):
     name = "mysql"
 
+    def is_lock_timeout(self, exc: BaseException) -> bool:
+        args = getattr(getattr(exc, "orig", None), "args", ())
+        return bool(args) and args[0] == 1205  # ER_LOCK_WAIT_TIMEOUT
+
     def set_timeouts(self, conn: Connection, lock_timeout: float, statement_timeout: float) -> None:
         conn.execute(sa.text(f"SET SESSION innodb_lock_wait_timeout = {max(1, round(lock_timeout))}"))
         if conn.dialect.name == "mariadb" or "mariadb" in str(conn.dialect.server_version_info).lower():
@@ -85,7 +106,7 @@ class MySQLDialect(Dialect):
 
     def delete_returning(self, conn: Connection, table: Table, where: Any) -> list[dict[str, Any]]:
         # MySQL has no DELETE ... RETURNING: lock the rows (and the gaps, under InnoDB) first, then delete them.
-        rows = [dict(r) for r in conn.execute(sa.select(table).where(where).with_for_update()).mappings()]
+        rows = [r._asdict() for r in conn.execute(sa.select(table).where(where).with_for_update())]
         if rows:
             conn.execute(sa.delete(table).where(where))
         return rows
@@ -113,6 +134,13 @@ class SQLiteDialect(Dialect):
 
     def for_update(self) -> dict[str, Any]:
         return {}  # SQLite has no row locks; BEGIN IMMEDIATE takes the write lock for the batch
+
+
+def typed_values(column: Any, values: list[Any]) -> list[Any]:
+    """Keys as the column's Python type: integers for integer key columns, text otherwise."""
+    if isinstance(column.type, sa.Integer):
+        return [int(v) for v in values]
+    return list(values)
 
 
 _BY_NAME: dict[str, type[Dialect]] = {

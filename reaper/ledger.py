@@ -179,9 +179,12 @@ def _decode(value: Any) -> Any:
     return value
 
 
+_PLAIN = frozenset({type(None), bool, int, str})
+
+
 def encode_row(row: dict[str, Any]) -> dict[str, Any]:
     """A database row as JSON-safe data, every type kept exactly."""
-    return {k: _encode(v) for k, v in row.items()}
+    return {k: v if v.__class__ in _PLAIN else _encode(v) for k, v in row.items()}
 
 
 def decode_row(row: dict[str, Any]) -> dict[str, Any]:
