@@ -72,8 +72,11 @@ class Ledger:
     def create(self, engine: Engine) -> None:
         """Create the ledger tables if missing (first --apply only; never from report)."""
         with engine.begin() as conn:
-            if self.metadata.schema and engine.dialect.name == "postgresql":
-                conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.metadata.schema}"'))
+            schema = self.metadata.schema
+            if schema and engine.dialect.name == "postgresql" and not sa.inspect(conn).has_schema(schema):
+                # Only when missing: CREATE SCHEMA IF NOT EXISTS still needs CREATE on the database, which a
+                # least-privilege role owning a prepared schema does not have.
+                conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
             self.metadata.create_all(conn, checkfirst=True)
 
     def exists(self, conn: Connection) -> bool:
