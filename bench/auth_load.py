@@ -1,6 +1,6 @@
 """A token-issuing load like an Authlib token endpoint: look the client up, insert a token, commit.
 
-Runs for a fixed time in its own process and prints one JSON line: [[start_unix_time, latency_seconds], ...].
+Runs for a fixed time (or until SIGTERM) in its own process and prints one JSON line: [[start_unix_time, latency_seconds], ...].
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import signal
 import threading
 import time
 import uuid
@@ -15,10 +16,13 @@ import uuid
 import psycopg
 
 
+STOP = threading.Event()
+
+
 def worker(dsn: str, client_ids: list[str], until: float, pace: float, out: list, seed: int) -> None:
     rng = random.Random(seed)
     with psycopg.connect(dsn) as conn:
-        while time.time() < until:
+        while time.time() < until and not STOP.is_set():
             cid = rng.choice(client_ids)
             t0 = time.time()
             p0 = time.perf_counter()
@@ -44,6 +48,8 @@ def main() -> None:
         # Live clients only: the auth server serves the clients people use.
         live = [r[0] for r in conn.execute(
             "SELECT DISTINCT client_id FROM oauth2_token WHERE access_token_revoked_at = 0 LIMIT 2000")]
+    # SIGTERM ends the load early; the samples are still printed.
+    signal.signal(signal.SIGTERM, lambda *_: STOP.set())
     until = time.time() + args.seconds
     samples: list = []
     threads = [threading.Thread(target=worker, args=(args.dsn, live, until, args.pace, samples, i))

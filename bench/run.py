@@ -86,7 +86,9 @@ def latency_during(dsn: str, seconds: float, action) -> tuple[list[float], Any]:
     start = time.time()
     if action is not None:
         holder["result"] = action()
-    end = time.time() if action is not None else start + seconds - 1.5
+    end = time.time() if action is not None else start + max(0.5, seconds - 1.5)
+    if action is not None:
+        proc.terminate()  # the load prints its samples and exits
     out, _ = proc.communicate(timeout=seconds + 60)
     samples = json.loads(out.strip().splitlines()[-1])
     return [lat for (t0, lat) in samples if start <= t0 <= end], holder.get("result")
@@ -99,6 +101,7 @@ def main() -> None:
     ap.add_argument("--reap-clients", type=int, default=20000)
     ap.add_argument("--sqlite", type=int, default=100000, help="client count on SQLite (0 = skip)")
     ap.add_argument("--no-load", action="store_true", help="skip the auth-load latency phases")
+    ap.add_argument("--idle-seconds", type=float, default=8.0, help="length of the idle latency phase")
     ap.add_argument("--out", default="bench/results/latest.json")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -128,7 +131,7 @@ def main() -> None:
         if args.no_load:
             results["reap"] = reap_run(url, args.reap_clients, log)
         else:
-            idle, _ = latency_during(dsn, 8.0, None)
+            idle, _ = latency_during(dsn, args.idle_seconds, None)
             scan_lat, _ = latency_during(dsn, 120.0, lambda: one_scan("reaper", url))
             reap_lat, reap = latency_during(dsn, 300.0, lambda: reap_run(url, args.reap_clients, log))
             results["reap"] = reap

@@ -1,0 +1,33 @@
+"""The benchmark harness at small N, so it never rots (it asserts that it ran, not how fast)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import SERVER_URLS, require
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_harness_runs_end_to_end(tmp_path):
+    require("postgresql")
+    url = make_url(SERVER_URLS["postgresql"])
+    admin = f"host={url.host or '127.0.0.1'} user={url.username or 'postgres'} dbname={url.database}"
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--sizes", "3000,6000", "--repeats", "1", "--sqlite", "2000",
+         "--reap-clients", "1000", "--idle-seconds", "3", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "REAPER_BENCH_ADMIN_DSN": admin},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["scan"]) == {"3000", "6000"}
+    for figures in result["scan"].values():
+        assert figures["rows"] > 0 and figures["floor_s"] > 0 and figures["reaper_s"] > 0 and figures["rss_mb"] > 0
+    assert result["sqlite"]["clients"] == 2000
+    assert result["reap"]["clients"] == 1000 and result["reap"]["clients_per_s"] > 0
+    assert result["load"]["samples"]["idle"] > 0 and result["load"]["samples"]["reap"] > 0
+    assert "reap throughput" in proc.stdout and "auth p99 idle" in proc.stdout
