@@ -31,8 +31,10 @@ def label_value(normalized_name: str) -> str:
     """A safe, bounded label value for a normalized client name."""
     if not normalized_name:
         return NO_NAME
-    text = "".join(ch if unicodedata.category(ch)[0] not in "CZ" or ch == " " else "?" for ch in normalized_name)
-    return text[:LABEL_MAX]
+    # Cut first: the replacement is one character for one, and a 10,000-character name must not cost a scrape
+    # 10,000 category lookups.
+    return "".join(ch if unicodedata.category(ch)[0] not in "CZ" or ch == " " else "?"
+                   for ch in normalized_name[:LABEL_MAX])
 
 
 def top_names(snapshot: Snapshot, k: int) -> list[str]:
@@ -83,8 +85,10 @@ class ReaperMetrics(Collector):
         self.scan_duration.observe(snapshot.duration)
 
     def _bounded(self, name: str, topset: set[str]) -> str:
-        # Counters keep the labels they ever had; cap them so churn in the top-K cannot grow series forever.
-        if name in topset and (name in self._registrations or len(self._registrations) < 2 * self.top_k + 1):
+        # Counters keep the labels they ever had; cap them so churn in the top-K cannot grow series forever:
+        # at most 2K names, plus 'other' (2K+1 label values in all, as docs/metrics.md says).
+        named = len(self._registrations) - (OTHER in self._registrations)
+        if name in topset and (name in self._registrations or named < 2 * self.top_k):
             return name
         return OTHER
 

@@ -447,9 +447,9 @@ def apply(config: Config, the_plan: Plan, force: bool = False, stop: threading.E
                     if progress:
                         progress(min(i + size, len(cands)), len(cands))
                     if config.policy.pause and i + size < len(cands):
-                        time.sleep(config.policy.pause)
+                        _pause(config.policy.pause, stop)
                 if done_keys and config.policy.late_token_sweep:
-                    time.sleep(config.policy.late_token_sweep)
+                    _pause(config.policy.late_token_sweep, stop)  # on a stop request: sweep at once
                     late = [k for k in reaper_.live_now(done_keys) if k not in result.restored_late]
                     if late:
                         result.restored_late += restore_keys(config, reaper_, late, "late credential after run")
@@ -471,6 +471,14 @@ def apply(config: Config, the_plan: Plan, force: bool = False, stop: threading.E
             ledger_engine.dispose()
     result.duration = time.monotonic() - started
     return result
+
+
+def _pause(seconds: float, stop: threading.Event | None) -> None:
+    """Sleep, but wake at once when a stop is requested."""
+    if stop is None:
+        time.sleep(seconds)
+    else:
+        stop.wait(seconds)
 
 
 def bind_profile_for(config: Config) -> BoundProfile:

@@ -226,9 +226,11 @@ class Service:
         clean = self._busy.acquire(timeout=self.s.grace)
         if clean:
             self._busy.release()
-        if self.lock is not None:
+        if self.lock is not None and clean:
             lock, self.lock = self.lock, None
             _discard(lock)
+        # Not clean: a reap batch is still running in the scheduler's thread. Keep the lock (S6) so no other
+        # replica starts acting meanwhile; it goes with the connection when the process exits.
         if self.httpd is not None:
             self.httpd.shutdown()
             self.httpd.server_close()  # shutdown() only stops the loop; this closes the listening socket
@@ -273,6 +275,8 @@ def serve(config: Config) -> int:
     """Run until SIGTERM or SIGINT; exit 0 after a clean stop."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # The service logs one JSON line per event; failures reach it as exceptions, not driver log records.
+    logging.getLogger("sqlalchemy").setLevel(logging.CRITICAL)
     service = Service(config)
     done = threading.Event()
 
