@@ -14,9 +14,9 @@ from pathlib import Path
 import psycopg
 
 VERSION = 3
-FAMILY_SIZE = 30          # members per churning family: one live (the newest), the rest orphans
-STABLE_SHARE = 0.02       # a few stable single-member families, live
-SPAN = 60 * 86400         # registrations spread over 60 days
+FAMILY_SIZE = 30  # members per churning family: one live (the newest), the rest orphans
+STABLE_SHARE = 0.02  # a few stable single-member families, live
+SPAN = 60 * 86400  # registrations spread over 60 days
 
 SCHEMA = """
 CREATE TABLE oauth2_client (
@@ -156,8 +156,10 @@ def make_sqlite(path: Path, n: int) -> int:
             if fam < stable:
                 meta = {"client_name": f"Editor {fam}", "redirect_uris": [f"https://editor.example/{fam}"]}
             else:
-                meta = {"client_name": f"Claude Code (srv-{fam})",
-                        "redirect_uris": [f"http://localhost:{rng.randint(49152, 65535)}/callback"]}
+                meta = {
+                    "client_name": f"Claude Code (srv-{fam})",
+                    "redirect_uris": [f"http://localhost:{rng.randint(49152, 65535)}/callback"],
+                }
             yield (i, f"c{i:012d}", f"secret{i}", base + i * SPAN // n, 0, json.dumps(meta))
 
     db.executemany("INSERT INTO oauth2_client VALUES (?,?,?,?,?,?)", clients())

@@ -22,8 +22,14 @@ from typing import Any
 from bench.dataset import copy_pg, drop_pg, ensure_pg, make_sqlite
 
 ADMIN_DSN = os.environ.get("REAPER_BENCH_ADMIN_DSN", "host=127.0.0.1 user=postgres dbname=test")
-TARGETS = {"scan_vs_floor": 1.5, "rss_1m_mb": 150, "rss_1m_vs_100k": 1.3, "t1m_vs_t100k": 11,
-           "reap_clients_per_s": 5000, "p99_vs_idle": 2.0}
+TARGETS = {
+    "scan_vs_floor": 1.5,
+    "rss_1m_mb": 150,
+    "rss_1m_vs_100k": 1.3,
+    "t1m_vs_t100k": 11,
+    "reap_clients_per_s": 5000,
+    "p99_vs_idle": 2.0,
+}
 
 
 def sqla_url(dsn: str) -> str:
@@ -32,8 +38,9 @@ def sqla_url(dsn: str) -> str:
 
 
 def one_scan(mode: str, url: str) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-m", "bench.scan_once", mode, url], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.scan_once", mode, url], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -43,12 +50,20 @@ def scans(url: str, repeats: int, log) -> dict[str, Any]:
     for _ in range(repeats):
         floor.append(one_scan("floor", url))
         reaper.append(one_scan("reaper", url))
-        log(f"  floor {floor[-1]['seconds']:.2f}s  reaper {reaper[-1]['seconds']:.2f}s "
-            f"rss {reaper[-1]['rss_mb']:.0f} MB")
+        log(
+            f"  floor {floor[-1]['seconds']:.2f}s  reaper {reaper[-1]['seconds']:.2f}s "
+            f"rss {reaper[-1]['rss_mb']:.0f} MB"
+        )
     f = statistics.median(r["seconds"] for r in floor)
     r = statistics.median(r["seconds"] for r in reaper)
-    return {"rows": reaper[0]["rows"], "floor_s": f, "reaper_s": r, "ratio": r / f,
-            "rss_mb": max(x["rss_mb"] for x in reaper), "floor_rss_mb": max(x["rss_mb"] for x in floor)}
+    return {
+        "rows": reaper[0]["rows"],
+        "floor_s": f,
+        "reaper_s": r,
+        "ratio": r / f,
+        "rss_mb": max(x["rss_mb"] for x in reaper),
+        "floor_rss_mb": max(x["rss_mb"] for x in floor),
+    }
 
 
 def p99(values: list[float]) -> float:
@@ -62,11 +77,22 @@ def reap_run(url: str, clients: int | None, log) -> dict[str, Any]:
     from reaper.config import load_config
     from reaper.reap import apply, plan
 
-    config = load_config(None, {
-        "database_url": url, "profile": "authlib",
-        "policy": {"max_per_run": 10_000_000, "max_fraction": 1.0, "batch_size": 500, "pause": 0,
-                   "late_token_sweep": 0, "min_age": "1h"},
-    }, environ={})
+    config = load_config(
+        None,
+        {
+            "database_url": url,
+            "profile": "authlib",
+            "policy": {
+                "max_per_run": 10_000_000,
+                "max_fraction": 1.0,
+                "batch_size": 500,
+                "pause": 0,
+                "late_token_sweep": 0,
+                "min_age": "1h",
+            },
+        },
+        environ={},
+    )
     the_plan = plan(config)
     if clients is not None:
         the_plan.candidates = the_plan.candidates[:clients]
@@ -80,8 +106,11 @@ def reap_run(url: str, clients: int | None, log) -> dict[str, Any]:
 def latency_during(dsn: str, seconds: float, action) -> tuple[list[float], Any]:
     """Run the load for the duration of `action` (or `seconds` when action is None); return latencies."""
     holder: dict[str, Any] = {}
-    proc = subprocess.Popen([sys.executable, "-m", "bench.auth_load", dsn, "--seconds", str(seconds)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.auth_load", dsn, "--seconds", str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(1.0)  # connections up, load running
     start = time.time()
     if action is not None:
@@ -107,8 +136,14 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "targets": TARGETS, "scan": {}, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "targets": TARGETS,
+        "scan": {},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     for n in sizes:
         dsn, _ = ensure_pg(ADMIN_DSN, n, log)
@@ -120,8 +155,11 @@ def main() -> None:
             make_sqlite(path, args.sqlite)
             log(f"scan, {args.sqlite:,} clients (SQLite):")
             runs = [one_scan("reaper", f"sqlite:///{path}") for _ in range(args.repeats)]
-            results["sqlite"] = {"clients": args.sqlite, "reaper_s": statistics.median(r["seconds"] for r in runs),
-                                 "rss_mb": max(r["rss_mb"] for r in runs)}
+            results["sqlite"] = {
+                "clients": args.sqlite,
+                "reaper_s": statistics.median(r["seconds"] for r in runs),
+                "rss_mb": max(r["rss_mb"] for r in runs),
+            }
     small = str(min(sizes))
     copy = f"dcr_bench_reap_{os.getpid()}"
     try:
@@ -136,7 +174,8 @@ def main() -> None:
             reap_lat, reap = latency_during(dsn, 300.0, lambda: reap_run(url, args.reap_clients, log))
             results["reap"] = reap
             results["load"] = {
-                "idle_p99_ms": p99(idle) * 1000, "scan_p99_ms": p99(scan_lat) * 1000,
+                "idle_p99_ms": p99(idle) * 1000,
+                "scan_p99_ms": p99(scan_lat) * 1000,
                 "reap_p99_ms": p99(reap_lat) * 1000,
                 "samples": {"idle": len(idle), "scan": len(scan_lat), "reap": len(reap_lat)},
             }
@@ -151,32 +190,68 @@ def main() -> None:
 def report(r: dict[str, Any]) -> None:
     rows = []
     for n, s in r["scan"].items():
-        rows.append((f"scan {int(n):,} clients", f"{s['reaper_s']:.2f}s vs floor {s['floor_s']:.2f}s",
-                     f"{s['ratio']:.2f}x", f"<= {TARGETS['scan_vs_floor']}x"))
-        rows.append((f"peak RSS {int(n):,}", f"{s['rss_mb']:.0f} MB (floor process {s['floor_rss_mb']:.0f} MB)", "",
-                     f"< {TARGETS['rss_1m_mb']} MB at 1M"))
+        rows.append(
+            (
+                f"scan {int(n):,} clients",
+                f"{s['reaper_s']:.2f}s vs floor {s['floor_s']:.2f}s",
+                f"{s['ratio']:.2f}x",
+                f"<= {TARGETS['scan_vs_floor']}x",
+            )
+        )
+        rows.append(
+            (
+                f"peak RSS {int(n):,}",
+                f"{s['rss_mb']:.0f} MB (floor process {s['floor_rss_mb']:.0f} MB)",
+                "",
+                f"< {TARGETS['rss_1m_mb']} MB at 1M",
+            )
+        )
     sizes = sorted(r["scan"], key=int)
     if len(sizes) >= 2:
         a, b = r["scan"][sizes[0]], r["scan"][sizes[-1]]
-        rows.append((f"t({int(sizes[-1]):,})/t({int(sizes[0]):,})", "", f"{b['reaper_s'] / a['reaper_s']:.2f}",
-                     f"<= {TARGETS['t1m_vs_t100k']}"))
-        rows.append((f"RSS({int(sizes[-1]):,})/RSS({int(sizes[0]):,})", "", f"{b['rss_mb'] / a['rss_mb']:.2f}",
-                     f"<= {TARGETS['rss_1m_vs_100k']}"))
+        rows.append(
+            (
+                f"t({int(sizes[-1]):,})/t({int(sizes[0]):,})",
+                "",
+                f"{b['reaper_s'] / a['reaper_s']:.2f}",
+                f"<= {TARGETS['t1m_vs_t100k']}",
+            )
+        )
+        rows.append(
+            (
+                f"RSS({int(sizes[-1]):,})/RSS({int(sizes[0]):,})",
+                "",
+                f"{b['rss_mb'] / a['rss_mb']:.2f}",
+                f"<= {TARGETS['rss_1m_vs_100k']}",
+            )
+        )
     if "sqlite" in r:
         s = r["sqlite"]
         rows.append((f"scan {s['clients']:,} clients (SQLite)", f"{s['reaper_s']:.2f}s", f"{s['rss_mb']:.0f} MB", ""))
     if "reap" in r:
-        rows.append(("reap throughput", f"{r['reap']['clients']:,} clients in {r['reap']['seconds']:.2f}s",
-                     f"{r['reap']['clients_per_s']:,.0f}/s", f">= {TARGETS['reap_clients_per_s']:,}/s"))
+        rows.append(
+            (
+                "reap throughput",
+                f"{r['reap']['clients']:,} clients in {r['reap']['seconds']:.2f}s",
+                f"{r['reap']['clients_per_s']:,.0f}/s",
+                f">= {TARGETS['reap_clients_per_s']:,}/s",
+            )
+        )
     if "load" in r:
         ld = r["load"]
         rows.append(("auth p99 idle", f"{ld['idle_p99_ms']:.2f} ms", "", ""))
         for phase in ("scan", "reap"):
-            rows.append((f"auth p99 during {phase}", f"{ld[f'{phase}_p99_ms']:.2f} ms",
-                         f"{ld[f'{phase}_p99_ms'] / ld['idle_p99_ms']:.2f}x idle", f"<= {TARGETS['p99_vs_idle']}x"))
+            rows.append(
+                (
+                    f"auth p99 during {phase}",
+                    f"{ld[f'{phase}_p99_ms']:.2f} ms",
+                    f"{ld[f'{phase}_p99_ms'] / ld['idle_p99_ms']:.2f}x idle",
+                    f"<= {TARGETS['p99_vs_idle']}x",
+                )
+            )
     widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
     for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 if __name__ == "__main__":

@@ -13,8 +13,12 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from reaper.dialects import dialect_for_name
 from reaper.errors import ConfigError, DatabaseError
 
-_DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg", "mysql": "mysql+pymysql",
-            "mariadb": "mariadb+pymysql"}
+_DRIVERS = {
+    "postgresql": "postgresql+psycopg",
+    "postgres": "postgresql+psycopg",
+    "mysql": "mysql+pymysql",
+    "mariadb": "mariadb+pymysql",
+}
 
 
 def parse_url(raw: str) -> URL:

@@ -47,8 +47,18 @@ class _Server:
         client_id = secrets.token_urlsafe(16)
         self.db.execute(
             "INSERT INTO oauth_clients VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (client_id, None, name, json.dumps(redirect_uris), json.dumps(["code"]),
-             json.dumps(["authorization_code", "refresh_token"]), "read write offline_access", "none", at, None),
+            (
+                client_id,
+                None,
+                name,
+                json.dumps(redirect_uris),
+                json.dumps(["code"]),
+                json.dumps(["authorization_code", "refresh_token"]),
+                "read write offline_access",
+                "none",
+                at,
+                None,
+            ),
         )
         return client_id
 
@@ -57,8 +67,17 @@ class _Server:
         code = secrets.token_urlsafe(24)
         self.db.execute(
             "INSERT INTO oauth_authorization_codes VALUES (?,?,?,?,?,?,?,?,?)",
-            (code, client_id, redirect_uri, "read write offline_access", at + 600, 1, at,
-             secrets.token_urlsafe(32), "S256"),
+            (
+                code,
+                client_id,
+                redirect_uri,
+                "read write offline_access",
+                at + 600,
+                1,
+                at,
+                secrets.token_urlsafe(32),
+                "S256",
+            ),
         )
         return self._issue(client_id, at, parent=None)
 
@@ -98,8 +117,9 @@ def build_demo(path: Path, now: float | None = None, seed: int = 7) -> Path:
         server = _Server(db)
 
         # A desktop editor: one stable registration, refreshed properly, live.
-        vscode = server.register("Visual Studio Code", ["https://vscode.dev/redirect", "http://127.0.0.1:33418/"],
-                                 now - 10 * 86400)
+        vscode = server.register(
+            "Visual Studio Code", ["https://vscode.dev/redirect", "http://127.0.0.1:33418/"], now - 10 * 86400
+        )
         token = server.login(vscode, "http://127.0.0.1:33418/", now - 10 * 86400)
         for days in (7, 3, 1):
             token = server.refresh(vscode, token, now - days * 86400)
@@ -121,8 +141,9 @@ def build_demo(path: Path, now: float | None = None, seed: int = 7) -> Path:
                 server.replay(client)
 
         # Registered, then never came back for a token.
-        server.register("MCP CLI Proxy", [f"http://localhost:{rng.randint(49152, 65535)}/oauth/callback"],
-                        now - 3 * 86400)
+        server.register(
+            "MCP CLI Proxy", [f"http://localhost:{rng.randint(49152, 65535)}/oauth/callback"], now - 3 * 86400
+        )
         # Registered a minute ago: the user is in the browser right now.
         server.register("Cursor", [f"http://127.0.0.1:{rng.randint(49152, 65535)}/callback"], now - 60)
         db.commit()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import socket
 import os
+import socket
 import time
 import uuid
 from decimal import Decimal
@@ -33,7 +33,8 @@ class Ledger:
         p, schema = settings.prefix, settings.schema_
         self.metadata = sa.MetaData(schema=schema)
         self.runs = sa.Table(
-            f"{p}runs", self.metadata,
+            f"{p}runs",
+            self.metadata,
             sa.Column("id", sa.String(36), primary_key=True),
             sa.Column("started_at", sa.Float, nullable=False),
             sa.Column("finished_at", sa.Float),
@@ -46,7 +47,8 @@ class Ledger:
             sa.Column("message", sa.Text),
         )
         self.tombstones = sa.Table(
-            f"{p}tombstones", self.metadata,
+            f"{p}tombstones",
+            self.metadata,
             sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
             sa.Column("run_id", sa.String(36), nullable=False, index=True),
             sa.Column("client_key", sa.String(255), nullable=False, index=True),
@@ -61,7 +63,8 @@ class Ledger:
             sa.Column("payload", LongText, nullable=False),
         )
         self.aliases = sa.Table(
-            f"{p}aliases", self.metadata,
+            f"{p}aliases",
+            self.metadata,
             sa.Column("alias_client_id", sa.String(255), primary_key=True),
             sa.Column("canonical_client_id", sa.String(255), nullable=False, index=True),
             sa.Column("family", sa.String(32), nullable=False),
@@ -84,25 +87,69 @@ class Ledger:
 
     def start_run(self, conn: Connection, kind: str, profile: str, planned: int) -> str:
         run_id = str(uuid.uuid4())
-        conn.execute(self.runs.insert().values(
-            id=run_id, started_at=time.time(), status="running", kind=kind, profile=profile,
-            holder=holder_identity(), planned=planned, acted=0))
+        conn.execute(
+            self.runs.insert().values(
+                id=run_id,
+                started_at=time.time(),
+                status="running",
+                kind=kind,
+                profile=profile,
+                holder=holder_identity(),
+                planned=planned,
+                acted=0,
+            )
+        )
         return run_id
 
     def finish_run(self, conn: Connection, run_id: str, status: str, acted: int, message: str = "") -> None:
-        conn.execute(self.runs.update().where(self.runs.c.id == run_id).values(
-            finished_at=time.time(), status=status, acted=acted, message=message[:2000]))
+        conn.execute(
+            self.runs.update()
+            .where(self.runs.c.id == run_id)
+            .values(finished_at=time.time(), status=status, acted=acted, message=message[:2000])
+        )
 
-    def add_tombstone(self, conn: Connection, run_id: str, key: str, client_id: str, action: str, verdict: str,
-                      reason: str, family: str, payload: dict[str, Any], state: str = "done") -> None:
-        self.add_tombstones(conn, [self.tombstone_row(run_id, key, client_id, action, verdict, reason, family,
-                                                      payload, state)])
+    def add_tombstone(
+        self,
+        conn: Connection,
+        run_id: str,
+        key: str,
+        client_id: str,
+        action: str,
+        verdict: str,
+        reason: str,
+        family: str,
+        payload: dict[str, Any],
+        state: str = "done",
+    ) -> None:
+        self.add_tombstones(
+            conn,
+            [self.tombstone_row(run_id, key, client_id, action, verdict, reason, family, payload, state)],
+        )
 
-    def tombstone_row(self, run_id: str, key: str, client_id: str, action: str, verdict: str, reason: str,
-                      family: str, payload: dict[str, Any], state: str = "done") -> dict[str, Any]:
-        return dict(run_id=run_id, client_key=key, client_id=client_id, action=action, verdict=verdict,
-                    reason=reason, family=family, acted_at=time.time(), state=state,
-                    payload=encode_payload(payload))
+    def tombstone_row(
+        self,
+        run_id: str,
+        key: str,
+        client_id: str,
+        action: str,
+        verdict: str,
+        reason: str,
+        family: str,
+        payload: dict[str, Any],
+        state: str = "done",
+    ) -> dict[str, Any]:
+        return dict(
+            run_id=run_id,
+            client_key=key,
+            client_id=client_id,
+            action=action,
+            verdict=verdict,
+            reason=reason,
+            family=family,
+            acted_at=time.time(),
+            state=state,
+            payload=encode_payload(payload),
+        )
 
     def add_tombstones(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         """Insert a batch's tombstones in one executemany (one statement per row cost ~0.5 ms each)."""
@@ -111,12 +158,23 @@ class Ledger:
 
     def add_alias(self, conn: Connection, alias: str, canonical: str, family: str, run_id: str) -> None:
         conn.execute(self.aliases.delete().where(self.aliases.c.alias_client_id == alias))
-        conn.execute(self.aliases.insert().values(
-            alias_client_id=alias, canonical_client_id=canonical, family=family, run_id=run_id,
-            created_at=time.time()))
+        conn.execute(
+            self.aliases.insert().values(
+                alias_client_id=alias,
+                canonical_client_id=canonical,
+                family=family,
+                run_id=run_id,
+                created_at=time.time(),
+            )
+        )
 
-    def open_tombstones(self, conn: Connection, run_id: str | None = None, client_id: str | None = None,
-                        keys: list[str] | None = None) -> list[Any]:
+    def open_tombstones(
+        self,
+        conn: Connection,
+        run_id: str | None = None,
+        client_id: str | None = None,
+        keys: list[str] | None = None,
+    ) -> list[Any]:
         """Tombstones not yet restored, oldest first, selected by run, client_id or client key."""
         t = self.tombstones
         q = sa.select(t).where(t.c.restored_at.is_(None), t.c.state == "done")
@@ -130,8 +188,9 @@ class Ledger:
 
     def aliases_by_canonical(self, conn: Connection) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
-        for alias, canonical in conn.execute(sa.select(self.aliases.c.alias_client_id,
-                                                       self.aliases.c.canonical_client_id)):
+        for alias, canonical in conn.execute(
+            sa.select(self.aliases.c.alias_client_id, self.aliases.c.canonical_client_id)
+        ):
             out.setdefault(canonical, []).append(alias)
         return out
 
@@ -176,7 +235,7 @@ _DECODERS = {
 
 def _decode(value: Any) -> Any:
     if isinstance(value, dict) and len(value) == 1:
-        (tag, inner), = value.items()
+        ((tag, inner),) = value.items()
         if tag in _DECODERS:
             return _DECODERS[tag](inner)
     return value

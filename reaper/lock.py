@@ -45,7 +45,9 @@ class RunLock:
     def try_acquire(self) -> bool:
         if self.dialect == "sqlite":
             return self._file_lock()
-        app = f"dcr-reaper {holder_identity()}"[:63]
+        # PostgreSQL keeps 63 bytes of application_name: keep the pid, shorten the host.
+        host, _, pid = holder_identity().rpartition(" pid ")
+        app = f"dcr-reaper {host[: 63 - len(pid) - 16]} pid {pid}"
         args = {"application_name": app} if self.dialect == "postgresql" else {}
         self._engine = sa.create_engine(self.url, poolclass=NullPool, connect_args=args)
         self._conn = self._engine.connect()
@@ -89,18 +91,25 @@ class RunLock:
             with engine.connect() as conn:
                 if self.dialect == "postgresql":
                     hi, lo = (self.key >> 32) & 0xFFFFFFFF, self.key & 0xFFFFFFFF
-                    row = conn.execute(sa.text(
-                        "SELECT a.application_name, a.client_addr, a.pid, a.backend_start FROM pg_locks l "
-                        "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
-                        "AND l.classid = :hi AND l.objid = :lo AND l.objsubid = 1"),
-                        {"hi": hi, "lo": lo}).first()
+                    row = conn.execute(
+                        sa.text(
+                            "SELECT a.application_name, a.client_addr, a.pid, a.backend_start FROM pg_locks l "
+                            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+                            "AND l.classid = :hi AND l.objid = :lo AND l.objsubid = 1"
+                        ),
+                        {"hi": hi, "lo": lo},
+                    ).first()
                     if row:
-                        return f"{row[0] or 'unknown'} (backend pid {row[2]}, from {row[1] or 'local socket'}, since {row[3]:%Y-%m-%d %H:%M:%S})"
+                        since = f"{row[3]:%Y-%m-%d %H:%M:%S}"
+                        where = row[1] or "local socket"
+                        return f"{row[0] or 'unknown'} (backend pid {row[2]}, from {where}, since {since})"
                 else:
                     cid = conn.execute(sa.text("SELECT IS_USED_LOCK(:n)"), {"n": self._mysql_name}).scalar()
                     if cid:
-                        row = conn.execute(sa.text(
-                            "SELECT user, host FROM information_schema.processlist WHERE id = :i"), {"i": cid}).first()
+                        row = conn.execute(
+                            sa.text("SELECT user, host FROM information_schema.processlist WHERE id = :i"),
+                            {"i": cid},
+                        ).first()
                         return f"connection {cid}" + (f" ({row[0]}@{row[1]})" if row else "")
         finally:
             engine.dispose()
@@ -159,4 +168,3 @@ class RunLock:
 def lock_name(engine: Engine, prefix: str) -> str:
     """One lock per auth database and ledger prefix."""
     return f"dcr-reaper/{engine.url.host or ''}/{engine.url.database or ''}/{prefix}"
-

@@ -33,8 +33,9 @@ def label_value(normalized_name: str) -> str:
         return NO_NAME
     # Cut first: the replacement is one character for one, and a 10,000-character name must not cost a scrape
     # 10,000 category lookups.
-    return "".join(ch if unicodedata.category(ch)[0] not in "CZ" or ch == " " else "?"
-                   for ch in normalized_name[:LABEL_MAX])
+    return "".join(
+        ch if unicodedata.category(ch)[0] not in "CZ" or ch == " " else "?" for ch in normalized_name[:LABEL_MAX]
+    )
 
 
 def top_names(snapshot: Snapshot, k: int) -> list[str]:
@@ -63,8 +64,11 @@ class ReaperMetrics(Collector):
         self.last_success = 0.0
         self.leader = 0
         self.scan_duration = Histogram(
-            "dcr_scan_duration_seconds", "Wall time of a full scan and classification.",
-            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=self.registry)
+            "dcr_scan_duration_seconds",
+            "Wall time of a full scan and classification.",
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=self.registry,
+        )
         self.registry.register(self)
 
     # -- updates (called by the service) --------------------------------------------------------------------
@@ -112,32 +116,41 @@ class ReaperMetrics(Collector):
             snap, top = self._snapshot, list(self._top)
             registrations, reaped = dict(self._registrations), dict(self._reaped)
             scans, failures, last_scan, last_success, leader = (
-                self.scans, self.failures, self.last_scan, self.last_success, self.leader)
-        info = GaugeMetricFamily("dcr_build_info", "dcr-reaper build information; the value is always 1.",
-                                 labels=["version"])
+                self.scans,
+                self.failures,
+                self.last_scan,
+                self.last_success,
+                self.leader,
+            )
+        info = GaugeMetricFamily(
+            "dcr_build_info", "dcr-reaper build information; the value is always 1.", labels=["version"]
+        )
         info.add_metric([__version__], 1)
         yield info
         lead = GaugeMetricFamily("dcr_leader", "1 when this replica holds the database lock and scans and reaps.")
         lead.add_metric([], leader)
         yield lead
         yield _counter("dcr_scans", "Scans attempted by this process.", scans)
-        yield _counter("dcr_scan_failures", "Scans that failed (database unreachable, schema mismatch, ...).",
-                       failures)
+        yield _counter("dcr_scan_failures", "Scans that failed (database unreachable, schema mismatch, ...).", failures)
         g = GaugeMetricFamily("dcr_last_scan_timestamp_seconds", "Unix time the last scan ended (ok or failed).")
         g.add_metric([], last_scan)
         yield g
         g = GaugeMetricFamily("dcr_last_success_timestamp_seconds", "Unix time the last successful scan ended.")
         g.add_metric([], last_success)
         yield g
-        c = CounterMetricFamily("dcr_reaped_clients", "Clients reaped by this process, by action and reason.",
-                                labels=["action", "reason"])
+        c = CounterMetricFamily(
+            "dcr_reaped_clients",
+            "Clients reaped by this process, by action and reason.",
+            labels=["action", "reason"],
+        )
         for (action, reason), n in sorted(reaped.items()):
             c.add_metric([action, reason], n)
         yield c
         c = CounterMetricFamily(
             "dcr_registrations_observed",
             "New client registrations seen since the previous scan, by normalized client name (top K, else other).",
-            labels=["family"])
+            labels=["family"],
+        )
         for name, n in sorted(registrations.items()):
             c.add_metric([name], n)
         yield c
@@ -166,8 +179,11 @@ def _snapshot_metrics(snap: Snapshot, top: list[str]) -> Iterator[Metric]:
         else:
             states["single"] += 1
     g = GaugeMetricFamily(
-        "dcr_families", "Families by state, from the last scan: churning (many registrations in the churn "
-        "window), stable (several members), single.", labels=["state"])
+        "dcr_families",
+        "Families by state, from the last scan: churning (many registrations in the churn "
+        "window), stable (several members), single.",
+        labels=["state"],
+    )
     for state in FAMILY_STATES:
         g.add_metric([state], states.get(state, 0))
     yield g
@@ -181,13 +197,18 @@ def _snapshot_metrics(snap: Snapshot, top: list[str]) -> Iterator[Metric]:
         by_name[(name, "abandoned")] += fam.abandoned
         by_name[(name, "all")] += fam.members
     g = GaugeMetricFamily(
-        "dcr_family_clients", "Clients of the top-K families by normalized client name (the rest under "
-        "'other'), from the last scan; verdict 'all' counts every member.", labels=["family", "verdict"])
+        "dcr_family_clients",
+        "Clients of the top-K families by normalized client name (the rest under "
+        "'other'), from the last scan; verdict 'all' counts every member.",
+        labels=["family", "verdict"],
+    )
     for (name, verdict), n in sorted(by_name.items()):
         g.add_metric([name, verdict], n)
     yield g
-    g = GaugeMetricFamily("dcr_churn_window_registrations",
-                          "Registrations inside the churn window, summed over all families, from the last scan.")
+    g = GaugeMetricFamily(
+        "dcr_churn_window_registrations",
+        "Registrations inside the churn window, summed over all families, from the last scan.",
+    )
     g.add_metric([], sum(f.recent for f in snap.families.values()))
     yield g
     g = GaugeMetricFamily("dcr_problem_rows", "Client rows the last scan could not read (skipped, never reaped).")

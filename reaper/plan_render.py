@@ -25,9 +25,16 @@ def plan_record(result: RunResult) -> dict:
         "stopped": result.stopped,
         "duration_seconds": round(result.duration, 3),
         "candidates": [
-            {"client_id": c.client_id, "name": c.name, "family": c.family, "verdict": c.verdict,
-             "reason": c.reason, "action": c.action, "registered_at": iso(c.created_at),
-             "canonical_client_id": c.canonical}
+            {
+                "client_id": c.client_id,
+                "name": c.name,
+                "family": c.family,
+                "verdict": c.verdict,
+                "reason": c.reason,
+                "action": c.action,
+                "registered_at": iso(c.created_at),
+                "canonical_client_id": c.canonical,
+            }
             for c in p.candidates
         ],
     }
@@ -49,11 +56,14 @@ def render_run(result: RunResult, fmt: str, out: IO[str], max_rows: int = 50) ->
         lines.append(f"CAP: {p.cap_problem}")
     if result.applied:
         done = ", ".join(f"{a}/{r} {n}" for (a, r), n in sorted(result.acted.items())) or "nothing"
-        lines.append(f"run {result.run_id}: acted on {result.total_acted} ({done}) in {result.batches} batches, "
-                     f"{result.duration:.2f}s")
+        lines.append(
+            f"run {result.run_id}: acted on {result.total_acted} ({done}) in {result.batches} batches, "
+            f"{result.duration:.2f}s"
+        )
         if result.skipped:
-            lines.append("skipped (live or changed since the scan): "
-                         + ", ".join(f"{k} {n}" for k, n in result.skipped.items()))
+            lines.append(
+                "skipped (live or changed since the scan): " + ", ".join(f"{k} {n}" for k, n in result.skipped.items())
+            )
         if result.restored_late:
             lines.append(f"restored at once (a credential arrived after the delete): {len(result.restored_late)}")
         if result.stopped:
@@ -62,12 +72,22 @@ def render_run(result: RunResult, fmt: str, out: IO[str], max_rows: int = 50) ->
     if shown:
         lines.append("")
         headers = ["client_id", "name", "family", "verdict", "action", "registered", "canonical"]
-        rows = [[clean(c.client_id, 36), clean(c.name, 40) or "(no name)", c.family, c.verdict, c.action,
-                 short_time(c.created_at), clean(c.canonical, 36) if c.canonical else ""] for c in shown]
+        rows = [
+            [
+                clean(c.client_id, 36),
+                clean(c.name, 40) or "(no name)",
+                c.family,
+                c.verdict,
+                c.action,
+                short_time(c.created_at),
+                clean(c.canonical, 36) if c.canonical else "",
+            ]
+            for c in shown
+        ]
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-        lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+        lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
         lines.append("  ".join("-" * w for w in widths))
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         if len(shown) < len(p.candidates):
             lines.append(f"... and {len(p.candidates) - len(shown)} more (--format json lists all)")
     out.write("\n".join(lines) + "\n")

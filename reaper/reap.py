@@ -103,8 +103,9 @@ def _check_actions(config: Config, profile: BoundProfile) -> None:
         raise ConfigError(problems)
 
 
-def plan(config: Config, source: Source | None = None, progress: Progress | None = None,
-         now: float | None = None) -> Plan:
+def plan(
+    config: Config, source: Source | None = None, progress: Progress | None = None, now: float | None = None
+) -> Plan:
     """Scan read-only (S1) and choose what to act on; the caps are evaluated here (S4)."""
     src = source or open_source(config)
     _check_actions(config, src.profile)
@@ -119,8 +120,18 @@ def plan(config: Config, source: Source | None = None, progress: Progress | None
             if now - row.created_at < pol.min_age:
                 continue
             action = pol.actions.get(item.verdict, "delete")  # type: ignore[call-overload]
-            raw.append(Candidate(row.key, row.client_id, row.name, item.family, str(item.verdict), item.reason,
-                                 action, row.created_at))
+            raw.append(
+                Candidate(
+                    row.key,
+                    row.client_id,
+                    row.name,
+                    item.family,
+                    str(item.verdict),
+                    item.reason,
+                    action,
+                    row.created_at,
+                )
+            )
     candidates, kept = [], 0
     for c in raw:
         fam = snap.families[c.family]
@@ -207,8 +218,9 @@ class Reaper:
         comp = Compiler(self.client, now, self.profile.options, self.dialect)
         cond = [sa.not_(e) for e in self._live_exists(now, self.key_col)]
         if cm.created_at is not None and cm.created_at.column:
-            min_created = now_param(datetime.fromtimestamp(now.timestamp() - self.pol.min_age, UTC),
-                                    cm.created_at.encoding)
+            min_created = now_param(
+                datetime.fromtimestamp(now.timestamp() - self.pol.min_age, UTC), cm.created_at.encoding
+            )
             cond.append(self.client.c[cm.created_at.column] < min_created)
         if cm.cimd is not None:
             cond.append(sa.case((comp.compile(cm.cimd), 1), else_=0) == 0)
@@ -225,8 +237,9 @@ class Reaper:
 
     # -- one batch -------------------------------------------------------------------------------------------
 
-    def _act(self, conn: Connection, batch: list[Candidate], run_id: str,
-             ledger_conn: Connection) -> tuple[list[Candidate], list[Candidate]]:
+    def _act(
+        self, conn: Connection, batch: list[Candidate], run_id: str, ledger_conn: Connection
+    ) -> tuple[list[Candidate], list[Candidate]]:
         now = datetime.now(UTC)
         self.dialect.set_timeouts(conn, self.pol.lock_timeout, self.pol.statement_timeout)
         keys = [c.key for c in batch]
@@ -239,8 +252,12 @@ class Reaper:
         if not acting:
             return [], skipped
         payloads: dict[str, dict[str, Any]] = {
-            c.key: {"client_table": self.client.name, "client": encode_row(locked[c.key]), "children": {},
-                    "moved": []}
+            c.key: {
+                "client_table": self.client.name,
+                "client": encode_row(locked[c.key]),
+                "children": {},
+                "moved": [],
+            }
             for c in acting
         }
         deleting = [c for c in acting if c.action in ("delete", "merge")]
@@ -253,10 +270,23 @@ class Reaper:
                     payloads[c.key]["moved"] = self._move(conn, c)
             self._delete(conn, [c.key for c in deleting], payloads, now)
         state = "done" if ledger_conn is conn else "pending"
-        self.ledger.add_tombstones(ledger_conn, [
-            self.ledger.tombstone_row(run_id, c.key, c.client_id, c.action, c.verdict, c.reason, c.family,
-                                      payloads[c.key], state)
-            for c in acting])
+        self.ledger.add_tombstones(
+            ledger_conn,
+            [
+                self.ledger.tombstone_row(
+                    run_id,
+                    c.key,
+                    c.client_id,
+                    c.action,
+                    c.verdict,
+                    c.reason,
+                    c.family,
+                    payloads[c.key],
+                    state,
+                )
+                for c in acting
+            ],
+        )
         for c in acting:
             if c.action == "merge" and c.canonical:
                 self.ledger.add_alias(ledger_conn, c.client_id, c.canonical, c.family, run_id)
@@ -273,8 +303,8 @@ class Reaper:
                 continue
             ref = table.c[cred.ref]
             have = {
-                tuple(r) for r in conn.execute(
-                    sa.select(*(table.c[u] for u in cred.unique_by)).where(ref == c.canonical_key))
+                tuple(r)
+                for r in conn.execute(sa.select(*(table.c[u] for u in cred.unique_by)).where(ref == c.canonical_key))
             }
             rows = conn.execute(sa.select(table).where(ref == c.key).with_for_update(**self.dialect.for_update()))
             for row in rows.mappings():
@@ -282,8 +312,15 @@ class Reaper:
                     continue
                 where = sa.and_(*(col == row[col.name] for col in pk))
                 conn.execute(sa.update(table).where(where).values({cred.ref: c.canonical_key}))
-                moved.append({"table": table.name, "pk": encode_row({col.name: row[col.name] for col in pk}),
-                              "column": cred.ref, "from": c.key, "to": c.canonical_key})
+                moved.append(
+                    {
+                        "table": table.name,
+                        "pk": encode_row({col.name: row[col.name] for col in pk}),
+                        "column": cred.ref,
+                        "from": c.key,
+                        "to": c.canonical_key,
+                    }
+                )
         return moved
 
     def _delete(self, conn: Connection, keys: list[str], payloads: dict[str, dict[str, Any]], now: datetime) -> None:
@@ -296,8 +333,7 @@ class Reaper:
         else:
             for cred, table in self.children:
                 for r in self.dialect.delete_returning(conn, table, self._dead_child(cred, table, keys, now)):
-                    payloads[str(r[ref_of[table.name]])]["children"].setdefault(table.name, []).append(
-                        encode_row(r))
+                    payloads[str(r[ref_of[table.name]])]["children"].setdefault(table.name, []).append(encode_row(r))
         # The client goes only if nothing references it any more: a child row left behind is live, and so is
         # any live row in a table we do not delete from (S2).
         if self.profile.profile.delete.cascade:
@@ -305,8 +341,11 @@ class Reaper:
         else:
             child_names = {t.name for _, t in self.children}
             remaining = [sa.exists().where(t.c[c.ref] == self.key_col) for c, t in self.children]
-            remaining += [e for (c, t), e in zip(self.creds, self._live_exists(now, self.key_col))
-                          if t.name not in child_names]
+            remaining += [
+                e
+                for (c, t), e in zip(self.creds, self._live_exists(now, self.key_col), strict=True)
+                if t.name not in child_names
+            ]
         where = sa.and_(self.dialect.in_(self.key_col, keys), *(sa.not_(e) for e in remaining))
         deleted = {str(r[self.profile.client.key]) for r in self.dialect.delete_returning(conn, self.client, where)}
         late = set(keys) - deleted
@@ -316,7 +355,9 @@ class Reaper:
     def _disable(self, conn: Connection, batch: list[Candidate], now: datetime) -> None:
         values = self.profile.profile.delete.disable_set or {}
         keys = [c.key for c in batch]
-        result = conn.execute(sa.update(self.client).where(self.dialect.in_(self.key_col, keys), self.recheck(now)).values(values))
+        result = conn.execute(
+            sa.update(self.client).where(self.dialect.in_(self.key_col, keys), self.recheck(now)).values(values)
+        )
         if result.rowcount != len(keys):
             raise _LateCredential(set(keys))  # someone changed a row since we locked it: retry the batch
 
@@ -346,8 +387,11 @@ class Reaper:
         assert self.ledger_engine is not None
         t = self.ledger.tombstones
         with self.ledger_engine.begin() as lconn:
-            lconn.execute(sa.update(t).where(t.c.run_id == run_id, t.c.client_key.in_(keys), t.c.state == "pending")
-                          .values(state="done"))
+            lconn.execute(
+                sa.update(t)
+                .where(t.c.run_id == run_id, t.c.client_key.in_(keys), t.c.state == "pending")
+                .values(state="done")
+            )
 
     def recover_pending(self) -> int:
         """After a crash with a separate ledger: keep tombstones whose client is gone, drop the others."""
@@ -359,8 +403,12 @@ class Reaper:
             if not pending:
                 return 0
             with self.engine.connect() as conn:
-                present = {str(k) for (k,) in conn.execute(
-                    sa.select(self.key_col).where(self.dialect.in_(self.key_col, [p.client_key for p in pending])))}
+                present = {
+                    str(k)
+                    for (k,) in conn.execute(
+                        sa.select(self.key_col).where(self.dialect.in_(self.key_col, [p.client_key for p in pending]))
+                    )
+                }
             for p in pending:
                 # Deleted and gone: the delete committed. Still there: it rolled back, the tombstone is void.
                 # A disable leaves the row either way; keeping its tombstone is harmless (restore rewrites the
@@ -378,9 +426,12 @@ class Reaper:
             for cred, table in self.creds:
                 comp = Compiler(table, now, self.profile.options, self.dialect)
                 for i in range(0, len(keys), 500):
-                    chunk = keys[i:i + 500]
-                    q = sa.select(table.c[cred.ref]).where(self.dialect.in_(table.c[cred.ref], chunk),
-                                                           live_condition(cred, comp)).distinct()
+                    chunk = keys[i : i + 500]
+                    q = (
+                        sa.select(table.c[cred.ref])
+                        .where(self.dialect.in_(table.c[cred.ref], chunk), live_condition(cred, comp))
+                        .distinct()
+                    )
                     found |= {str(r[0]) for r in conn.execute(q)}
             conn.rollback()
         return sorted(found)
@@ -390,8 +441,14 @@ def _ledger_engine(config: Config) -> Engine | None:
     return make_engine(config.ledger.url, readonly=False) if config.ledger.url else None
 
 
-def apply(config: Config, the_plan: Plan, force: bool = False, stop: threading.Event | None = None,
-          progress: Callable[[int, int], None] | None = None, held_lock: RunLock | None = None) -> RunResult:
+def apply(
+    config: Config,
+    the_plan: Plan,
+    force: bool = False,
+    stop: threading.Event | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    held_lock: RunLock | None = None,
+) -> RunResult:
     """Execute a plan under the run lock (S6), in batches, tombstoning everything (S5)."""
     from reaper.restore import restore_keys
 
@@ -427,12 +484,12 @@ def apply(config: Config, the_plan: Plan, force: bool = False, stop: threading.E
                         result.stopped = True
                         break
                     try:
-                        done, skipped = reaper_.run_batch(cands[i:i + size], run_id)
+                        done, skipped = reaper_.run_batch(cands[i : i + size], run_id)
                     except DBAPIError as exc:
                         if not reaper_.dialect.is_lock_timeout(exc):
                             raise
                         # The auth server holds a row of this batch: leave the batch to the next run (S7).
-                        result.skipped["locked_by_auth_server"] += len(cands[i:i + size])
+                        result.skipped["locked_by_auth_server"] += len(cands[i : i + size])
                         continue
                     result.batches += 1
                     for c in done:
@@ -487,8 +544,13 @@ def bind_profile_for(config: Config) -> BoundProfile:
     return bind_profile(config)
 
 
-def reap(config: Config, do_apply: bool = False, force: bool = False, stop: threading.Event | None = None,
-         progress: Progress | None = None) -> RunResult:
+def reap(
+    config: Config,
+    do_apply: bool = False,
+    force: bool = False,
+    stop: threading.Event | None = None,
+    progress: Progress | None = None,
+) -> RunResult:
     """Plan (always) and, with do_apply, execute. Dry-run is the default."""
     the_plan = plan(config, progress=progress)
     if not do_apply:

@@ -48,8 +48,10 @@ def _conflicts(conn: Connection, reaper_: Reaper, tomb: Any, payload: dict[str, 
         problems.append(f"client {tomb.client_id}: a client with {key_col.name} = {client[key_col.name]!r} exists")
     else:
         where = _pk_where(reaper_.client, client)
-        if where is not None and conn.execute(sa.select(sa.literal(1)).select_from(reaper_.client)
-                                              .where(where)).first():
+        if (
+            where is not None
+            and conn.execute(sa.select(sa.literal(1)).select_from(reaper_.client).where(where)).first()
+        ):
             problems.append(f"client {tomb.client_id}: its primary key is taken by another client row")
     tables = {t.name: t for _, t in reaper_.creds}
     for name, rows in payload["children"].items():
@@ -65,8 +67,11 @@ def _put_back(conn: Connection, reaper_: Reaper, tomb: Any, payload: dict[str, A
     client = decode_row(payload["client"])
     if tomb.action == "disable":
         cols = (reaper_.profile.profile.delete.disable_set or {}).keys()
-        conn.execute(sa.update(reaper_.client).where(reaper_.key_col == client[reaper_.key_col.name])
-                     .values({c: client[c] for c in cols}))
+        conn.execute(
+            sa.update(reaper_.client)
+            .where(reaper_.key_col == client[reaper_.key_col.name])
+            .values({c: client[c] for c in cols})
+        )
         return 1
     conn.execute(reaper_.client.insert().values(client))
     count = 1
@@ -91,8 +96,9 @@ def _restore(reaper_: Reaper, tombs: Sequence[Any], check_only_new: bool) -> Res
 
     def record(lconn: Connection) -> None:
         ids = [t.id for t in tombs]
-        lconn.execute(sa.update(ledger.tombstones).where(ledger.tombstones.c.id.in_(ids))
-                      .values(restored_at=time.time()))
+        lconn.execute(
+            sa.update(ledger.tombstones).where(ledger.tombstones.c.id.in_(ids)).values(restored_at=time.time())
+        )
         aliases = [t.client_id for t in tombs if t.action == "merge"]
         if aliases:
             lconn.execute(sa.delete(ledger.aliases).where(ledger.aliases.c.alias_client_id.in_(aliases)))
@@ -100,8 +106,9 @@ def _restore(reaper_: Reaper, tombs: Sequence[Any], check_only_new: bool) -> Res
     with reaper_.engine.begin() as conn:
         problems = [p for t in tombs for p in _conflicts(conn, reaper_, t, payloads[t.id])]
         if problems:
-            raise RestoreConflict(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
-                                  + "; nothing restored")
+            raise RestoreConflict(
+                problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "") + "; nothing restored"
+            )
         for t in tombs:
             result.rows += _put_back(conn, reaper_, t, payloads[t.id])
             result.restored.append(t.client_key)

@@ -61,8 +61,10 @@ class Service:
         self.lock: RunLock | None = None
         self._lock_engine = make_engine(config.database_url, readonly=False)
         self._ping_engine = sa.create_engine(
-            parse_url(config.database_url), poolclass=NullPool,
-            connect_args=_connect_timeout(config.database_url, self.s.database_timeout))
+            parse_url(config.database_url),
+            poolclass=NullPool,
+            connect_args=_connect_timeout(config.database_url, self.s.database_timeout),
+        )
         self._last_error: str | None = None
         self._watermark: float | None = None
         self._at_watermark: dict[str, int] = {}  # per family: registrations seen exactly at the watermark
@@ -118,8 +120,9 @@ class Service:
         try:
             source = open_source(self.config)
             try:
-                with classified(self.config, source, new_since=self._watermark,
-                                seen_at_watermark=self._at_watermark) as (stream, snapshot):
+                with classified(
+                    self.config, source, new_since=self._watermark, seen_at_watermark=self._at_watermark
+                ) as (stream, snapshot):
                     for _ in stream:
                         if self.stop_event.is_set():
                             raise ReaperError("stopped during scan")
@@ -136,10 +139,15 @@ class Service:
             self._watermark = started
         self.metrics.record_scan(snapshot, first)
         self._last_error = None
-        log_event("scan", clients=snapshot.clients, families=len(snapshot.families),
-                  by_verdict={str(k): v for k, v in snapshot.by_verdict.items()},
-                  new_registrations=snapshot.new_registrations if not first else None,
-                  problems=snapshot.problem_count, duration_seconds=round(snapshot.duration, 3))
+        log_event(
+            "scan",
+            clients=snapshot.clients,
+            families=len(snapshot.families),
+            by_verdict={str(k): v for k, v in snapshot.by_verdict.items()},
+            new_registrations=snapshot.new_registrations if not first else None,
+            problems=snapshot.problem_count,
+            duration_seconds=round(snapshot.duration, 3),
+        )
 
     def _reap(self) -> None:
         from reaper.reap import apply, plan
@@ -154,9 +162,16 @@ class Service:
             self._fail("reap", exc)
             return
         self.metrics.record_reaped(result.acted)
-        log_event("reap", run_id=result.run_id, planned=len(the_plan.candidates), acted=result.total_acted,
-                  skipped=sum(result.skipped.values()), restored_late=len(result.restored_late),
-                  stopped=result.stopped, duration_seconds=round(result.duration, 3))
+        log_event(
+            "reap",
+            run_id=result.run_id,
+            planned=len(the_plan.candidates),
+            acted=result.total_acted,
+            skipped=sum(result.skipped.values()),
+            restored_late=len(result.restored_late),
+            stopped=result.stopped,
+            duration_seconds=round(result.duration, 3),
+        )
 
     def _fail(self, stage: str, exc: BaseException) -> None:
         self.metrics.record_failure()
@@ -204,16 +219,36 @@ class Service:
     # -- lifecycle -----------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.httpd = make_server(self.s.bind_address, self.s.port, self.wsgi(), server_class=_ThreadingWSGIServer,
-                                 handler_class=_QuietHandler)
+        self.httpd = make_server(
+            self.s.bind_address,
+            self.s.port,
+            self.wsgi(),
+            server_class=_ThreadingWSGIServer,
+            handler_class=_QuietHandler,
+        )
         threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True).start()
-        trigger = (CronTrigger.from_crontab(self.s.scan_cron, timezone="UTC") if self.s.scan_cron
-                   else IntervalTrigger(seconds=self.s.scan_interval))
-        self.scheduler.add_job(self.tick, trigger, id="tick", max_instances=1, coalesce=True,
-                               misfire_grace_time=None, next_run_time=_now_dt())
+        trigger = (
+            CronTrigger.from_crontab(self.s.scan_cron, timezone="UTC")
+            if self.s.scan_cron
+            else IntervalTrigger(seconds=self.s.scan_interval)
+        )
+        self.scheduler.add_job(
+            self.tick,
+            trigger,
+            id="tick",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+            next_run_time=_now_dt(),
+        )
         self.scheduler.start()
-        log_event("started", listen=f"{self.s.bind_address}:{self.port}", reap=self.s.reap,
-                  interval=self.s.scan_interval, cron=self.s.scan_cron)
+        log_event(
+            "started",
+            listen=f"{self.s.bind_address}:{self.port}",
+            reap=self.s.reap,
+            interval=self.s.scan_interval,
+            cron=self.s.scan_cron,
+        )
 
     @property
     def port(self) -> int:
