@@ -29,11 +29,13 @@ def _expected_types(profile: BoundProfile) -> dict[tuple[str, str], tuple[str, t
     cm = profile.client
     if cm.created_at is not None and cm.created_at.column:
         time(ct, cm.created_at.column, cm.created_at.encoding)
+    if cm.created_at is not None and cm.created_at.lookup is not None:
+        time(profile.table(cm.created_at.lookup.table), cm.created_at.lookup.column, cm.created_at.encoding)
     for name in FIELDS:
         f = getattr(cm, name)
         if f is not None and f.column and f.json_path:
             out[(ct, f.column)] = ("JSON text", _TEXT)
-    for cred in profile.credentials:
+    for cred in profile.scan_credentials:
         if cred.issued_at is not None and cred.issued_at.column:
             time(profile.table(cred.table), cred.issued_at.column, cred.issued_at.encoding)
     return out
@@ -60,12 +62,15 @@ def check_schema(engine: Engine, profile: BoundProfile) -> list[str]:
         actual = {c["name"]: c["type"] for c in inspector.get_columns(bare, schema=schema or None)}
         lowered = {k.lower(): k for k in actual}
         for column in sorted(columns):
-            if column not in actual:
+            found = column if column in actual else None
+            if found is None and engine.dialect.name in ("mysql", "mariadb"):
+                found = lowered.get(column.lower())  # MySQL/MariaDB column names are case-insensitive
+            if found is None:
                 hint = lowered.get(column.lower())
                 extra = f" (there is '{hint}': names are case-sensitive)" if hint else ""
                 problems.append(f"column '{table}.{column}' not found{extra}")
                 continue
             want = expected.get((table, column))
-            if want and not _acceptable(actual[column], want[1], engine.dialect.name):
-                problems.append(f"column '{table}.{column}' is {actual[column]}, expected {want[0]}")
+            if want and not _acceptable(actual[found], want[1], engine.dialect.name):
+                problems.append(f"column '{table}.{column}' is {actual[found]}, expected {want[0]}")
     return problems

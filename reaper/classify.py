@@ -7,17 +7,21 @@ exists; memory holds one small record per family, never one per client.
 from __future__ import annotations
 
 import fnmatch
-from array import array
 import random
 import statistics
+from array import array
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from reaper.config import ClassifyConfig
 from reaper.fingerprint import family_id, normalize_name, parts_of
 from reaper.scan import ClientRow
+
+if TYPE_CHECKING:
+    from reaper.loops import FloodEvidence, LoopEvidence
 
 
 class Verdict(StrEnum):
@@ -67,8 +71,9 @@ class FamilyStats:
     _intervals: array[float] = field(default_factory=lambda: array("d"))
     _seen_intervals: int = 0
 
-    def add(self, row: ClientRow, verdict: Verdict, window_start: float, rng: random.Random,
-            new_since: float | None = None) -> None:
+    def add(
+        self, row: ClientRow, verdict: Verdict, window_start: float, rng: random.Random, new_since: float | None = None
+    ) -> None:
         self.members += 1
         if self.newest_client_id is None:
             self.newest_client_id, self.newest_key = row.client_id, row.key
@@ -142,6 +147,11 @@ class Snapshot:
     new_registrations: int = 0
     newest_registration: float = 0.0
     newest_by_family: Counter[str] = field(default_factory=Counter)
+    # Filled by reaper.loops after the stream: family id -> suspected re-auth loop, and registration floods.
+    loops: dict[str, LoopEvidence] = field(default_factory=dict)
+    floods: list[FloodEvidence] = field(default_factory=list)
+    loop_detection: str = "off"  # "on", or why not
+    loop_window: float = 900.0
 
     @property
     def duration(self) -> float:
@@ -164,8 +174,14 @@ MAX_PROBLEMS_KEPT = 1000
 class Classifier:
     """Consumes scanned clients newest first; yields Classified and fills a Snapshot."""
 
-    def __init__(self, settings: ClassifyConfig, snapshot: Snapshot, now: float, new_since: float | None = None,
-                 seen_at_watermark: dict[str, int] | None = None):
+    def __init__(
+        self,
+        settings: ClassifyConfig,
+        snapshot: Snapshot,
+        now: float,
+        new_since: float | None = None,
+        seen_at_watermark: dict[str, int] | None = None,
+    ):
         # Registrations newer than `new_since` are new; of those exactly at it, the ones beyond what the
         # previous scan already saw there (`seen_at_watermark`, per family) are new too.
         self.new_since = new_since
@@ -186,9 +202,9 @@ class Classifier:
             return Verdict.PROTECTED, "cimd"
         if not row.dynamic:
             return Verdict.PROTECTED, "static"
-        if row.client_id in self.allow_ids or (self.allow_names and any(
-            fnmatch.fnmatchcase(row.name or "", pattern) for pattern in self.allow_names
-        )):
+        if row.client_id in self.allow_ids or (
+            self.allow_names and any(fnmatch.fnmatchcase(row.name or "", pattern) for pattern in self.allow_names)
+        ):
             return Verdict.PROTECTED, "allowlist"
         if row.live:
             kind = max(row.live, key=lambda k: row.live[k])
@@ -206,7 +222,7 @@ class Classifier:
             return Verdict.ORPHAN, "superseded"
         return Verdict.IDLE, "no_newer_sibling"
 
-    def run(self, rows: Iterable[ClientRow]) -> Iterator[Classified]:
+    def run(self, rows: Iterable[ClientRow]) -> Generator[Classified, None, None]:
         snap = self.snapshot
         parts_of_row = parts_of(self.s.family_components)
         by_parts: dict[tuple[object, ...], FamilyStats] = {}  # one entry per family

@@ -49,17 +49,39 @@ class Progress:
 def source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--config, --database-url, --profile and --table, shared by every command that reads a database."""
 
-    @click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar=None,
-                  help="TOML config file (default: $DCR_REAPER_CONFIG, ./dcr-reaper.toml, /etc/dcr-reaper/config.toml).")
+    @click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        envvar=None,
+        help="TOML config file (default: $DCR_REAPER_CONFIG, ./dcr-reaper.toml, /etc/dcr-reaper/config.toml).",
+    )
     @click.option("--database-url", help="Auth server database URL (env DCR_REAPER_DATABASE_URL).")
     @click.option("--profile", help="Built-in profile name or path to a profile .toml (env DCR_REAPER_PROFILE).")
-    @click.option("--table", "tables", multiple=True, metavar="NAME=PHYSICAL",
-                  help="Rename a profile table, e.g. --table oauth2_client=client (repeatable).")
-    @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
-                  help="Set a profile option, e.g. --option refresh_lifetime=30d (repeatable).")
+    @click.option(
+        "--table",
+        "tables",
+        multiple=True,
+        metavar="NAME=PHYSICAL",
+        help="Rename a profile table, e.g. --table oauth2_client=client (repeatable).",
+    )
+    @click.option(
+        "--option",
+        "options",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Set a profile option, e.g. --option refresh_lifetime=30d (repeatable).",
+    )
     @functools.wraps(fn)
-    def wrapper(*args: Any, config_path: str | None, database_url: str | None, profile: str | None,
-                tables: tuple[str, ...], options: tuple[str, ...], **kwargs: Any) -> Any:
+    def wrapper(
+        *args: Any,
+        config_path: str | None,
+        database_url: str | None,
+        profile: str | None,
+        tables: tuple[str, ...],
+        options: tuple[str, ...],
+        **kwargs: Any,
+    ) -> Any:
         overrides: dict[str, Any] = {"database_url": database_url, "profile": profile}
         if tables:
             overrides["tables"] = _pairs(tables, "--table")
@@ -103,14 +125,20 @@ def _verdicts(value: tuple[str, ...]) -> frozenset[str]:
 
 @cli.command()
 @source_options
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "markdown"]), default="table",
-              show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv", "markdown", "html"]),
+    default="table",
+    show_default=True,
+)
 @click.option("--verdict", multiple=True, help="Only list clients with these verdicts (comma-separated or repeated).")
 @click.option("--family", help="Only list clients of this family (id prefix or normalized name).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), help="Write to a file, not stdout.")
 @click.option("--progress/--no-progress", default=None, help="Progress on stderr (default: when a terminal).")
-def report(config: Config, fmt: str, verdict: tuple[str, ...], family: str | None, output: str | None,
-           progress: bool | None) -> None:
+def report(
+    config: Config, fmt: str, verdict: tuple[str, ...], family: str | None, output: str | None, progress: bool | None
+) -> None:
     """Scan and classify every client, read-only; print what a reap would do."""
     from reaper.render import Filters, render
     from reaper.report import classified
@@ -119,11 +147,27 @@ def report(config: Config, fmt: str, verdict: tuple[str, ...], family: str | Non
     with classified(config, progress=Progress("scanning", progress)) as (stream, snapshot):
         if output:
             with open(output, "w", encoding="utf-8") as out:
-                render(fmt, stream, snapshot, out, filters, config.report.top_families, config.report.max_rows,
-                       config.report.show_ips)
+                render(
+                    fmt,
+                    stream,
+                    snapshot,
+                    out,
+                    filters,
+                    config.report.top_families,
+                    config.report.max_rows,
+                    config.report.show_ips,
+                )
         else:
-            render(fmt, stream, snapshot, sys.stdout, filters, config.report.top_families, config.report.max_rows,
-                   config.report.show_ips)
+            render(
+                fmt,
+                stream,
+                snapshot,
+                sys.stdout,
+                filters,
+                config.report.top_families,
+                config.report.max_rows,
+                config.report.show_ips,
+            )
             sys.stdout.flush()
 
 
@@ -162,10 +206,16 @@ def profiles_show(name: str) -> None:
 
 
 @cli.command()
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
-              help="Where to write the demo database (default: ./dcr-reaper-demo.sqlite).")
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "markdown"]), default="table",
-              show_default=True)
+@click.option(
+    "--db",
+    "db_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where to write the demo database (default: ./dcr-reaper-demo.sqlite).",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json", "csv", "markdown"]), default="table", show_default=True
+)
 def demo(db_path: str | None, fmt: str) -> None:
     """Build a SQLite database in mcp-memory-service's schema that reproduces the churn report, then report on it."""
     from reaper.classify import VERDICTS
@@ -180,8 +230,10 @@ def demo(db_path: str | None, fmt: str) -> None:
         everything = Filters(frozenset(str(v) for v in VERDICTS))
         render(fmt, stream, snapshot, sys.stdout, everything, config.report.top_families, config.report.max_rows)
     click.echo(f"\nDemo database: {path}", err=fmt != "table")
-    click.echo(f"Report on it yourself:  dcr-reaper report --profile mcp-memory-service --database-url {url}",
-               err=fmt != "table")
+    click.echo(
+        f"Report on it yourself:  dcr-reaper report --profile mcp-memory-service --database-url {url}",
+        err=fmt != "table",
+    )
 
 
 @cli.command()
@@ -226,8 +278,11 @@ def serve(config: Config, port: int | None, bind_address: str | None, interval: 
     """Run as a sidecar: scheduled scans (and reaps, if enabled), Prometheus metrics, health endpoints."""
     from reaper.service import serve as run_service
 
-    changes = {k: v for k, v in {"port": port, "bind_address": bind_address, "scan_interval": interval}.items()
-               if v is not None}
+    changes = {
+        k: v
+        for k, v in {"port": port, "bind_address": bind_address, "scan_interval": interval}.items()
+        if v is not None
+    }
     if changes:
         data = config.model_dump(by_alias=True)
         data["service"].update(changes)
@@ -283,7 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - last resort: one line, never a secret-bearing traceback
         if debug:
             traceback.print_exc()
-        click.echo(f"dcr-reaper: error: unexpected {type(exc).__name__}: {exc} (run with --debug for details)",
-                   err=True)
+        click.echo(
+            f"dcr-reaper: error: unexpected {type(exc).__name__}: {exc} (run with --debug for details)", err=True
+        )
         sys.exit(1)
     sys.exit(0)

@@ -8,7 +8,15 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 
 from reaper.errors import ConfigError
 
@@ -86,7 +94,7 @@ class PolicyConfig(_Section):
 
     verdicts: tuple[ReapVerdict, ...] = Field(("orphan", "abandoned"), description="verdicts to act on")
     actions: dict[ReapVerdict, Action] = Field(
-        default_factory=lambda: {"orphan": "delete", "abandoned": "delete", "idle": "disable"},
+        default_factory=lambda: {"orphan": "delete", "abandoned": "delete", "idle": "disable"},  # type: ignore[arg-type]
         description="action per verdict",
     )
     min_age: Duration = Field(86400.0, description="never act on a client younger than this")
@@ -97,6 +105,18 @@ class PolicyConfig(_Section):
     lock_timeout: Duration = Field(2.0, description="give up on a row lock after this (S7)")
     statement_timeout: Duration = Field(30.0, description="abort a statement running longer (S7)")
     late_token_sweep: Duration = Field(2.0, description="re-check reaped clients for late tokens after this")
+
+
+class LoopsConfig(_Section):
+    """Re-auth loop and registration flood detection (docs/loops.md)."""
+
+    enabled: bool = Field(True, description="look for re-auth loops and registration floods on every scan")
+    window: Duration = Field(900.0, description="a refresh revoked, then a new family registration within this")
+    lookback: Duration = Field(604800.0, description="only registrations this recent are examined")
+    min_cycles: int = Field(2, ge=1, description="revoke-then-re-register cycles before a family is a loop")
+    flood_registrations: int = Field(20, ge=2, description="this many never-used registrations ...")
+    flood_window: Duration = Field(60.0, description="... within this many seconds make a flood")
+    max_evidence: int = Field(50, ge=1, le=10000, description="evidence rows kept per family or flood")
 
 
 class LedgerConfig(_Section):
@@ -116,10 +136,36 @@ class ServiceConfig(_Section):
     scan_cron: str | None = Field(None, description="crontab expression, e.g. '*/10 * * * *'")
     reap: bool = Field(False, description="reap after each scan (off by default)")
     grace: Duration = Field(30.0, description="on SIGTERM, wait this long for the current batch")
-    ready_max_age: Duration | None = Field(None, description="last success older than this -> not ready "
-                                                             "(default: 3 scan intervals)")
+    ready_max_age: Duration | None = Field(
+        None, description="last success older than this -> not ready (default: 3 scan intervals)"
+    )
     top_families: int = Field(20, ge=0, le=200, description="families named in metrics; the rest are 'other'")
     database_timeout: Duration = Field(5.0, description="connect timeout for the readiness check")
+
+
+class IpConfig(_Section):
+    """Where registrant IPs come from besides the profile: a reverse proxy's access log."""
+
+    access_log: tuple[str, ...] = Field((), description="access log files or globs (.gz read too)")
+    format: Literal["auto", "nginx", "json", "caddy"] = Field("auto", description="log line format")
+    registration_path: str = Field("/register", description="the DCR endpoint's path (query ignored)")
+    window: Duration = Field(2.0, description="a registration matches requests within this many seconds")
+
+    @field_validator("access_log", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+
+class KeycloakConfig(_Section):
+    """The Keycloak Admin REST API, for profiles that act through it (never through SQL)."""
+
+    url: str | None = Field(None, description="Keycloak's base URL, e.g. https://sso.example.com")
+    client_id: str | None = Field(None, description="a service-account client allowed to manage clients")
+    client_secret: SecretStr | None = Field(None, description="its secret (env DCR_REAPER_KEYCLOAK__CLIENT_SECRET)")
+    token_realm: str | None = Field(None, description="realm of that client (default: the profile's realm)")
+    timeout: Duration = Field(10.0, description="per HTTP request")
+    ca_file: str | None = Field(None, description="CA bundle for a private TLS certificate")
 
 
 class Config(_Section):
@@ -133,8 +179,11 @@ class Config(_Section):
     scan: ScanConfig = ScanConfig()
     report: ReportConfig = ReportConfig()
     policy: PolicyConfig = PolicyConfig()
+    loops: LoopsConfig = LoopsConfig()
     ledger: LedgerConfig = LedgerConfig()
     service: ServiceConfig = ServiceConfig()
+    ip: IpConfig = IpConfig()
+    keycloak: KeycloakConfig = KeycloakConfig()
 
 
 def _set_at(layer: dict[str, Any], loc: tuple[Any, ...]) -> tuple[str, ...] | None:

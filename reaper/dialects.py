@@ -95,24 +95,43 @@ class PostgresDialect(Dialect):
 class MySQLDialect(Dialect):
     name = "mysql"
 
-    def is_lock_timeout(self, exc: BaseException) -> bool:
-        args = getattr(getattr(exc, "orig", None), "args", ())
-        return bool(args) and args[0] == 1205  # ER_LOCK_WAIT_TIMEOUT
-
     def set_timeouts(self, conn: Connection, lock_timeout: float, statement_timeout: float) -> None:
         conn.execute(sa.text(f"SET SESSION innodb_lock_wait_timeout = {max(1, round(lock_timeout))}"))
-        if conn.dialect.name == "mariadb" or "mariadb" in str(conn.dialect.server_version_info).lower():
+        # A `mysql://` URL on a MariaDB server still gets the "mysql" dialect name: ask the dialect.
+        if getattr(conn.dialect, "is_mariadb", False):
             conn.execute(sa.text(f"SET SESSION max_statement_time = {statement_timeout:g}"))
+        else:
+            conn.execute(sa.text(f"SET SESSION max_execution_time = {int(statement_timeout * 1000)}"))
 
     def delete_returning(self, conn: Connection, table: Table, where: Any) -> list[dict[str, Any]]:
-        # MySQL has no DELETE ... RETURNING: lock the rows (and the gaps, under InnoDB) first, then delete them.
-        rows = [r._asdict() for r in conn.execute(sa.select(table).where(where).with_for_update())]
-        if rows:
+        # MySQL has no DELETE ... RETURNING: lock the rows first, then delete exactly those rows by primary
+        # key, so the tombstone holds precisely what went (re-evaluating `where` could match a row inserted
+        # since).
+        rows = [dict(r) for r in conn.execute(sa.select(table).where(where).with_for_update()).mappings()]
+        if not rows:
+            return rows
+        pk = list(table.primary_key.columns)
+        if not pk:
             conn.execute(sa.delete(table).where(where))
+            return rows
+        for i in range(0, len(rows), 500):
+            chunk = rows[i : i + 500]
+            if len(pk) == 1:
+                match = pk[0].in_([r[pk[0].name] for r in chunk])
+            else:
+                match = sa.tuple_(*pk).in_([tuple(r[c.name] for c in pk) for r in chunk])
+            conn.execute(sa.delete(table).where(match))
         return rows
 
     def on_connect_statements(self, readonly: bool) -> list[str]:
-        return ["SET SESSION TRANSACTION READ ONLY"] if readonly else []
+        # UTC sessions: TIMESTAMP columns are read and compared in UTC, like the scan's `now`. A long
+        # GROUP_CONCAT limit: values kept as rows (Keycloak's redirect URIs) are not cut at 1024 bytes.
+        stmts = ["SET SESSION time_zone = '+00:00'", "SET SESSION group_concat_max_len = 16777216"]
+        if readonly:
+            return stmts + ["SET SESSION TRANSACTION READ ONLY"]
+        # Read committed, as on PostgreSQL: each statement of a reap batch (the re-check, the deletes) sees
+        # what other transactions committed up to that moment, not a snapshot taken at the batch's first read.
+        return stmts + ["SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"]
 
     def add_seconds(self, ts: ColumnElement[Any], seconds: ColumnElement[Any]) -> ColumnElement[Any]:
         return sa.func.timestampadd(sa.text("SECOND"), seconds, ts)

@@ -99,6 +99,8 @@ def family_parts(
     software_id: str | None,
     subject: str | None,
     ip: str | None,
+    v4_bits: int = 24,
+    v6_bits: int = 56,
 ) -> FamilyParts:
     """The cheap, hashable raw material of a fingerprint: equal for every member of a family."""
     out: list[object] = []
@@ -112,7 +114,7 @@ def family_parts(
         elif component == "subject":
             out.append(subject or "")
         elif component == "ip":
-            out.append(ip_prefix(ip))
+            out.append(ip_prefix(ip, v4_bits, v6_bits))
     return (components, *out)
 
 
@@ -121,7 +123,9 @@ _GETTERS: dict[str, Callable[[Any], object]] = {
     "redirect_uris": lambda r: frozenset(map(normalize_redirect_uri, r.redirect_uris)),
     "software_id": lambda r: r.software_id or "",
     "subject": lambda r: r.subject or "",
-    "ip": lambda r: ip_prefix(r.ip),
+    # The scan aggregates IPs to the configured prefix (classify.ip_prefix_v4/v6) in `ip_network`; a row with
+    # an IP but no network (built elsewhere) falls back to the default prefixes.
+    "ip": lambda r: r.ip_network if r.ip_network is not None else (ip_prefix(r.ip) if r.ip else ""),
 }
 
 
@@ -138,7 +142,7 @@ def family_id(parts: FamilyParts) -> str:
     """A short stable id for a family, from its parts (the expensive step: callers cache per family)."""
     components, values = parts[0], parts[1:]
     text = []
-    for component, value in zip(components, values):  # type: ignore[call-overload]
+    for component, value in zip(components, values, strict=True):  # type: ignore[call-overload]
         if component == "name":
             text.append(_escape(normalize_name(value)))
         elif component == "redirect_uris":
@@ -158,9 +162,12 @@ def family_key(
     software_id: str | None,
     subject: str | None,
     ip: str | None,
+    v4_bits: int = 24,
+    v6_bits: int = 56,
 ) -> str:
     """A short stable id for the family these attributes put a client in."""
-    return family_id(family_parts(components, name, redirect_uris, software_id, subject, ip))
+    parts = family_parts(components, name, redirect_uris, software_id, subject, ip, v4_bits, v6_bits)
+    return family_id(parts)
 
 
 # The separators (and the escape itself) inside a value are escaped, so values cannot shift across

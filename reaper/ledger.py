@@ -9,6 +9,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -219,7 +220,7 @@ def _encode(value: Any) -> Any:
     return {"$str": str(value)}
 
 
-_DECODERS = {
+_DECODERS: dict[str, Callable[[Any], Any]] = {
     "$float": float,
     "$datetime": dt.datetime.fromisoformat,
     "$date": dt.date.fromisoformat,

@@ -211,6 +211,18 @@ def _snapshot_metrics(snap: Snapshot, top: list[str]) -> Iterator[Metric]:
     )
     g.add_metric([], sum(f.recent for f in snap.families.values()))
     yield g
+    g = GaugeMetricFamily(
+        "dcr_suspected_reauth_loops",
+        "Families whose clients lost a rotated refresh token and registered again within the loop window, "
+        "from the last scan (see docs/loops.md).",
+    )
+    g.add_metric([], len(snap.loops))
+    yield g
+    g = GaugeMetricFamily(
+        "dcr_registration_floods", "Registration floods (many never-used registrations in seconds), from the last scan."
+    )
+    g.add_metric([], len(snap.floods))
+    yield g
     g = GaugeMetricFamily("dcr_problem_rows", "Client rows the last scan could not read (skipped, never reaped).")
     g.add_metric([], snap.problem_count)
     yield g

@@ -7,10 +7,22 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.sql.expression import TableClause
+from sqlalchemy.sql.expression import FromClause, TableClause
 
 from reaper.dialects import Dialect
-from reaper.profile import Condition
+from reaper.profile import Condition, ExistsSpec
+
+
+def untyped(value: Any) -> Any:
+    """A bound value without a SQL type, so the database reads it as the column's type (a PostgreSQL uuid or
+    enum column compared with a string: SQLAlchemy would otherwise send `::VARCHAR` and fail)."""
+    return sa.bindparam(None, value, type_=sa.types.NullType())
+
+
+def table_clause(name: str, columns: set[str]) -> TableClause:
+    """An untyped table clause for a physical name, `schema.table` allowed."""
+    schema, _, bare = name.rpartition(".")
+    return sa.table(bare, *(sa.column(c) for c in sorted(columns)), schema=schema or None)
 
 
 def now_param(now: datetime, encoding: str | None) -> Any:
@@ -35,7 +47,7 @@ def _shift(now: datetime, seconds: float, encoding: str | None) -> Any:
 class Compiler:
     """Turns conditions into SQLAlchemy expressions for one table, one clock and one set of options."""
 
-    def __init__(self, table: TableClause, now: datetime, options: dict[str, Any], dialect: Dialect):
+    def __init__(self, table: FromClause, now: datetime, options: dict[str, Any], dialect: Dialect):
         self.t = table
         self.now = now
         self.options = options
@@ -71,21 +83,27 @@ class Compiler:
         c = self.col(column)
         return sa.or_(c.is_(None), sa.cast(c, sa.Integer) == 0)
 
+    def _value(self, spec: dict[str, Any], key: str) -> Any:
+        """A literal (`value`) or an option's value (`value_option`: the operator's setting)."""
+        if f"{key}_option" in spec:
+            return self.options.get(spec[f"{key}_option"])
+        return spec[key]
+
     def _equals(self, spec: dict[str, Any]) -> ColumnElement[bool]:
-        return self.col(spec["column"]) == spec["value"]
+        return self.col(spec["column"]) == untyped(self._value(spec, "value"))
 
     def _not_equals(self, spec: dict[str, Any]) -> ColumnElement[bool]:
         c = self.col(spec["column"])
-        return sa.or_(c.is_(None), c != spec["value"])
+        return sa.or_(c.is_(None), c != untyped(self._value(spec, "value")))
 
     def _gt(self, spec: dict[str, Any]) -> ColumnElement[bool]:
-        return self.col(spec["column"]) > spec["value"]
+        return self.col(spec["column"]) > untyped(self._value(spec, "value"))
 
     def _like(self, spec: dict[str, Any]) -> ColumnElement[bool]:
-        return self.col(spec["column"]).like(spec["pattern"])
+        return self.col(spec["column"]).like(self._value(spec, "pattern"))
 
     def _contains(self, spec: dict[str, Any]) -> ColumnElement[bool]:
-        return self.col(spec["column"]).contains(spec["text"], autoescape=True)
+        return self.col(spec["column"]).contains(self._value(spec, "text"), autoescape=True)
 
     def _not_revoked(self, spec: dict[str, Any]) -> ColumnElement[bool]:
         c, enc = self.col(spec["column"]), spec.get("encoding")
@@ -124,3 +142,22 @@ class Compiler:
         if seconds == 0:
             return sa.true() if zero_never else sa.false()
         return start > _shift(self.now, float(seconds), enc)
+
+    def _equals_client(self, spec: dict[str, Any]) -> ColumnElement[bool]:
+        # Correlated EXISTS on the client row this row references, so the condition stays about one row and
+        # compiles the same in the scan, the reaper's re-check and its deletes. (Spring's registration token:
+        # principal_name = the client's own client_id.)
+        cols = {spec["ref_client_column"], spec["client_column"]}
+        client = table_clause(spec["client_table"], cols).alias()
+        return sa.exists().where(
+            client.c[spec["ref_client_column"]] == self.col(spec["ref"]),
+            client.c[spec["client_column"]] == self.col(spec["column"]),
+        )
+
+    def _exists(self, spec: ExistsSpec) -> ColumnElement[bool]:
+        cols = set(spec.on) | (spec.where.columns() if spec.where is not None else set())
+        other = table_clause(spec.table, cols).alias()
+        where = [other.c[theirs] == self.col(ours) for theirs, ours in spec.on.items()]
+        if spec.where is not None:
+            where.append(Compiler(other, self.now, self.options, self.dialect).compile(spec.where))
+        return sa.exists().where(*where)

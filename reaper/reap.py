@@ -29,7 +29,7 @@ from reaper.lock import RunLock, lock_name
 from reaper.predicates import Compiler, now_param
 from reaper.profile import BoundProfile, CredentialMap
 from reaper.report import Progress, Source, classified, open_source
-from reaper.scan import live_condition
+from reaper.scan import live_condition, tenant_filter
 
 log = logging.getLogger("reaper.reap")
 
@@ -88,7 +88,7 @@ class RunResult:
 
 
 def _check_actions(config: Config, profile: BoundProfile) -> None:
-    allowed = set(profile.profile.delete.actions)
+    allowed = set(profile.actions)  # an [api] profile (Keycloak): its API's actions; else the SQL ones
     problems = []
     for verdict in config.policy.verdicts:
         action = config.policy.actions.get(verdict, "delete")
@@ -97,7 +97,7 @@ def _check_actions(config: Config, profile: BoundProfile) -> None:
                 f"policy.actions.{verdict}: profile '{profile.name}' does not allow '{action}' "
                 f"(it allows: {', '.join(sorted(allowed))})"
             )
-        if action == "disable" and not profile.profile.delete.disable_set:
+        if action == "disable" and not profile.profile.delete.disable_set and profile.profile.api is None:
             problems.append(f"policy.actions.{verdict}: profile '{profile.name}' has no disabled flag to set")
     if problems:
         raise ConfigError(problems)
@@ -108,6 +108,14 @@ def plan(
 ) -> Plan:
     """Scan read-only (S1) and choose what to act on; the caps are evaluated here (S4)."""
     src = source or open_source(config)
+    try:
+        return _plan(config, src, progress, now)
+    finally:
+        if source is None:
+            src.engine.dispose()
+
+
+def _plan(config: Config, src: Source, progress: Progress | None, now: float | None) -> Plan:
     _check_actions(config, src.profile)
     pol = config.policy
     now = time.time() if now is None else now
@@ -120,6 +128,8 @@ def plan(
             if now - row.created_at < pol.min_age:
                 continue
             action = pol.actions.get(item.verdict, "delete")  # type: ignore[call-overload]
+            if action == "disable" and row.disabled:
+                continue  # already off: disabling it again would only add a tombstone
             raw.append(
                 Candidate(
                     row.key,
@@ -153,8 +163,6 @@ def plan(
             f"plan acts on {n} of {snap.clients} clients ({n / snap.clients:.0%}), more than "
             f"policy.max_fraction = {pol.max_fraction:.0%}"
         )
-    if source is None:
-        src.engine.dispose()
     return result
 
 
@@ -207,6 +215,7 @@ class Reaper:
         for cred, table in self.creds:
             comp = Compiler(table, now, self.profile.options, self.dialect)
             cond = [table.c[cred.ref] == keys_from, live_condition(cred, comp)]
+            cond += tenant_filter(table, cred.tenant, self.profile.options)
             if cred.exclude is not None:
                 cond.append(sa.not_(comp.compile(cred.exclude)))
             out.append(sa.exists().where(*cond))
@@ -217,6 +226,7 @@ class Reaper:
         cm = self.profile.client
         comp = Compiler(self.client, now, self.profile.options, self.dialect)
         cond = [sa.not_(e) for e in self._live_exists(now, self.key_col)]
+        cond += tenant_filter(self.client, cm.tenant, self.profile.options)  # Hydra's nid, Keycloak's realm
         if cm.created_at is not None and cm.created_at.column:
             min_created = now_param(
                 datetime.fromtimestamp(now.timestamp() - self.pol.min_age, UTC), cm.created_at.encoding
@@ -233,7 +243,9 @@ class Reaper:
         dead = sa.case((live_condition(cred, comp), 1), else_=0) == 0
         if cred.exclude is not None:
             dead = sa.or_(dead, comp.compile(cred.exclude))
-        return sa.and_(self.dialect.in_(table.c[cred.ref], keys), dead)
+        return sa.and_(
+            self.dialect.in_(table.c[cred.ref], keys), dead, *tenant_filter(table, cred.tenant, self.profile.options)
+        )
 
     # -- one batch -------------------------------------------------------------------------------------------
 
@@ -327,9 +339,10 @@ class Reaper:
         ref_of = {t.name: c.ref for c, t in self.creds}
         if self.profile.profile.delete.cascade:
             for cred, table in self.creds:
-                rows = conn.execute(sa.select(table).where(self.dialect.in_(table.c[cred.ref], keys))).mappings()
-                for r in rows:
-                    payloads[str(r[cred.ref])]["children"].setdefault(table.name, []).append(encode_row(dict(r)))
+                selected = conn.execute(sa.select(table).where(self.dialect.in_(table.c[cred.ref], keys)))
+                for row in selected:
+                    r = row._asdict()
+                    payloads[str(r[cred.ref])]["children"].setdefault(table.name, []).append(encode_row(r))
         else:
             for cred, table in self.children:
                 for r in self.dialect.delete_returning(conn, table, self._dead_child(cred, table, keys, now)):
@@ -340,7 +353,10 @@ class Reaper:
             remaining = self._live_exists(now, self.key_col)
         else:
             child_names = {t.name for _, t in self.children}
-            remaining = [sa.exists().where(t.c[c.ref] == self.key_col) for c, t in self.children]
+            remaining = [
+                sa.exists().where(t.c[c.ref] == self.key_col, *tenant_filter(t, c.tenant, self.profile.options))
+                for c, t in self.children
+            ]
             remaining += [
                 e
                 for (c, t), e in zip(self.creds, self._live_exists(now, self.key_col), strict=True)
@@ -452,6 +468,10 @@ def apply(
     """Execute a plan under the run lock (S6), in batches, tombstoning everything (S5)."""
     from reaper.restore import restore_keys
 
+    if bind_profile_for(config).profile.api is not None:  # Keycloak: the Admin REST API, never SQL
+        from reaper.keycloak import apply_keycloak
+
+        return apply_keycloak(config, the_plan, force=force, stop=stop, progress=progress, held_lock=held_lock)
     started = time.monotonic()
     result = RunResult(the_plan, applied=True)
     if the_plan.cap_problem and not force:

@@ -8,16 +8,31 @@ import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from reaper.classify import VERDICTS, Classified, FamilyStats, Snapshot, Verdict
 from reaper.fingerprint import ip_prefix
 
-FORMATS = ("table", "json", "csv", "markdown")
+if TYPE_CHECKING:
+    from reaper.loops import FloodEvidence, LoopEvidence
+
+FORMATS = ("table", "json", "csv", "markdown", "html")
+LOOP_STEPS_IN_TABLE = 10
 ACTIONABLE = (Verdict.ORPHAN, Verdict.ABANDONED)
 CLIENT_FIELDS = (
-    "client_id", "name", "family", "verdict", "reason", "registered_at", "last_token_at",
-    "live_credentials", "credentials", "redirect_uris", "software_id", "disabled", "problems",
+    "client_id",
+    "name",
+    "family",
+    "verdict",
+    "reason",
+    "registered_at",
+    "last_token_at",
+    "live_credentials",
+    "credentials",
+    "redirect_uris",
+    "software_id",
+    "disabled",
+    "problems",
 )
 
 
@@ -93,7 +108,7 @@ def client_record(item: Classified, show_ips: bool = False) -> dict[str, Any]:
         "problems": list(row.problems),
     }
     if row.ip:
-        record["ip"] = row.ip if show_ips else ip_prefix(row.ip)
+        record["ip"] = row.ip if show_ips else (row.ip_network or ip_prefix(row.ip))
     return record
 
 
@@ -114,6 +129,48 @@ def family_record(f: FamilyStats, snap: Snapshot) -> dict[str, Any]:
     }
 
 
+def loop_record(loop: LoopEvidence) -> dict[str, Any]:
+    """A suspected re-auth loop and its evidence rows (client_ids and times only)."""
+    return {
+        "family": loop.family,
+        "name": loop.name,
+        "cycles": loop.cycles,
+        "median_gap_seconds": loop.median_gap,
+        "first_revoked": iso(loop.first_revoked_at),
+        "last_revoked": iso(loop.last_revoked_at),
+        "evidence": [
+            {
+                "client_id": s.client_id,
+                "registered_at": iso(s.registered_at),
+                "last_token_at": iso(s.last_token_at),
+                "refresh_revoked_at": iso(s.revoked_at),
+                "next_client_id": s.next_client_id,
+                "next_registered_at": iso(s.next_registered_at),
+                "gap_seconds": s.gap,
+                "verdict": s.verdict,
+            }
+            for s in loop.steps
+        ],
+    }
+
+
+def flood_record(flood: FloodEvidence) -> dict[str, Any]:
+    """A registration flood: a family or an IP prefix (never an address), with its never-used members."""
+    return {
+        "scope": flood.scope,
+        "family" if flood.scope == "family" else "ip_prefix": flood.key,
+        "name": flood.name,
+        "registrations": flood.registrations,
+        "first_registered": iso(flood.first_at),
+        "last_registered": iso(flood.last_at),
+        "seconds": flood.seconds,
+        "evidence": [
+            {"client_id": m.client_id, "registered_at": iso(m.registered_at), "verdict": m.verdict}
+            for m in flood.members
+        ],
+    }
+
+
 def summary_record(snap: Snapshot) -> dict[str, Any]:
     reasons: dict[str, dict[str, int]] = {}
     for (verdict, reason), n in sorted(snap.by_reason.items()):
@@ -130,6 +187,9 @@ def summary_record(snap: Snapshot) -> dict[str, Any]:
         "churning_families": len(snap.churning()),
         "problems": snap.problem_count,
         "churn_window_seconds": snap.churn_window,
+        "loop_detection": snap.loop_detection,
+        "suspected_loops": len(snap.loops),
+        "floods": len(snap.floods),
     }
 
 
@@ -137,7 +197,9 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[s
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
 
     def fmt(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
 
     return [fmt(headers).rstrip(), "  ".join("-" * w for w in widths), *(fmt(r).rstrip() for r in rows)]
 
@@ -164,8 +226,15 @@ def _sections(
     fams = snap.top_families(top_k)
     fam_rows = [
         [
-            f.id, clean(f.name, 40) or "(no name)", str(f.members), str(f.live), str(f.orphans), str(f.recent),
-            short_time(f.first_registered), short_time(f.last_registered), duration_text(f.median_interval),
+            f.id,
+            clean(f.name, 40) or "(no name)",
+            str(f.members),
+            str(f.live),
+            str(f.orphans),
+            str(f.recent),
+            short_time(f.first_registered),
+            short_time(f.last_registered),
+            duration_text(f.median_interval),
             "yes" if f.recent >= snap.churn_min_registrations else "",
             clean(f.survivor, 36),
         ]
@@ -173,8 +242,13 @@ def _sections(
     ]
     client_rows = [
         [
-            clean(c.row.client_id, 36), clean(c.row.name, 40) or "(no name)", c.family, str(c.verdict), c.reason,
-            short_time(c.row.created_at), short_time(c.row.last_used),
+            clean(c.row.client_id, 36),
+            clean(c.row.name, 40) or "(no name)",
+            c.family,
+            str(c.verdict),
+            c.reason,
+            short_time(c.row.created_at),
+            short_time(c.row.last_used),
         ]
         for c in listed
     ]
@@ -184,21 +258,134 @@ def _sections(
         (
             f"Families with more than one member (top {top_k}; churning = "
             f"≥ {snap.churn_min_registrations} registrations in {duration_text(snap.churn_window)})",
-            ["family", "name", "members", "live", "orphans", "recent", "first registered", "last registered",
-             "median gap", "churning", "canonical client"],
-            fam_rows, {2, 3, 4, 5},
+            [
+                "family",
+                "name",
+                "members",
+                "live",
+                "orphans",
+                "recent",
+                "first registered",
+                "last registered",
+                "median gap",
+                "churning",
+                "canonical client",
+            ],
+            fam_rows,
+            {2, 3, 4, 5},
         ),
         (
             f"{title}: {shown}",
             ["client_id", "name", "family", "verdict", "reason", "registered", "last token"],
-            client_rows, set(),
+            client_rows,
+            set(),
         ),
     ]
+    sections[2:2] = _loop_sections(snap)  # after the families, before the client listing
     if snap.problem_count:
         probs = [[clean(cid, 36), clean(p, 80)] for cid, p in snap.problems[:50]]
-        sections.append((f"Rows with problems (skipped, never reaped): {snap.problem_count}",
-                         ["client_id", "problem"], probs, set()))
+        sections.append(
+            (
+                f"Rows with problems (skipped, never reaped): {snap.problem_count}",
+                ["client_id", "problem"],
+                probs,
+                set(),
+            )
+        )
     return sections
+
+
+def loops_sorted(snap: Snapshot) -> list[LoopEvidence]:
+    """Suspected loops, most cycles first."""
+    return sorted(snap.loops.values(), key=lambda lp: (-lp.cycles, lp.family))
+
+
+def _loop_sections(snap: Snapshot) -> list[tuple[str, list[str], list[list[str]], set[int]]]:
+    """Suspected re-auth loops, their evidence, and floods; nothing when there are none."""
+    out: list[tuple[str, list[str], list[list[str]], set[int]]] = []
+    if snap.loops:
+        loops = loops_sorted(snap)
+        out.append(
+            (
+                f"Suspected re-auth loops: {len(loops)} (a refresh token revoked, then a new registration in the "
+                f"family within {duration_text(snap.loop_window)})",
+                ["family", "name", "cycles", "median revoked→re-registered", "first revoked", "last revoked"],
+                [
+                    [
+                        lp.family,
+                        clean(lp.name, 40) or "(no name)",
+                        str(lp.cycles),
+                        duration_text(lp.median_gap),
+                        short_time(lp.first_revoked_at),
+                        short_time(lp.last_revoked_at),
+                    ]
+                    for lp in loops
+                ],
+                {2},
+            )
+        )
+        rows = [
+            [
+                lp.family,
+                clean(st.client_id, 36),
+                short_time(st.registered_at),
+                short_time(st.last_token_at),
+                short_time(st.revoked_at),
+                clean(st.next_client_id, 36),
+                duration_text(st.gap),
+                st.verdict,
+            ]
+            for lp in loops
+            for st in lp.steps[:LOOP_STEPS_IN_TABLE]
+        ]
+        out.append(
+            (
+                f"Re-auth loop evidence (newest first, up to {LOOP_STEPS_IN_TABLE} per family)",
+                [
+                    "family",
+                    "client_id",
+                    "registered",
+                    "last token",
+                    "refresh revoked",
+                    "next registration",
+                    "gap",
+                    "verdict",
+                ],
+                rows,
+                set(),
+            )
+        )
+    if snap.floods:
+        out.append(
+            (
+                f"Registration floods: {len(snap.floods)} (never-used registrations packed into seconds)",
+                [
+                    "scope",
+                    "family / IP prefix",
+                    "name",
+                    "registrations",
+                    "first",
+                    "last",
+                    "within",
+                    "sample client_ids",
+                ],
+                [
+                    [
+                        f.scope,
+                        clean(f.key, 43),
+                        clean(f.name, 40) or "(no name)",
+                        str(f.registrations),
+                        short_time(f.first_at),
+                        short_time(f.last_at),
+                        duration_text(f.seconds),
+                        ", ".join(clean(m.client_id, 24) for m in f.members[:3]),
+                    ]
+                    for f in snap.floods
+                ],
+                {3},
+            )
+        )
+    return out
 
 
 def _collect(stream: Iterable[Classified], filters: Filters, snap: Snapshot, limit: int) -> tuple[list, int]:
@@ -213,12 +400,22 @@ def _collect(stream: Iterable[Classified], filters: Filters, snap: Snapshot, lim
 
 
 def render(
-    fmt: str, stream: Iterator[Classified], snap: Snapshot, out: IO[str], filters: Filters,
-    top_k: int = 10, max_rows: int = 50, show_ips: bool = False,
+    fmt: str,
+    stream: Iterator[Classified],
+    snap: Snapshot,
+    out: IO[str],
+    filters: Filters,
+    top_k: int = 10,
+    max_rows: int = 50,
+    show_ips: bool = False,
 ) -> None:
     """Write the report in one format; client rows stream for json and csv."""
     if fmt == "json":
         _render_json(stream, snap, out, filters, show_ips)
+    elif fmt == "html":
+        from reaper.html import render_html
+
+        render_html(stream, snap, out, filters, top_k, max_rows)
     elif fmt == "csv":
         _render_csv(stream, snap, out, filters, show_ips)
     elif fmt in ("table", "markdown"):
@@ -253,6 +450,8 @@ def _render_json(stream: Iterable[Classified], snap: Snapshot, out: IO[str], fil
     tail = {
         "summary": summary_record(snap),
         "families": [family_record(f, snap) for f in families if f.members > 1],
+        "loops": [loop_record(lp) for lp in loops_sorted(snap)],
+        "floods": [flood_record(f) for f in snap.floods],
         "problems": [{"client_id": cid, "problem": p} for cid, p in snap.problems],
     }
     body = json.dumps(tail, ensure_ascii=False, indent=1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,6 +17,7 @@ from reaper.config import Config
 from reaper.db import check_connection, describe_error, make_engine, redact
 from reaper.dialects import dialect_for
 from reaper.errors import ConfigError, DatabaseError, SchemaError
+from reaper.loops import LoopDetector
 from reaper.profile import BoundProfile, bind_profile
 from reaper.scan import count_clients, scan
 
@@ -63,8 +64,12 @@ def _check_source(engine: Engine, profile: BoundProfile) -> None:
 
 @contextmanager
 def classified(
-    config: Config, source: Source | None = None, progress: Progress | None = None, now: float | None = None,
-    new_since: float | None = None, seen_at_watermark: dict[str, int] | None = None,
+    config: Config,
+    source: Source | None = None,
+    progress: Progress | None = None,
+    now: float | None = None,
+    new_since: float | None = None,
+    seen_at_watermark: dict[str, int] | None = None,
 ) -> Iterator[tuple[Iterator[Classified], Snapshot]]:
     """Stream classified clients; the Snapshot is complete once the stream is exhausted."""
     src = source or open_source(config)
@@ -82,16 +87,22 @@ def classified(
         with src.engine.connect() as conn:
             dialect.prepare_scan(conn, config.scan.work_mem_mb)
             total = count_clients(conn, src.profile) if progress else 0
+            detector = LoopDetector.start(conn, src.profile, dialect, config.loops, started, snapshot)
             rows = scan(conn, src.profile, dialect, now_dt, config.classify.clock_skew, config.scan.batch_size)
             stream = Classifier(config.classify, snapshot, started, new_since, seen_at_watermark).run(rows)
+            observe = detector.observe if detector is not None else None
 
-            def counted() -> Iterator[Classified]:
+            def counted() -> Generator[Classified, None, None]:
                 for n, item in enumerate(stream, 1):
                     if progress and n % 1000 == 0:
                         progress(n, total)
+                    if observe is not None:
+                        observe(item)
                     yield item
                 if progress:
                     progress(snapshot.clients, total)
+                if detector is not None:
+                    detector.finish(snapshot)
                 snapshot.finished_at = time.time()
 
             outer = counted()

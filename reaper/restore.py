@@ -140,6 +140,10 @@ def restore(config: Config, run_id: str | None = None, client_id: str | None = N
         raise ConfigError("restore needs exactly one of --run or --client")
     if not config.database_url:
         raise ConfigError("database_url is not set")
+    if bind_profile(config).profile.api is not None:  # Keycloak: POST the kept representation back
+        from reaper.keycloak import restore_keycloak
+
+        return restore_keycloak(config, run_id=run_id, client_id=client_id)
     engine = make_engine(config.database_url, readonly=False)
     ledger_engine = make_engine(config.ledger.url, readonly=False) if config.ledger.url else None
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -12,11 +12,12 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
-from sqlalchemy.sql.expression import TableClause
+from sqlalchemy.sql.expression import FromClause, TableClause
 
 from reaper.dialects import Dialect
-from reaper.predicates import Compiler
-from reaper.profile import BoundProfile, CredentialMap, FieldMap
+from reaper.fingerprint import ip_prefix
+from reaper.predicates import Compiler, table_clause, untyped
+from reaper.profile import BoundProfile, ClientMap, Condition, CredentialMap, TenantMap
 
 FIELDS = ("name", "redirect_uris", "software_id", "software_version", "subject", "ip")
 
@@ -34,6 +35,7 @@ class ClientRow:
     software_version: str | None = None
     subject: str | None = None
     ip: str | None = None
+    ip_network: str | None = None  # the IP aggregated to the configured prefix: what families and reports use
     dynamic: bool = True
     cimd: bool = False
     disabled: bool = False
@@ -62,8 +64,7 @@ def to_epoch(value: Any, encoding: str | None) -> float | None:
 
 
 def _table(name: str, columns: set[str]) -> TableClause:
-    schema, _, bare = name.rpartition(".")
-    return sa.table(bare, *(sa.column(c) for c in sorted(columns)), schema=schema or None)
+    return table_clause(name, columns)
 
 
 def _credential_columns(cred: CredentialMap) -> set[str]:
@@ -74,7 +75,7 @@ def _credential_columns(cred: CredentialMap) -> set[str]:
         if cond is not None:
             cols |= cond.columns()
     if cred.tenant:
-        cols.add(cred.tenant["column"])
+        cols.add(cred.tenant.column)
     return cols
 
 
@@ -89,19 +90,61 @@ def client_columns(profile: BoundProfile) -> set[str]:
         if cond is not None:
             cols |= cond.columns()
     if c.tenant:
-        cols.add(c.tenant["column"])
+        cols.add(c.tenant.column)
+    for lookup in _lookups(c).values():
+        cols |= set(lookup.on.values())
+    for cred in profile.scan_credentials:
+        if cred.client_column:
+            cols.add(cred.client_column)
+        for cond in (cred.live, cred.exclude):
+            for sub in cond.walk() if cond is not None else ():
+                key, value = sub.kind()
+                if key == "equals_client":
+                    cols |= {value["client_column"], value.get("ref_client_column", c.key)}
     return cols
 
 
+def _lookups(cm: ClientMap) -> dict[str, Any]:
+    """Canonical attribute -> its LookupSource, for fields kept in another table."""
+    fields = {"created_at": cm.created_at, **{n: getattr(cm, n) for n in FIELDS}}
+    return {n: f.lookup for n, f in fields.items() if f is not None and f.lookup is not None}
+
+
+def _other_tables(cond: Condition | None) -> Iterator[tuple[str, set[str]]]:
+    """(table, columns) of every other table a condition reads through `exists`."""
+    for sub in cond.walk() if cond is not None else ():
+        key, value = sub.kind()
+        if key == "exists":
+            yield value.table, set(value.on) | (value.where.columns() if value.where is not None else set())
+
+
 def profile_columns(profile: BoundProfile) -> dict[str, set[str]]:
-    """Physical table -> columns read, for schema checks."""
-    out: dict[str, set[str]] = {profile.table(profile.client.table): client_columns(profile)}
-    for cred in profile.credentials:
-        out.setdefault(profile.table(cred.table), set()).update(_credential_columns(cred))
+    """Physical table -> columns read, for schema checks (and least-privilege grants)."""
+    cm = profile.client
+    out: dict[str, set[str]] = {profile.table(cm.table): client_columns(profile)}
+
+    def add(table: str, cols: set[str]) -> None:
+        out.setdefault(profile.table(table), set()).update(cols)
+
+    conditions: list[Condition | None] = [cm.disabled, cm.dynamic, cm.cimd]
+    for cred in profile.scan_credentials:
+        add(cred.table, _credential_columns(cred))
+        conditions += [cred.live, cred.exclude]
     for name in FIELDS:
-        f = getattr(profile.client, name)
+        f = getattr(cm, name)
         if f is not None and f.rows is not None:
-            out.setdefault(profile.table(f.rows.table), set()).update({f.rows.ref, f.rows.column})
+            add(f.rows.table, {f.rows.ref, f.rows.column})
+    for lookup in _lookups(cm).values():
+        add(
+            lookup.table,
+            set(lookup.on) | {lookup.column} | (lookup.where.columns() if lookup.where is not None else set()),
+        )
+        conditions.append(lookup.where)
+    if cm.tenant and cm.tenant.via:
+        add(cm.tenant.via.table, {cm.tenant.via.key, cm.tenant.via.column})
+    for cond in conditions:
+        for table, cols in _other_tables(cond):
+            add(table, cols)
     return out
 
 
@@ -116,10 +159,18 @@ def _flag(cond_sql: Any) -> Any:
     return sa.case((cond_sql, 1), else_=0)
 
 
-def _tenant_filter(table: TableClause, tenant: dict[str, str] | None, options: dict[str, Any]) -> list[Any]:
-    if not tenant or options.get(tenant["option"]) in (None, ""):
+def _tenant_filter(table: FromClause, tenant: TenantMap | None, options: dict[str, Any]) -> list[Any]:
+    if not tenant or options.get(tenant.option) in (None, ""):
         return []
-    return [table.c[tenant["column"]] == options[tenant["option"]]]
+    value = options[tenant.option]
+    if tenant.via is not None:
+        via = _table(tenant.via.table, {tenant.via.key, tenant.via.column}).alias("tenant_via")
+        ids = sa.select(via.c[tenant.via.key]).where(via.c[tenant.via.column] == untyped(value))
+        return [table.c[tenant.column].in_(ids.scalar_subquery())]
+    return [table.c[tenant.column] == untyped(value)]
+
+
+tenant_filter = _tenant_filter  # public: the reaper's re-check needs the same tenant filter as the scan
 
 
 def build_query(profile: BoundProfile, dialect: Dialect, now: datetime) -> sa.Select[Any]:
@@ -128,16 +179,14 @@ def build_query(profile: BoundProfile, dialect: Dialect, now: datetime) -> sa.Se
     client = _table(profile.table(cm.table), client_columns(profile)).alias("c")
     comp = Compiler(client, now, profile.options, dialect)
     cols: list[Any] = [client.c[cm.key].label("k"), client.c[cm.client_id].label("client_id")]
-    data_cols = sorted(
-        {f.column for f in (cm.created_at, *(getattr(cm, n) for n in FIELDS)) if f is not None and f.column}
-    )
+    data_cols = _data_columns(cm)
     cols += [client.c[name].label(f"f_{i}") for i, name in enumerate(data_cols)]
     for flag in ("dynamic", "cimd", "disabled"):
         cond = getattr(cm, flag)
         if cond is not None:
             cols.append(_flag(comp.compile(cond)).label(f"is_{flag}"))
     query_from: Any = client
-    for i, cred in enumerate(profile.credentials):
+    for i, cred in enumerate(profile.scan_credentials):
         t = _table(profile.table(cred.table), _credential_columns(cred)).alias(f"t{i}")
         cc = Compiler(t, now, profile.options, dialect)
         live = live_condition(cred, cc)
@@ -152,7 +201,7 @@ def build_query(profile: BoundProfile, dialect: Dialect, now: datetime) -> sa.Se
         if cred.exclude is not None:
             where.append(sa.not_(cc.compile(cred.exclude)))
         sub = sa.select(*aggs).where(*where).group_by(t.c[cred.ref]).subquery(f"a{i}")
-        query_from = query_from.outerjoin(sub, sub.c.ref == client.c[cm.key])
+        query_from = query_from.outerjoin(sub, sub.c.ref == client.c[cred.client_column or cm.key])
         cols += [sub.c.live.label(f"live_{i}"), sub.c.total.label(f"total_{i}")]
         if "last" in sub.c:
             cols.append(sub.c.last.label(f"last_{i}"))
@@ -161,17 +210,43 @@ def build_query(profile: BoundProfile, dialect: Dialect, now: datetime) -> sa.Se
         if f is not None and f.rows is not None:
             rt = _table(profile.table(f.rows.table), {f.rows.ref, f.rows.column}).alias(f"r_{name}")
             agg = dialect.group_concat(rt.c[f.rows.column])
-            sub = sa.select(rt.c[f.rows.ref].label("ref"), agg.label("vals")).group_by(rt.c[f.rows.ref])
-            subq = sub.subquery(f"rows_{name}")
+            rsel = sa.select(rt.c[f.rows.ref].label("ref"), agg.label("vals")).group_by(rt.c[f.rows.ref])
+            subq = rsel.subquery(f"rows_{name}")
             query_from = query_from.outerjoin(subq, subq.c.ref == client.c[cm.key])
             cols.append(subq.c.vals.label(f"rows_{name}"))
-    query = sa.select(*cols).select_from(query_from).where(*_tenant_filter(client, cm.tenant, profile.options))
-    if cm.created_at is not None and cm.created_at.column:
+    looked_up: dict[str, Any] = {}
+    for name, lookup in _lookups(cm).items():
+        lcols = set(lookup.on) | {lookup.column}
+        if lookup.where is not None:
+            lcols |= lookup.where.columns()
+        lt = _table(profile.table(lookup.table), lcols).alias(f"l_{name}")
+        pick = sa.func.min if lookup.pick == "min" else sa.func.max
+        keys = list(lookup.on)
+        on_cols = (lt.c[k].label(f"o{j}") for j, k in enumerate(keys))
+        lsel = sa.select(*on_cols, pick(lt.c[lookup.column]).label("v"))
+        if lookup.where is not None:
+            lsel = lsel.where(Compiler(lt, now, profile.options, dialect).compile(lookup.where))
+        lsub = lsel.group_by(*(lt.c[k] for k in keys)).subquery(f"lookup_{name}")
+        on = sa.and_(*(lsub.c[f"o{j}"] == client.c[lookup.on[k]] for j, k in enumerate(keys)))
+        query_from = query_from.outerjoin(lsub, on)
+        looked_up[name] = lsub.c.v
+        cols.append(lsub.c.v.label(f"lk_{name}"))
+    tenant = _tenant_filter(client, cm.tenant, profile.options)
+    query = sa.select(*cols).select_from(query_from).where(*tenant)
+    created: Any = None
+    if "created_at" in looked_up:
+        created = looked_up["created_at"]
+    elif cm.created_at is not None and cm.created_at.column:
         created = client.c[cm.created_at.column]
+    if created is not None:
         query = query.order_by(created.is_(None), created.desc(), client.c[cm.key].desc())
     else:
         query = query.order_by(client.c[cm.key].desc())
     return query
+
+
+def _data_columns(cm: ClientMap) -> list[str]:
+    return sorted({f.column for f in (cm.created_at, *(getattr(cm, n) for n in FIELDS)) if f is not None and f.column})
 
 
 def _split(value: Any, fmt: str | None) -> tuple[str, ...]:
@@ -212,13 +287,16 @@ class RowDecoder:
         self.now = now.timestamp()
         self.skew = skew
         pos = {k: i for i, k in enumerate(keys)}
-        data_cols = sorted(
-            {f.column for f in (cm.created_at, *(getattr(cm, n) for n in FIELDS)) if f is not None and f.column}
-        )
-        col_pos = {name: pos[f"f_{i}"] for i, name in enumerate(data_cols)}
+        col_pos = {name: pos[f"f_{i}"] for i, name in enumerate(_data_columns(cm))}
         self.created = None
-        if cm.created_at is not None and cm.created_at.column:
+        self.unknown_age_ok = False
+        if cm.created_at is not None and cm.created_at.lookup is not None:
+            lk = cm.created_at.lookup
+            self.created = (pos["lk_created_at"], f"{lk.table}.{lk.column}", cm.created_at.encoding)
+        elif cm.created_at is not None and cm.created_at.column:
             self.created = (col_pos[cm.created_at.column], cm.created_at.column, cm.created_at.encoding)
+        if cm.created_at is not None:
+            self.unknown_age_ok = cm.created_at.null == "unknown"
         # Plain fields: (attribute, position, column, list format). JSON fields grouped by column, so each
         # document is parsed once: (position, column, [(attribute, path parts, list format)]).
         self.plain: list[tuple[str, int, str, str | None]] = []
@@ -229,15 +307,21 @@ class RowDecoder:
                 continue
             if f.rows is not None:
                 self.plain.append((name, pos[f"rows_{name}"], f.rows.table, "rows"))
+            elif f.lookup is not None:
+                self.plain.append((name, pos[f"lk_{name}"], f"{f.lookup.table}.{f.lookup.column}", f.format))
             elif f.json_path:
                 at = col_pos[f.column or ""]
-                groups.setdefault(at, (at, f.column or "", []))[2].append((name, tuple(f.json_path.split(".")), f.format))
+                groups.setdefault(at, (at, f.column or "", []))[2].append(
+                    (name, tuple(f.json_path.split(".")), f.format)
+                )
             else:
                 self.plain.append((name, col_pos[f.column or ""], f.column or "", f.format))
         self.json_groups = list(groups.values())
-        self.flags = [(flag, pos.get(f"is_{flag}")) for flag in ("dynamic", "cimd", "disabled")]
+        self.flags: list[tuple[str, int | None]] = [
+            (flag, pos.get(f"is_{flag}")) for flag in ("dynamic", "cimd", "disabled")
+        ]
         self.creds = []
-        for i, cred in enumerate(profile.credentials):
+        for i, cred in enumerate(profile.scan_credentials):
             enc = cred.issued_at.encoding if cred.issued_at else None
             self.creds.append((cred.kind, pos[f"live_{i}"], pos[f"total_{i}"], pos.get(f"last_{i}"), enc))
         self.key_pos, self.id_pos = pos["k"], pos["client_id"]
@@ -255,7 +339,7 @@ class RowDecoder:
                     created = to_epoch(raw, encoding)
                 except (TypeError, ValueError):
                     problems.append(f"{column}: unreadable time {str(raw)[:40]!r}")
-            if created is None and not problems:
+            if created is None and not problems and not self.unknown_age_ok:
                 problems.append(f"{column}: no registration time (NULL)")
             elif created is not None and created > self.now + self.skew:
                 problems.append(f"{column}: registration time is in the future")
@@ -269,9 +353,9 @@ class RowDecoder:
                 for part in path:
                     value = value.get(part) if value.__class__ is dict else None
                 self._set(out, name, value, column, fmt, problems)
-        for flag, at in self.flags:
-            if at is not None:
-                setattr(out, flag, bool(row[at]))
+        for flag, flag_at in self.flags:
+            if flag_at is not None:
+                setattr(out, flag, bool(row[flag_at]))
         last = None
         for kind, live_at, total_at, last_at, enc in self.creds:
             live = row[live_at]
@@ -296,7 +380,6 @@ class RowDecoder:
         out.last_used = last
         return out
 
-
     @staticmethod
     def _set(out: ClientRow, name: str, value: Any, column: str, fmt: str | None, problems: list[str]) -> None:
         if name == "redirect_uris":
@@ -318,8 +401,9 @@ def _parse_json(raw: Any, column: str, problems: list[str]) -> Any:
         return None
 
 
-def scan(conn: Connection, profile: BoundProfile, dialect: Dialect, now: datetime, skew: float,
-         batch: int = 2000) -> Iterator[ClientRow]:
+def scan(
+    conn: Connection, profile: BoundProfile, dialect: Dialect, now: datetime, skew: float, batch: int = 2000
+) -> Generator[ClientRow, None, None]:
     """Stream every client, newest first, with its credential facts.
 
     A reader thread fetches the next batch while this one decodes and classifies the last, so the database's
@@ -329,12 +413,61 @@ def scan(conn: Connection, profile: BoundProfile, dialect: Dialect, now: datetim
     result = conn.execution_options(**dialect.stream_options(batch)).execute(query)
     decoder = RowDecoder(profile, now, skew, list(result.keys()))
     decode = decoder.decode
-    try:
+
+    def decoded() -> Iterator[ClientRow]:
         for rows in _prefetched(result, batch):
             for row in rows:
                 yield decode(row)
+
+    try:
+        if profile.client.ip is None and profile.ip.access_log is None:
+            yield from decoded()  # the common case: no registrant IP anywhere, nothing more per row
+        else:
+            yield from with_ips(decoded(), profile)
     finally:
+        close_streamed(result)
+
+
+def close_streamed(result: Any) -> None:
+    """Close a streamed result; when the connection died under it, close the driver's cursor all the same."""
+    cursor = getattr(result, "cursor", None)
+    try:
         result.close()
+    finally:
+        # SQLAlchemy logs (and swallows) a failed close; psycopg then still counts its server-side cursor as
+        # open. A second close sees the broken connection and only marks the cursor closed.
+        if cursor is not None and not getattr(cursor, "closed", True):
+            try:
+                cursor.close()
+            except Exception:  # noqa: BLE001 - nothing more to free on a dead connection
+                _forget_server_cursor(cursor)
+
+
+def _forget_server_cursor(cursor: Any) -> None:
+    """Mark a psycopg server-side cursor closed on our side only (its connection is gone, and with it the
+    cursor on the server)."""
+    for base in type(cursor).__mro__[1:]:
+        if base.__name__ == "Cursor" and base.__module__.startswith("psycopg"):
+            try:
+                base.close(cursor)  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001
+                pass
+            return
+
+
+def with_ips(rows: Iterator[ClientRow], profile: BoundProfile) -> Iterator[ClientRow]:
+    """Fill IPs from the access log where the profile has none, and aggregate each to its network."""
+    from reaper.accesslog import annotate, read_logs
+
+    ip = profile.ip
+    if ip.access_log is not None:
+        log = ip.access_log
+        rows = annotate(rows, read_logs(log.access_log, log.registration_path, log.format), log.window)
+    v4, v6 = ip.v4_bits, ip.v6_bits
+    for row in rows:
+        if row.ip:
+            row.ip_network = ip_prefix(row.ip, v4, v6)
+        yield row
 
 
 _DONE = object()

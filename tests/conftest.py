@@ -110,3 +110,18 @@ def pg_db() -> Iterator[TestDB]:
 @pytest.fixture
 def mariadb_db() -> Iterator[TestDB]:
     yield from _server_db("mariadb")
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+def any_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TestDB]:
+    """A fresh database on SQLite, PostgreSQL and MariaDB (profiles that run on all three)."""
+    if request.param == "sqlite":
+        yield from _sqlite_db(tmp_path)
+    else:
+        yield from _server_db(request.param)
+
+
+@pytest.fixture(params=["postgresql", "mariadb"])
+def server_db(request: pytest.FixtureRequest) -> Iterator[TestDB]:
+    """A fresh database on PostgreSQL and on MariaDB (servers that support no SQLite: Hydra, Keycloak)."""
+    yield from _server_db(request.param)

@@ -1,7 +1,7 @@
 """The authlib profile against a schema made by the real Authlib SQLAlchemy mixins, filled through the models.
 
-Every scenario runs on SQLite and PostgreSQL; where Authlib itself has an opinion (TokenMixin.is_revoked,
-is_expired, AuthorizationCodeMixin.is_expired) the reaper's liveness is compared with it.
+Every scenario runs on SQLite, PostgreSQL and MariaDB; where Authlib itself has an opinion
+(TokenMixin.is_revoked, is_expired, AuthorizationCodeMixin.is_expired) the reaper's liveness is compared with it.
 """
 
 from __future__ import annotations
@@ -147,6 +147,12 @@ class App:
 
     def close(self) -> None:
         self.session.close()
+
+
+@pytest.fixture
+def db(any_db):
+    """These scenarios run on MariaDB too (the conftest `db` covers SQLite and PostgreSQL)."""
+    return any_db
 
 
 @pytest.fixture

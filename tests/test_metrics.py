@@ -167,7 +167,7 @@ def series_bound(k: int) -> int:
     """The most samples the exposition can have with top_k = k, whatever the data (no reaps recorded)."""
     fixed = 6  # build_info, leader, scans, failures, last scan, last success
     histogram = 11 + 1 + 2  # buckets, +Inf, _count, _sum
-    snapshot_gauges = len(VERDICTS) + 3 + 3  # dcr_clients, dcr_families, churn/problems/last_scan_clients
+    snapshot_gauges = len(VERDICTS) + 3 + 5  # dcr_clients, dcr_families, churn/problems/last_scan_clients/loops/floods
     return fixed + histogram + snapshot_gauges + 4 * (k + 1) + (2 * k + 1)
 
 
@@ -181,7 +181,8 @@ def _assert_bounded_and_clean(text: str, metrics: ReaperMetrics, snap: Snapshot)
         "dcr_build_info", "dcr_leader", "dcr_scans", "dcr_scan_failures", "dcr_last_scan_timestamp_seconds",
         "dcr_last_success_timestamp_seconds", "dcr_reaped_clients", "dcr_registrations_observed",
         "dcr_scan_duration_seconds", "dcr_clients", "dcr_families", "dcr_family_clients",
-        "dcr_churn_window_registrations", "dcr_problem_rows", "dcr_last_scan_clients"}
+        "dcr_churn_window_registrations", "dcr_problem_rows", "dcr_last_scan_clients",
+        "dcr_suspected_reauth_loops", "dcr_registration_floods"}
     # One line per sample plus HELP and TYPE per family: nothing smuggled a line break into the text.
     lines = text.splitlines()
     assert len(lines) == len(all_samples) + 2 * len(fams)

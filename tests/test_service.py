@@ -405,10 +405,10 @@ def test_database_refused_at_start_then_recovers_without_restart(pg_db, proxy, s
     assert service_events.named("leadership_acquired")
 
 
-# A cut that lands between the scan's last FETCH and its CLOSE makes psycopg's ServerCursor.close() raise, so
-# the cursor object is garbage-collected "still open" (a ResourceWarning from psycopg; the connection is
-# already dead, nothing leaks on the server). The storm below hits that window now and then; every other
-# warning stays an error.
+# Cutting connections mid-statement leaves psycopg server-side cursor objects that their driver could not close
+# (SQLAlchemy swallows the failed close of a statement that failed): the connection is dead and nothing leaks on
+# the server, but psycopg warns when it collects them. The test collects them itself, inside this marker, so the
+# warning can never surface in a later test; every other warning stays an error.
 @pytest.mark.filterwarnings("ignore:Exception ignored in. <function ServerCursorMixin.__del__"
                             ":pytest.PytestUnraisableExceptionWarning")
 def test_connection_cut_mid_scan_then_recovers(pg_db, proxy, service_events):
