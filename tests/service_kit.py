@@ -22,15 +22,8 @@ from typing import Any, TypeVar
 
 import pytest
 import sqlalchemy as sa
-from authlib.integrations.sqla_oauth2 import (
-    OAuth2AuthorizationCodeMixin,
-    OAuth2ClientMixin,
-    OAuth2TokenMixin,
-)
 from prometheus_client.parser import text_string_to_metric_families
 from reaper_testkit import clean_env
-from sqlalchemy import Column, Integer
-from sqlalchemy.orm import DeclarativeBase
 
 T = TypeVar("T")
 PROMTOOL = shutil.which("promtool")
@@ -356,25 +349,11 @@ class AuthlibTables:
 
 def authlib_tables() -> AuthlibTables:
     """The schema an Authlib application gets from the real sqla_oauth2 mixins (with an id primary key)."""
+    from authlib_app import AuthorizationCode, Base, Client, Token
 
-    class Base(DeclarativeBase):
-        pass
-
-    class Client(Base, OAuth2ClientMixin):
-        __tablename__ = "oauth2_client"
-        id = Column(Integer, primary_key=True)
-
-    class Token(Base, OAuth2TokenMixin):
-        __tablename__ = "oauth2_token"
-        id = Column(Integer, primary_key=True)
-        user_id = Column(Integer)
-
-    class Code(Base, OAuth2AuthorizationCodeMixin):
-        __tablename__ = "oauth2_code"
-        id = Column(Integer, primary_key=True)
-        user_id = Column(Integer)
-
-    return AuthlibTables(Base.metadata, Client.__table__, Token.__table__, Code.__table__)  # type: ignore[arg-type]
+    return AuthlibTables(
+        Base.metadata, Client.__table__, Token.__table__, AuthorizationCode.__table__  # type: ignore[arg-type]
+    )
 
 
 def client_row(client_id: str, name: str | None, issued_at: int, port: int | None = None,

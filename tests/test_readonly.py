@@ -17,14 +17,9 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from authlib.integrations.sqla_oauth2 import (
-    OAuth2AuthorizationCodeMixin,
-    OAuth2ClientMixin,
-    OAuth2TokenMixin,
-)
-from sqlalchemy import Column, Integer
+from authlib_app import AuthorizationCode, Base, Client, Token
 from sqlalchemy.exc import DBAPIError, InternalError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Session
+from sqlalchemy.orm import Session
 
 import reaper.report
 from reaper.classify import Verdict
@@ -35,25 +30,6 @@ from reaper.errors import DatabaseError
 TABLES = ("oauth2_client", "oauth2_token", "oauth2_code")
 
 
-class Base(DeclarativeBase):
-    pass
-
-
-class Client(Base, OAuth2ClientMixin):
-    __tablename__ = "oauth2_client"
-    id = Column(Integer, primary_key=True)
-
-
-class Token(Base, OAuth2TokenMixin):
-    __tablename__ = "oauth2_token"
-    id = Column(Integer, primary_key=True)
-    user_id = Column(Integer)
-
-
-class AuthorizationCode(Base, OAuth2AuthorizationCodeMixin):
-    __tablename__ = "oauth2_code"
-    id = Column(Integer, primary_key=True)
-    user_id = Column(Integer)
 
 
 CHURN = 6  # registrations of one CLI; the newest has a live token
