@@ -8,6 +8,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 from functools import lru_cache
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -92,32 +93,6 @@ def ip_prefix(ip: str | None, v4_bits: int = 24, v6_bits: int = 56) -> str:
 FamilyParts = tuple[object, ...]
 
 
-def family_parts(
-    components: tuple[str, ...],
-    name: str | None,
-    redirect_uris: tuple[str, ...],
-    software_id: str | None,
-    subject: str | None,
-    ip: str | None,
-    v4_bits: int = 24,
-    v6_bits: int = 56,
-) -> FamilyParts:
-    """The cheap, hashable raw material of a fingerprint: equal for every member of a family."""
-    out: list[object] = []
-    for component in components:
-        if component == "name":
-            out.append(name or "")
-        elif component == "redirect_uris":
-            out.append(frozenset(normalize_redirect_uri(u) for u in redirect_uris))
-        elif component == "software_id":
-            out.append(software_id or "")
-        elif component == "subject":
-            out.append(subject or "")
-        elif component == "ip":
-            out.append(ip_prefix(ip, v4_bits, v6_bits))
-    return (components, *out)
-
-
 _GETTERS: dict[str, Callable[[Any], object]] = {
     "name": lambda r: r.name or "",
     "redirect_uris": lambda r: frozenset(map(normalize_redirect_uri, r.redirect_uris)),
@@ -130,7 +105,7 @@ _GETTERS: dict[str, Callable[[Any], object]] = {
 
 
 def parts_of(components: tuple[str, ...]) -> Callable[[Any], FamilyParts]:
-    """A fast family_parts for one fixed component list, reading a scanned row's attributes."""
+    """The hashable raw material of a fingerprint for one fixed component list, read from a scanned row."""
     getters = tuple(_GETTERS[c] for c in components)
     if len(getters) == 5:  # the default: spelled out, it is the hot path of every scan
         g0, g1, g2, g3, g4 = getters
@@ -165,9 +140,16 @@ def family_key(
     v4_bits: int = 24,
     v6_bits: int = 56,
 ) -> str:
-    """A short stable id for the family these attributes put a client in."""
-    parts = family_parts(components, name, redirect_uris, software_id, subject, ip, v4_bits, v6_bits)
-    return family_id(parts)
+    """A short stable id for the family these attributes put a client in (the classifier's own path)."""
+    row = SimpleNamespace(
+        name=name,
+        redirect_uris=redirect_uris,
+        software_id=software_id,
+        subject=subject,
+        ip=ip,
+        ip_network=ip_prefix(ip, v4_bits, v6_bits) if ip else None,
+    )
+    return family_id(parts_of(components)(row))
 
 
 # The separators (and the escape itself) inside a value are escaped, so values cannot shift across

@@ -109,24 +109,6 @@ class Ledger:
             .values(finished_at=time.time(), status=status, acted=acted, message=message[:2000])
         )
 
-    def add_tombstone(
-        self,
-        conn: Connection,
-        run_id: str,
-        key: str,
-        client_id: str,
-        action: str,
-        verdict: str,
-        reason: str,
-        family: str,
-        payload: dict[str, Any],
-        state: str = "done",
-    ) -> None:
-        self.add_tombstones(
-            conn,
-            [self.tombstone_row(run_id, key, client_id, action, verdict, reason, family, payload, state)],
-        )
-
     def tombstone_row(
         self,
         run_id: str,
