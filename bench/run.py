@@ -74,8 +74,8 @@ def p99(values: list[float]) -> float:
 
 
 def reap_run(url: str, clients: int | None, log) -> dict[str, Any]:
+    from reaper.commands import apply, plan
     from reaper.config import load_config
-    from reaper.reap import apply, plan
 
     config = load_config(
         None,

@@ -14,24 +14,24 @@ from datetime import UTC, datetime
 import psycopg
 from sqlalchemy.dialects import postgresql
 
+from reaper.backends.sql.scan import build_query
+from reaper.commands import report
 from reaper.config import load_config
-from reaper.dialects import dialect_for_name
-from reaper.profile import bind_profile
-from reaper.report import report
-from reaper.scan import build_query
+from reaper.db import DatabaseImpl
+from reaper.profiles import bind_profile
 
 
 def floor(url: str, config_overrides: dict) -> int:
     config = load_config(None, {"database_url": url, **config_overrides}, environ={})
     profile = bind_profile(config)
-    query = build_query(profile, dialect_for_name("postgresql"), datetime.now(UTC))
+    query = build_query(profile, DatabaseImpl.for_backend("postgresql"), datetime.now(UTC))
     compiled = query.compile(dialect=postgresql.psycopg.dialect())
     sql, params = str(compiled), compiled.params
     dsn = url.replace("postgresql+psycopg://", "postgresql://")
     rows = 0
     with psycopg.connect(dsn) as conn:
         conn.read_only = True
-        # The same session settings the reaper uses for its scan (reaper/dialects.py).
+        # The same session settings the reaper uses for its scan (reaper/db/impl.py).
         conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
         conn.execute("SET LOCAL jit = off")
         conn.execute(f"SET LOCAL work_mem = '{config.scan.work_mem_mb}MB'")

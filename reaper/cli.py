@@ -1,4 +1,4 @@
-"""Command line: a thin shell over the callable core. Errors print one line; --debug shows the traceback."""
+"""Command line: a thin shell over `reaper.commands`. Errors print one line; --debug shows the traceback."""
 
 from __future__ import annotations
 
@@ -8,20 +8,67 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NoReturn
 
 import click
 
-from reaper import __version__
-from reaper.config import Config, load_config
-from reaper.errors import ConfigError, ReaperError
+from reaper import __version__, commands
+from reaper.analysis.model import VERDICTS
+from reaper.config import Config, load_config, with_overrides
+from reaper.errors import CapExceeded, ConfigError, ReaperError
 
 EXIT_CODES = (
     "Exit codes: 0 ok, 1 runtime or database error, 2 usage or configuration error, 3 schema mismatch, "
     "4 another reaper holds the lock, 5 the plan exceeds a cap (nothing reaped)."
 )
+ERROR = "dcr-reaper: error: "
+
+
+class ReaperGroup(click.Group):
+    """The root command: every failure becomes one line on stderr and its documented exit code."""
+
+    def main(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any
+    ) -> NoReturn:
+        argv = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in argv
+        if not debug:
+            # SQLAlchemy logs some errors (e.g. closing a cursor after `| head`) with a traceback through
+            # logging's last-resort handler; the CLI speaks in one-line errors, so keep its logs quiet.
+            logging.getLogger("sqlalchemy").addHandler(logging.NullHandler())
+        try:
+            super().main(args=argv, prog_name=prog_name or "dcr-reaper", standalone_mode=False, **extra)
+        except ReaperError as exc:
+            self._fail(exc.problems, exc.exit_code, debug)
+        except click.exceptions.Abort:
+            self._fail(["aborted"], 130, False, prefix="dcr-reaper: ")
+        except click.ClickException as exc:
+            hint = ""
+            if isinstance(exc, click.UsageError) and exc.ctx is not None:
+                hint = f" (see '{exc.ctx.command_path} --help')"
+            self._fail([exc.format_message() + hint], exc.exit_code, False)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except BrokenPipeError:
+            # `dcr-reaper report | head`: the reader left; exit quietly.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(0)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - last resort: one line, never a secret-bearing traceback
+            self._fail([f"unexpected {type(exc).__name__}: {exc} (run with --debug for details)"], 1, debug)
+        sys.exit(0)
+
+    @staticmethod
+    def _fail(lines: list[str], code: int, debug: bool, prefix: str = ERROR) -> NoReturn:
+        if debug:
+            traceback.print_exc()
+        for line in lines:
+            click.echo(f"{prefix}{line}", err=True)
+        sys.exit(code)
 
 
 class Progress:
@@ -46,8 +93,18 @@ class Progress:
         sys.stderr.flush()
 
 
+def _pairs(items: tuple[str, ...], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r}: expected NAME=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--config, --database-url, --profile and --table, shared by every command that reads a database."""
+    """--config, --database-url, --profile, --table and --option, shared by every command that reads a store."""
 
     @click.option(
         "--config",
@@ -93,29 +150,14 @@ def source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _pairs(items: tuple[str, ...], flag: str) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"{flag} {item!r}: expected NAME=VALUE")
-        out[key.strip()] = value.strip()
-    return out
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
+@click.group(cls=ReaperGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
 @click.version_option(__version__, prog_name="dcr-reaper")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-@click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(debug: bool) -> None:
     """Find and safely reap the orphaned clients that OAuth Dynamic Client Registration leaves behind."""
-    ctx.ensure_object(dict)
-    ctx.obj["debug"] = debug
 
 
 def _verdicts(value: tuple[str, ...]) -> frozenset[str]:
-    from reaper.classify import VERDICTS
-
     chosen = {v.strip() for item in value for v in item.split(",") if v.strip()}
     unknown = chosen - {str(v) for v in VERDICTS}
     if unknown:
@@ -134,59 +176,34 @@ def _verdicts(value: tuple[str, ...]) -> frozenset[str]:
 )
 @click.option("--verdict", multiple=True, help="Only list clients with these verdicts (comma-separated or repeated).")
 @click.option("--family", help="Only list clients of this family (id prefix or normalized name).")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), help="Write to a file, not stdout.")
+@click.option("--output", "-o", type=click.File("w", encoding="utf-8", lazy=True), default="-", help="Write to a file.")
 @click.option("--progress/--no-progress", default=None, help="Progress on stderr (default: when a terminal).")
 def report(
-    config: Config, fmt: str, verdict: tuple[str, ...], family: str | None, output: str | None, progress: bool | None
+    config: Config, fmt: str, verdict: tuple[str, ...], family: str | None, output: IO[str], progress: bool | None
 ) -> None:
     """Scan and classify every client, read-only; print what a reap would do."""
-    from reaper.render import Filters, render
-    from reaper.report import classified
+    from reaper.output import Filters, render
 
     filters = Filters(_verdicts(verdict), family)
-    with classified(config, progress=Progress("scanning", progress)) as (stream, snapshot):
-        if output:
-            with open(output, "w", encoding="utf-8") as out:
-                render(
-                    fmt,
-                    stream,
-                    snapshot,
-                    out,
-                    filters,
-                    config.report.top_families,
-                    config.report.max_rows,
-                    config.report.show_ips,
-                )
-        else:
-            render(
-                fmt,
-                stream,
-                snapshot,
-                sys.stdout,
-                filters,
-                config.report.top_families,
-                config.report.max_rows,
-                config.report.show_ips,
-            )
-            sys.stdout.flush()
+    rep = config.report
+    with commands.classified(config, progress=Progress("scanning", progress)) as (stream, snapshot):
+        render(fmt, stream, snapshot, output, filters, rep.top_families, rep.max_rows, rep.show_ips)
+        output.flush()
 
 
 @cli.command()
 @source_options
 def check(config: Config) -> None:
     """Validate the config and the profile against the live schema; list every mismatch."""
-    from reaper.report import open_source
-
-    source = open_source(config)
-    source.engine.dispose()
-    click.echo(f"ok: profile '{source.profile.name}' matches {source.engine.url.render_as_string(hide_password=True)}")
+    description = commands.check(config)
+    click.echo(f"ok: profile '{config.profile}' matches {description}")
 
 
 @cli.group(invoke_without_command=True)
 @click.pass_context
 def profiles(ctx: click.Context) -> None:
     """List the built-in profiles."""
-    from reaper.profile import builtin_profiles, load_profile
+    from reaper.profiles import builtin_profiles, load_profile
 
     if ctx.invoked_subcommand is None:
         for name in sorted(builtin_profiles()):
@@ -198,7 +215,7 @@ def profiles(ctx: click.Context) -> None:
 @click.argument("name")
 def profiles_show(name: str) -> None:
     """Print a profile's mapping (a built-in name or a file path)."""
-    from reaper.profile import builtin_profiles, load_profile
+    from reaper.profiles import builtin_profiles, load_profile
 
     load_profile(name)  # validates, and gives the clear error for an unknown name
     path = builtin_profiles().get(name) or Path(name)
@@ -218,15 +235,13 @@ def profiles_show(name: str) -> None:
 )
 def demo(db_path: str | None, fmt: str) -> None:
     """Build a SQLite database in mcp-memory-service's schema that reproduces the churn report, then report on it."""
-    from reaper.classify import VERDICTS
     from reaper.demo import DEFAULT_PATH, build_demo
-    from reaper.render import Filters, render
-    from reaper.report import classified
+    from reaper.output import Filters, render
 
     path = build_demo(Path(db_path) if db_path else DEFAULT_PATH)
     url = f"sqlite:///{path}"
     config = load_config(None, {"database_url": url, "profile": "mcp-memory-service"}, environ={})
-    with classified(config) as (stream, snapshot):
+    with commands.classified(config) as (stream, snapshot):
         everything = Filters(frozenset(str(v) for v in VERDICTS))
         render(fmt, stream, snapshot, sys.stdout, everything, config.report.top_families, config.report.max_rows)
     click.echo(f"\nDemo database: {path}", err=fmt != "table")
@@ -240,20 +255,29 @@ def demo(db_path: str | None, fmt: str) -> None:
 @source_options
 @click.option("--apply", "do_apply", is_flag=True, help="Act on the plan. Without it nothing is written.")
 @click.option("--force", is_flag=True, help="Act even when the plan exceeds max_per_run or max_fraction.")
+@click.option("--sql", "show_sql", is_flag=True, help="Print the statements each batch would run; write nothing.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--progress/--no-progress", default=None, help="Progress on stderr (default: when a terminal).")
-def reap(config: Config, do_apply: bool, force: bool, fmt: str, progress: bool | None) -> None:
+def reap(config: Config, do_apply: bool, force: bool, show_sql: bool, fmt: str, progress: bool | None) -> None:
     """Plan what the policy would reap (dry-run, the default); --apply does it, with tombstones."""
-    from reaper.plan_render import render_run
-    from reaper.reap import CapExceeded, RunResult, apply, plan
+    from reaper.output.plan import render_run
+    from reaper.reaping.plan import RunResult
 
-    the_plan = plan(config, progress=Progress("scanning", progress))
+    if show_sql and do_apply:
+        raise ConfigError("--sql prints the statements and writes nothing; it cannot be combined with --apply")
+    the_plan = commands.plan(config, progress=Progress("scanning", progress))
+    if show_sql:
+        for n, batch in enumerate(commands.statements(config, the_plan), 1):
+            click.echo(f"-- batch {n}")
+            for stmt in batch:
+                click.echo(f"{stmt};")
+        return
     if not do_apply:
         render_run(RunResult(the_plan, applied=False), fmt, sys.stdout, config.report.max_rows)
         if the_plan.cap_problem and not force:
             raise CapExceeded(f"{the_plan.cap_problem}; an --apply run would reap nothing")
         return
-    result = apply(config, the_plan, force=force, progress=Progress("reaping", progress))
+    result = commands.apply(config, the_plan, force=force, progress=Progress("reaping", progress))
     render_run(result, fmt, sys.stdout, config.report.max_rows)
 
 
@@ -263,9 +287,7 @@ def reap(config: Config, do_apply: bool, force: bool, fmt: str, progress: bool |
 @click.option("--client", "client_id", help="Restore one client (client_id or key).")
 def restore(config: Config, run_id: str | None, client_id: str | None) -> None:
     """Put reaped clients back exactly as they were, from their tombstones."""
-    from reaper.restore import restore as do_restore
-
-    result = do_restore(config, run_id=run_id, client_id=client_id)
+    result = commands.restore(config, run_id=run_id, client_id=client_id)
     click.echo(f"restored {len(result.restored)} client(s), {result.rows} row(s)")
 
 
@@ -278,68 +300,11 @@ def serve(config: Config, port: int | None, bind_address: str | None, interval: 
     """Run as a sidecar: scheduled scans (and reaps, if enabled), Prometheus metrics, health endpoints."""
     from reaper.service import serve as run_service
 
-    changes = {
-        k: v
-        for k, v in {"port": port, "bind_address": bind_address, "scan_interval": interval}.items()
-        if v is not None
-    }
-    if changes:
-        data = config.model_dump(by_alias=True)
-        data["service"].update(changes)
-        config = _revalidate(data)
+    changes = {"port": port, "bind_address": bind_address, "scan_interval": interval}
+    config = with_overrides(config, {"service": {k: v for k, v in changes.items() if v is not None}})
     sys.exit(run_service(config))
-
-
-def _revalidate(data: dict[str, Any]) -> Config:
-    from pydantic import ValidationError
-
-    try:
-        return Config.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError([f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]) from None
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning errors into one line on stderr and an exit code."""
-    args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args
-    if not debug:
-        # SQLAlchemy logs some errors (e.g. closing a cursor after `| head`) with a traceback through
-        # logging's last-resort handler; the CLI speaks in one-line errors, so keep its logs quiet.
-        logging.getLogger("sqlalchemy").addHandler(logging.NullHandler())
-    try:
-        cli.main(args=args, prog_name="dcr-reaper", standalone_mode=False)
-    except ReaperError as exc:
-        if debug:
-            traceback.print_exc()
-        problems = getattr(exc, "problems", [str(exc)])
-        for line in problems:
-            click.echo(f"dcr-reaper: error: {line}", err=True)
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("dcr-reaper: aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        # One line, like every other error (click's own output is a usage block plus the error).
-        hint = ""
-        if isinstance(exc, click.UsageError) and exc.ctx is not None:
-            hint = f" (see '{exc.ctx.command_path} --help')"
-        click.echo(f"dcr-reaper: error: {exc.format_message()}{hint}", err=True)
-        sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except BrokenPipeError:
-        # `dcr-reaper report | head`: the reader left; exit quietly.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        sys.exit(0)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - last resort: one line, never a secret-bearing traceback
-        if debug:
-            traceback.print_exc()
-        click.echo(
-            f"dcr-reaper: error: unexpected {type(exc).__name__}: {exc} (run with --debug for details)", err=True
-        )
-        sys.exit(1)
-    sys.exit(0)
+    cli.main(args=argv, prog_name="dcr-reaper")

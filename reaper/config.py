@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -198,25 +199,31 @@ def _set_at(layer: dict[str, Any], loc: tuple[Any, ...]) -> tuple[str, ...] | No
     return tuple(str(p) for p in loc) if loc else None
 
 
-def _format_errors(
-    exc: ValidationError, source: str, env: dict[str, Any] | None = None, flags: dict[str, Any] | None = None
-) -> list[str]:
+def validation_problems(exc: ValidationError, origin: Callable[[tuple[Any, ...]], str]) -> list[str]:
+    """One line per pydantic error: where the value came from, its key, what is wrong (the one formatter)."""
     problems = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        # Name where the bad value came from: a flag, an environment variable, else the file.
-        if flags and _set_at(flags, err["loc"]):
-            origin = "command line"
-        elif env and (path := _set_at(env, err["loc"])):
-            origin = ENV_PREFIX + "__".join(path).upper()
-        else:
-            origin = source
         if err["type"] == "extra_forbidden":
-            problems.append(f"{origin}: unknown key '{key}'")
+            problems.append(f"{origin(err['loc'])}: unknown key '{key}'")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{origin}: {key}: {msg}")
+            problems.append(f"{origin(err['loc'])}: {key}: {msg}")
     return problems
+
+
+def _format_errors(
+    exc: ValidationError, source: str, env: dict[str, Any] | None = None, flags: dict[str, Any] | None = None
+) -> list[str]:
+    def origin(loc: tuple[Any, ...]) -> str:
+        # Name where the bad value came from: a flag, an environment variable, else the file.
+        if flags and _set_at(flags, loc):
+            return "command line"
+        if env and (path := _set_at(env, loc)):
+            return ENV_PREFIX + "__".join(path).upper()
+        return source
+
+    return validation_problems(exc, origin)
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
@@ -287,3 +294,13 @@ def load_config(
         return Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source, env, flags)) from None
+
+
+def with_overrides(config: Config, changes: dict[str, Any]) -> Config:
+    """The config with flag values merged in, validated again (flags name their key on error)."""
+    if not any(changes.values()):
+        return config
+    try:
+        return Config.model_validate(_merge(config.model_dump(by_alias=True), changes))
+    except ValidationError as exc:
+        raise ConfigError(validation_problems(exc, lambda _loc: "command line")) from None

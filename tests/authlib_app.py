@@ -60,25 +60,35 @@ def register(session: Session, name: str, port: int, issued_at: float) -> Client
     """A client as Authlib's registration endpoint stores it (client_id_issued_at > 0 marks it dynamic)."""
     n = next(_serial)
     client = Client(client_id=f"dcr-{n:05d}-{time.time_ns() % 10**9:09d}", client_id_issued_at=int(issued_at))
-    client.set_client_metadata({
-        "client_name": name,
-        "redirect_uris": [f"http://localhost:{port}/callback"],
-        "grant_types": ["authorization_code", "refresh_token"],
-        "response_types": ["code"],
-        "token_endpoint_auth_method": "none",
-    })
+    client.set_client_metadata(
+        {
+            "client_name": name,
+            "redirect_uris": [f"http://localhost:{port}/callback"],
+            "grant_types": ["authorization_code", "refresh_token"],
+            "response_types": ["code"],
+            "token_endpoint_auth_method": "none",
+        }
+    )
     session.add(client)
     return client
 
 
-def token(session: Session, client: Client, issued_at: float, expires_in: int,
-          revoked: bool = False) -> Token:
+def token(session: Session, client: Client, issued_at: float, expires_in: int, revoked: bool = False) -> Token:
     """An access + refresh token pair; `revoked` marks both revoked (refresh rotation left it behind)."""
     n = next(_serial)
     revoked_at = int(issued_at + 60) if revoked else 0
-    tok = Token(client_id=client.client_id, token_type="Bearer", access_token=f"at-{n}",
-                refresh_token=f"rt-{n}", scope="openid", issued_at=int(issued_at), expires_in=expires_in,
-                access_token_revoked_at=revoked_at, refresh_token_revoked_at=revoked_at, user_id=42)
+    tok = Token(
+        client_id=client.client_id,
+        token_type="Bearer",
+        access_token=f"at-{n}",
+        refresh_token=f"rt-{n}",
+        scope="openid",
+        issued_at=int(issued_at),
+        expires_in=expires_in,
+        access_token_revoked_at=revoked_at,
+        refresh_token_revoked_at=revoked_at,
+        user_id=42,
+    )
     session.add(tok)
     return tok
 

@@ -21,8 +21,13 @@ METRICS_DOC = REPO / "docs" / "metrics.md"
 ROLES_SQL = DEPLOY / "sql" / "authlib-roles.sql"
 
 EXPECTED_ALERTS = {
-    "DCRChurnHigh", "DCROrphansGrowing", "DCRClientCountNearCap", "DCRReaperDown",
-    "DCRReaperLastSuccessStale", "DCRScanFailing", "DCRSuspectedReauthLoop",
+    "DCRChurnHigh",
+    "DCROrphansGrowing",
+    "DCRClientCountNearCap",
+    "DCRReaperDown",
+    "DCRReaperLastSuccessStale",
+    "DCRScanFailing",
+    "DCRSuspectedReauthLoop",
 }
 # Values for Grafana's variables when a dashboard query is sent to Prometheus directly.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1m", "$job": "dcr-reaper"}

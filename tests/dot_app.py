@@ -187,21 +187,15 @@ def build(plan: list[dict[str, object]]) -> dict[str, dict[str, object]]:
             server.exchange(client_id, redirect)
         elif flow == "reused":
             first = server.exchange(client_id, redirect)
-            second = server.token(
-                client_id, grant_type="refresh_token", refresh_token=str(first["refresh_token"])
-            )
+            second = server.token(client_id, grant_type="refresh_token", refresh_token=str(first["refresh_token"]))
             assert second["status"] == 200, second
-            replay = server.token(
-                client_id, grant_type="refresh_token", refresh_token=str(first["refresh_token"])
-            )
+            replay = server.token(client_id, grant_type="refresh_token", refresh_token=str(first["refresh_token"]))
             assert replay["status"] == 400, replay  # reuse detected: the whole family is revoked
         elif flow == "refreshed":
             # Refreshed once, then left: the new access token points at the old (revoked) refresh token
             # (source_refresh_token) and the new refresh token points at the new access token.
             first = server.exchange(client_id, redirect)
-            second = server.token(
-                client_id, grant_type="refresh_token", refresh_token=str(first["refresh_token"])
-            )
+            second = server.token(client_id, grant_type="refresh_token", refresh_token=str(first["refresh_token"]))
             assert second["status"] == 200, second
             AccessToken.objects.filter(application=app).exclude(scope="oauth2_provider:registration").update(
                 expires=now - timedelta(minutes=5)

@@ -61,12 +61,8 @@ class KeycloakStandIn:
                     ):
                         token = secrets.token_urlsafe(16)
                         outer.tokens.add(token)
-                        return self._reply(
-                            200, {"access_token": token, "expires_in": 300, "token_type": "Bearer"}
-                        )
-                    return self._reply(
-                        401, {"error": "unauthorized_client", "error_description": "Invalid client"}
-                    )
+                        return self._reply(200, {"access_token": token, "expires_in": 300, "token_type": "Bearer"})
+                    return self._reply(401, {"error": "unauthorized_client", "error_description": "Invalid client"})
                 auth = self.headers.get("Authorization", "")
                 if not auth.startswith("Bearer ") or auth[7:] not in outer.tokens:
                     return self._reply(401, {"error": "HTTP 401 Unauthorized"})
@@ -84,9 +80,7 @@ class KeycloakStandIn:
                 key = parts[4]
                 if method == "GET":
                     rep = outer.representation(realm, key)
-                    return (
-                        self._reply(200, rep) if rep else self._reply(404, {"error": "Could not find client"})
-                    )
+                    return self._reply(200, rep) if rep else self._reply(404, {"error": "Could not find client"})
                 if outer.representation(realm, key) is None:
                     return self._reply(404, {"error": "Could not find client"})
                 if method == "DELETE":
@@ -153,16 +147,12 @@ class KeycloakStandIn:
     def update(self, key: str, rep: dict[str, Any]) -> None:
         c = self.kc.t["client"]
         with self.kc.engine.begin() as conn:
-            conn.execute(
-                c.update().where(c.c.id == key).values(enabled=bool(rep["enabled"]), name=rep.get("name"))
-            )
+            conn.execute(c.update().where(c.c.id == key).values(enabled=bool(rep["enabled"]), name=rep.get("name")))
 
     def create(self, realm: str, rep: dict[str, Any]) -> tuple[int, Any]:
         c, r = self.kc.t["client"], self.kc.t["redirect_uris"]
         with self.kc.engine.begin() as conn:
-            taken = conn.execute(
-                sa.select(c.c.id).where(c.c.realm_id == realm, c.c.client_id == rep["clientId"])
-            )
+            taken = conn.execute(sa.select(c.c.id).where(c.c.realm_id == realm, c.c.client_id == rep["clientId"]))
             if taken.first() is not None:
                 return 409, {"errorMessage": f"Client {rep['clientId']} already exists"}
             key = rep.get("id") or secrets.token_hex(16)

@@ -99,42 +99,72 @@ class AuthlibDB:
         self._n += 1
         return self._n
 
-    def client(self, client_id: str, name: str | None, redirect_uris: list[str], issued_at: int,
-               **metadata: Any) -> str:
-        meta = {"redirect_uris": redirect_uris, "grant_types": ["authorization_code", "refresh_token"],
-                "response_types": ["code"], "token_endpoint_auth_method": "client_secret_basic", **metadata}
+    def client(
+        self, client_id: str, name: str | None, redirect_uris: list[str], issued_at: int, **metadata: Any
+    ) -> str:
+        meta = {
+            "redirect_uris": redirect_uris,
+            "grant_types": ["authorization_code", "refresh_token"],
+            "response_types": ["code"],
+            "token_endpoint_auth_method": "client_secret_basic",
+            **metadata,
+        }
         if name is not None:
             meta["client_name"] = name
-        self._rows["oauth2_client"].append({
-            "client_id": client_id,
-            "client_secret": f"s3cr3t-{self._next()}-ünïcode-{random.getrandbits(48):x}",
-            "client_id_issued_at": issued_at,
-            "client_secret_expires_at": 0,
-            "client_metadata": json.dumps(meta, ensure_ascii=False),
-        })
+        self._rows["oauth2_client"].append(
+            {
+                "client_id": client_id,
+                "client_secret": f"s3cr3t-{self._next()}-ünïcode-{random.getrandbits(48):x}",
+                "client_id_issued_at": issued_at,
+                "client_secret_expires_at": 0,
+                "client_metadata": json.dumps(meta, ensure_ascii=False),
+            }
+        )
         return client_id
 
-    def token(self, client_id: str, issued_at: int, expires_in: int, refresh: bool = False,
-              access_revoked: int = 0, refresh_revoked: int = 0) -> str:
+    def token(
+        self,
+        client_id: str,
+        issued_at: int,
+        expires_in: int,
+        refresh: bool = False,
+        access_revoked: int = 0,
+        refresh_revoked: int = 0,
+    ) -> str:
         n = self._next()
         access = f"at-{n}-{random.getrandbits(64):016x}"
-        self._rows["oauth2_token"].append(row := {
-            "client_id": client_id, "token_type": "Bearer", "access_token": access,
-            "refresh_token": f"rt-{n}-{random.getrandbits(64):016x}" if refresh else None,
-            "scope": "openid profile", "issued_at": issued_at, "access_token_revoked_at": access_revoked,
-            "refresh_token_revoked_at": refresh_revoked, "expires_in": expires_in,
-        })
+        self._rows["oauth2_token"].append(
+            row := {
+                "client_id": client_id,
+                "token_type": "Bearer",
+                "access_token": access,
+                "refresh_token": f"rt-{n}-{random.getrandbits(64):016x}" if refresh else None,
+                "scope": "openid profile",
+                "issued_at": issued_at,
+                "access_token_revoked_at": access_revoked,
+                "refresh_token_revoked_at": refresh_revoked,
+                "expires_in": expires_in,
+            }
+        )
         self.token_rows[access] = row
         return access
 
     def code(self, client_id: str, auth_time: int, nonce: str | None = None) -> str:
         n = self._next()
         code = f"code-{n}-{random.getrandbits(64):016x}"
-        self._rows["oauth2_code"].append({
-            "code": code, "client_id": client_id, "redirect_uri": "http://localhost:1234/callback",
-            "response_type": "code", "scope": "openid", "nonce": nonce, "auth_time": auth_time,
-            "code_challenge": f"chal-{n}", "code_challenge_method": "S256",
-        })
+        self._rows["oauth2_code"].append(
+            {
+                "code": code,
+                "client_id": client_id,
+                "redirect_uri": "http://localhost:1234/callback",
+                "response_type": "code",
+                "scope": "openid",
+                "nonce": nonce,
+                "auth_time": auth_time,
+                "code_challenge": f"chal-{n}",
+                "code_challenge_method": "S256",
+            }
+        )
         return code
 
     def dead_history(self, client_id: str, at: int, variant: int) -> None:
@@ -143,8 +173,7 @@ class AuthlibDB:
         if kind == 0:  # access token expired long ago, no refresh token
             self.token(client_id, at + 30, HOUR)
         elif kind == 1:  # both revoked (Authlib revokes the pair)
-            self.token(client_id, at + 30, HOUR, refresh=True, access_revoked=at + 600,
-                       refresh_revoked=at + 600)
+            self.token(client_id, at + 30, HOUR, refresh=True, access_revoked=at + 600, refresh_revoked=at + 600)
         else:  # refresh token revoked by rotation, access expired
             self.token(client_id, at + 30, HOUR, refresh=True, refresh_revoked=at + 900)
         self.code(client_id, at + 20, nonce=None if variant % 2 else f"n-{variant}")
@@ -152,8 +181,16 @@ class AuthlibDB:
     def live_token(self, client_id: str) -> str:
         return self.token(client_id, self.now - 60, HOUR, refresh=True)
 
-    def family(self, name: str, orphans: int, rng: random.Random, first_age: float = 30 * DAY,
-               last_orphan_age: float = 2 * DAY, survivor: bool = True, prefix: str = "dcr") -> Family:
+    def family(
+        self,
+        name: str,
+        orphans: int,
+        rng: random.Random,
+        first_age: float = 30 * DAY,
+        last_orphan_age: float = 2 * DAY,
+        survivor: bool = True,
+        prefix: str = "dcr",
+    ) -> Family:
         """`orphans` dead registrations of one app (random loopback ports), then a newer live one."""
         fam = Family(name, None)
         ages = [first_age - i * (first_age - last_orphan_age) / max(orphans - 1, 1) for i in range(orphans)]
@@ -191,10 +228,14 @@ def fill_families(adb: AuthlibDB, families: int, orphans_each: int, seed: int) -
 # --- config, snapshots, ledger --------------------------------------------------------------------------
 
 
-def make_config(url: str, profile: str = "authlib", policy: dict[str, Any] | None = None,
-                classify: dict[str, Any] | None = None, **extra: Any) -> Config:
-    overrides: dict[str, Any] = {"database_url": url, "profile": profile,
-                                 "policy": {**OPEN_POLICY, **(policy or {})}}
+def make_config(
+    url: str,
+    profile: str = "authlib",
+    policy: dict[str, Any] | None = None,
+    classify: dict[str, Any] | None = None,
+    **extra: Any,
+) -> Config:
+    overrides: dict[str, Any] = {"database_url": url, "profile": profile, "policy": {**OPEN_POLICY, **(policy or {})}}
     if classify:
         overrides["classify"] = classify
     overrides.update(extra)
@@ -207,8 +248,9 @@ def table_rows(engine: sa.Engine, table: str, order_by: str = "id") -> list[tupl
         return [tuple(r) for r in conn.execute(sa.text(f"SELECT * FROM {table} ORDER BY {order_by}"))]
 
 
-def snapshot(engine: sa.Engine, tables: Iterable[str] = TABLES, pk: dict[str, str] | None = None
-             ) -> dict[str, list[tuple[Any, ...]]]:
+def snapshot(
+    engine: sa.Engine, tables: Iterable[str] = TABLES, pk: dict[str, str] | None = None
+) -> dict[str, list[tuple[Any, ...]]]:
     pk = pk or PK
     return {t: table_rows(engine, t, pk.get(t, "id")) for t in tables}
 
@@ -218,8 +260,7 @@ def client_ids(engine: sa.Engine, table: str = "oauth2_client") -> set[str]:
         return {r[0] for r in conn.execute(sa.text(f"SELECT client_id FROM {table}"))}
 
 
-def child_counts(engine: sa.Engine, tables: Iterable[str] = ("oauth2_token", "oauth2_code")
-                 ) -> dict[str, int]:
+def child_counts(engine: sa.Engine, tables: Iterable[str] = ("oauth2_token", "oauth2_code")) -> dict[str, int]:
     """client_id -> number of child rows referencing it (across the given tables)."""
     out: dict[str, int] = {}
     with engine.connect() as conn:
@@ -238,9 +279,14 @@ def tombstones(engine: sa.Engine, prefix: str = LEDGER_PREFIX) -> list[Any]:
     if not has_table(engine, f"{prefix}tombstones"):
         return []
     with engine.connect() as conn:
-        return list(conn.execute(sa.text(
-            f"SELECT id, run_id, client_key, client_id, action, state, restored_at FROM {prefix}tombstones "
-            "ORDER BY id")))
+        return list(
+            conn.execute(
+                sa.text(
+                    f"SELECT id, run_id, client_key, client_id, action, state, restored_at FROM {prefix}tombstones "
+                    "ORDER BY id"
+                )
+            )
+        )
 
 
 def tombstone_count(engine: sa.Engine, prefix: str = LEDGER_PREFIX, state: str | None = None) -> int:
@@ -256,8 +302,7 @@ def runs(engine: sa.Engine, prefix: str = LEDGER_PREFIX) -> list[Any]:
     if not has_table(engine, f"{prefix}runs"):
         return []
     with engine.connect() as conn:
-        return list(conn.execute(sa.text(
-            f"SELECT id, status, acted, holder FROM {prefix}runs ORDER BY started_at")))
+        return list(conn.execute(sa.text(f"SELECT id, status, acted, holder FROM {prefix}runs ORDER BY started_at")))
 
 
 def fresh_engine(url: str) -> sa.Engine:
@@ -286,8 +331,9 @@ def writer_engine(url: str) -> sa.Engine:
 # --- the CLI as a separate process ----------------------------------------------------------------------
 
 
-def write_config(path: Path, policy: dict[str, Any], ledger_url: str | None = None,
-                 classify: dict[str, Any] | None = None) -> Path:
+def write_config(
+    path: Path, policy: dict[str, Any], ledger_url: str | None = None, classify: dict[str, Any] | None = None
+) -> Path:
     def value(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -307,21 +353,38 @@ def write_config(path: Path, policy: dict[str, Any], ledger_url: str | None = No
 
 
 def reap_args(url: str, config_path: Path, *extra: str, profile: str = "authlib") -> list[str]:
-    return [sys.executable, "-m", "reaper", "reap", "--apply", "--no-progress", "--profile", profile,
-            "--database-url", url, "--config", str(config_path), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "reaper",
+        "reap",
+        "--apply",
+        "--no-progress",
+        "--profile",
+        profile,
+        "--database-url",
+        url,
+        "--config",
+        str(config_path),
+        *extra,
+    ]
 
 
 def start_reap(args: list[str], cwd: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(args, cwd=cwd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(args, cwd=cwd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def run_reap(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def wait_for(cond: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[str] | None = None,
-             interval: float = 0.01) -> None:
+def wait_for(
+    cond: Callable[[], bool],
+    timeout: float,
+    what: str,
+    proc: subprocess.Popen[str] | None = None,
+    interval: float = 0.01,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():

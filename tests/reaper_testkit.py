@@ -12,7 +12,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from reaper.demo import SCHEMA
-from reaper.profile import builtin_profiles
+from reaper.profiles import builtin_profiles
 
 REPO = Path(__file__).resolve().parents[1]
 ERROR_PREFIX = "dcr-reaper: error: "
@@ -99,9 +99,7 @@ def mcp_profile(kind: str, tmp_path: Path) -> str:
     text = builtin_profiles()["mcp-memory-service"].read_text(encoding="utf-8")
     assert 'database = ["sqlite"]' in text
     path = tmp_path / "mcp-memory-service-pg.toml"
-    path.write_text(
-        text.replace('database = ["sqlite"]', 'database = ["sqlite", "postgresql"]'), encoding="utf-8"
-    )
+    path.write_text(text.replace('database = ["sqlite"]', 'database = ["sqlite", "postgresql"]'), encoding="utf-8")
     return str(path)
 
 

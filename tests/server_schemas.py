@@ -77,9 +77,7 @@ def hydra(engine: sa.Engine) -> sa.MetaData:
             name,
             md,
             *cols,
-            sa.ForeignKeyConstraint(
-                ["client_id", "nid"], ["hydra_client.id", "hydra_client.nid"], ondelete="CASCADE"
-            ),
+            sa.ForeignKeyConstraint(["client_id", "nid"], ["hydra_client.id", "hydra_client.nid"], ondelete="CASCADE"),
         )
     sa.Table(
         "hydra_oauth2_flow",
@@ -91,9 +89,7 @@ def hydra(engine: sa.Engine) -> sa.MetaData:
         sa.Column("requested_at", sa.DateTime, nullable=False),
         sa.Column("consent_remember", sa.Boolean, nullable=False, default=False),
         sa.Column("consent_handled_at", sa.DateTime),
-        sa.ForeignKeyConstraint(
-            ["client_id", "nid"], ["hydra_client.id", "hydra_client.nid"], ondelete="CASCADE"
-        ),
+        sa.ForeignKeyConstraint(["client_id", "nid"], ["hydra_client.id", "hydra_client.nid"], ondelete="CASCADE"),
     )
     return create(engine, md)
 
@@ -111,9 +107,7 @@ class Hydra:
         insert(self.engine, self.t["networks"], [{"id": nid, "created_at": utcnow()}])
         return nid
 
-    def client(
-        self, nid: str, name: str, redirect_uris: list[str], age: float, client_id: str | None = None
-    ) -> str:
+    def client(self, nid: str, name: str, redirect_uris: list[str], age: float, client_id: str | None = None) -> str:
         import json
 
         cid = client_id or str(uuid.uuid4())
@@ -564,9 +558,7 @@ class Doorkeeper:
         self.engine = engine
         self.t = doorkeeper(engine).tables
 
-    def application(
-        self, name: str, redirect_uris: list[str], age: float, uid: str | None = None
-    ) -> tuple[int, str]:
+    def application(self, name: str, redirect_uris: list[str], age: float, uid: str | None = None) -> tuple[int, str]:
         uid = uid or uuid.uuid4().hex
         with self.engine.begin() as conn:
             res = conn.execute(
@@ -636,7 +628,7 @@ class Doorkeeper:
 def better_auth(engine: sa.Engine, legacy: bool = False, snake: bool = False) -> sa.MetaData:
     """The oauth-provider tables (or the legacy oidcProvider ones) in Better Auth's migrator's quoted
     camelCase,    or in Drizzle's snake_case. Generated foreign keys cascade on delete."""
-    from reaper.profile_names import snake_case
+    from reaper.profiles.names import snake_case
 
     def n(name: str) -> str:
         return snake_case(name) if snake else name
@@ -758,7 +750,7 @@ class BetterAuth:
     """Writes rows as Better Auth does, through logical (camelCase) keys whatever the physical naming."""
 
     def __init__(self, engine: sa.Engine, legacy: bool = False, snake: bool = False):
-        from reaper.profile_names import snake_case
+        from reaper.profiles.names import snake_case
 
         self.engine = engine
         md = better_auth(engine, legacy, snake)

@@ -87,10 +87,10 @@ def promtool_check(text: str) -> None:
         if os.environ.get("REAPER_REQUIRE_DBS"):
             pytest.fail("promtool is required (REAPER_REQUIRE_DBS is set: this is CI): install 'prometheus'")
         pytest.skip("promtool not installed (Debian package 'prometheus')")
-    res = subprocess.run([PROMTOOL, "check", "metrics"], input=text.encode("utf-8"), capture_output=True,
-                         timeout=60)
+    res = subprocess.run([PROMTOOL, "check", "metrics"], input=text.encode("utf-8"), capture_output=True, timeout=60)
     assert res.returncode == 0, (
-        f"promtool check metrics exited {res.returncode}:\n{res.stdout.decode()}{res.stderr.decode()}")
+        f"promtool check metrics exited {res.returncode}:\n{res.stdout.decode()}{res.stderr.decode()}"
+    )
 
 
 # --- `python -m reaper serve` as a real process ------------------------------------------------------------
@@ -107,7 +107,11 @@ class ServeProcess:
         self._err = open(self.stderr_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "reaper", "serve", "--bind", "127.0.0.1", "--port", "0", *args],
-            cwd=cwd, env=env or clean_env(), stdout=self._out, stderr=self._err)
+            cwd=cwd,
+            env=env or clean_env(),
+            stdout=self._out,
+            stderr=self._err,
+        )
         self._port: int | None = None
 
     @property
@@ -352,35 +356,60 @@ def authlib_tables() -> AuthlibTables:
     from authlib_app import AuthorizationCode, Base, Client, Token
 
     return AuthlibTables(
-        Base.metadata, Client.__table__, Token.__table__, AuthorizationCode.__table__  # type: ignore[arg-type]
+        Base.metadata,
+        Client.__table__,
+        Token.__table__,
+        AuthorizationCode.__table__,  # type: ignore[arg-type]
     )
 
 
-def client_row(client_id: str, name: str | None, issued_at: int, port: int | None = None,
-               uris: list[str] | None = None) -> dict[str, Any]:
+def client_row(
+    client_id: str, name: str | None, issued_at: int, port: int | None = None, uris: list[str] | None = None
+) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "redirect_uris": uris if uris is not None else [f"http://localhost:{port or 50000}/callback"],
-        "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"],
-        "token_endpoint_auth_method": "none"}
+        "grant_types": ["authorization_code", "refresh_token"],
+        "response_types": ["code"],
+        "token_endpoint_auth_method": "none",
+    }
     if name is not None:
         meta["client_name"] = name
-    return {"client_id": client_id, "client_secret": None, "client_id_issued_at": issued_at,
-            "client_secret_expires_at": 0, "client_metadata": json.dumps(meta)}
+    return {
+        "client_id": client_id,
+        "client_secret": None,
+        "client_id_issued_at": issued_at,
+        "client_secret_expires_at": 0,
+        "client_metadata": json.dumps(meta),
+    }
 
 
-def token_row(client_id: str, n: int, issued_at: int, expires_in: int, refresh: bool = False,
-              revoked_at: int = 0) -> dict[str, Any]:
-    return {"client_id": client_id, "token_type": "Bearer",
-            "access_token": f"at-{n}-{random.getrandbits(48):x}",
-            "refresh_token": f"rt-{n}-{random.getrandbits(48):x}" if refresh else None, "scope": "openid",
-            "issued_at": issued_at, "access_token_revoked_at": 0, "refresh_token_revoked_at": revoked_at,
-            "expires_in": expires_in, "user_id": 42}
+def token_row(
+    client_id: str, n: int, issued_at: int, expires_in: int, refresh: bool = False, revoked_at: int = 0
+) -> dict[str, Any]:
+    return {
+        "client_id": client_id,
+        "token_type": "Bearer",
+        "access_token": f"at-{n}-{random.getrandbits(48):x}",
+        "refresh_token": f"rt-{n}-{random.getrandbits(48):x}" if refresh else None,
+        "scope": "openid",
+        "issued_at": issued_at,
+        "access_token_revoked_at": 0,
+        "refresh_token_revoked_at": revoked_at,
+        "expires_in": expires_in,
+        "user_id": 42,
+    }
 
 
 def code_row(client_id: str, n: int, auth_time: int) -> dict[str, Any]:
-    return {"code": f"code-{n}-{random.getrandbits(48):x}", "client_id": client_id,
-            "redirect_uri": "http://localhost/callback", "response_type": "code", "scope": "openid",
-            "auth_time": auth_time, "user_id": 42}
+    return {
+        "code": f"code-{n}-{random.getrandbits(48):x}",
+        "client_id": client_id,
+        "redirect_uri": "http://localhost/callback",
+        "response_type": "code",
+        "scope": "openid",
+        "auth_time": auth_time,
+        "user_id": 42,
+    }
 
 
 @dataclass
@@ -392,8 +421,9 @@ class ChurnData:
     now: int
 
 
-def fill_churning(engine: sa.Engine, families: int, orphans_per_family: int, name: str = "Claude Code #{f}",
-                  chunk: int = 5000) -> ChurnData:
+def fill_churning(
+    engine: sa.Engine, families: int, orphans_per_family: int, name: str = "Claude Code #{f}", chunk: int = 5000
+) -> ChurnData:
     """Authlib schema; per family `orphans_per_family` old clients with one dead token and one expired code
     each (orphans), and one newer member with a live token (the survivor). Loopback ports differ."""
     t = authlib_tables()
@@ -422,7 +452,7 @@ def fill_churning(engine: sa.Engine, families: int, orphans_per_family: int, nam
     with engine.begin() as conn:
         for rows, table in ((clients, t.client), (tokens, t.token), (codes, t.code)):
             for i in range(0, len(rows), chunk):
-                conn.execute(table.insert(), rows[i:i + chunk])
+                conn.execute(table.insert(), rows[i : i + chunk])
     return ChurnData(orphans, survivors, now)
 
 
@@ -435,10 +465,15 @@ def counts_by_client(engine: sa.Engine, table: str) -> dict[str, int]:
 def pg_advisory_locks(engine: sa.Engine) -> int:
     """Granted advisory locks held in this database right now."""
     with engine.connect() as conn:
-        return int(conn.execute(sa.text(
-            "SELECT count(*) FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted "
-            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"),
-        ).scalar() or 0)
+        return int(
+            conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted "
+                    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                ),
+            ).scalar()
+            or 0
+        )
 
 
 def pg_port_of(url: str) -> tuple[str, int]:
@@ -449,4 +484,3 @@ def pg_port_of(url: str) -> tuple[str, int]:
 def via_proxy(url: str, proxy: FaultProxy) -> str:
     u = sa.engine.make_url(url).set(host="127.0.0.1", port=proxy.port)
     return u.render_as_string(hide_password=False)
-

@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 from reaper_testkit import create_mcp_schema, insert_client
 
-from reaper.accesslog import Match, Request, annotate, match_registrations, parse_line, read_logs
-from reaper.classify import Verdict
+from reaper.analysis.accesslog import Match, Request, annotate, match_registrations, parse_line, read_logs
+from reaper.analysis.model import ClientRow, Verdict
+from reaper.commands import classified
 from reaper.config import load_config
 from reaper.errors import ConfigError
-from reaper.report import classified
-from reaper.scan import ClientRow
 
 T0 = 1_760_000_000.0
 
@@ -27,9 +26,7 @@ def reqs(*items: tuple[float, str]) -> list[Request]:
 
 
 def test_exact_match_within_the_window():
-    got = match_registrations(
-        [("a", T0 + 0.4), ("b", T0 + 60)], reqs((0, "203.0.113.7"), (61.5, "198.51.100.2")), 2
-    )
+    got = match_registrations([("a", T0 + 0.4), ("b", T0 + 60)], reqs((0, "203.0.113.7"), (61.5, "198.51.100.2")), 2)
     assert got == {"a": Match("matched", "203.0.113.7"), "b": Match("matched", "198.51.100.2")}
 
 
@@ -163,9 +160,7 @@ def test_the_scan_takes_ips_from_the_log_and_families_split_by_network(sqlite_db
             ]
         ):
             created = now - age
-            insert_client(
-                conn, f"c{i}", "Claude Code (memory)", '["http://localhost:5000/callback"]', created
-            )
+            insert_client(conn, f"c{i}", "Claude Code (memory)", '["http://localhost:5000/callback"]', created)
             lines.append(_clf(created + 0.3, ip))
     log = tmp_path / "access.log"
     log.write_text("\n".join(lines) + "\n")

@@ -20,12 +20,12 @@ from authlib.integrations.sqla_oauth2 import (
 from sqlalchemy import Column, Integer
 from sqlalchemy.orm import DeclarativeBase, Session
 
-from reaper.check import check_schema
-from reaper.classify import Classified, Snapshot, Verdict
+from reaper.analysis.fingerprint import normalize_name
+from reaper.analysis.model import Classified, Snapshot, Verdict
+from reaper.commands import classified
 from reaper.config import Config, load_config
-from reaper.fingerprint import normalize_name
-from reaper.profile import bind_profile
-from reaper.report import classified
+from reaper.db import check_schema
+from reaper.profiles import bind_profile
 
 HOUR = 3600
 DAY = 86400
@@ -39,9 +39,7 @@ class Models:
     Code: Any
 
 
-def make_models(
-    client: str = "oauth2_client", token: str = "oauth2_token", code: str = "oauth2_code"
-) -> Models:
+def make_models(client: str = "oauth2_client", token: str = "oauth2_token", code: str = "oauth2_code") -> Models:
     """An app's models: Authlib's mixins, an id primary key on each, an app-added user_id on tokens."""
 
     class Base(DeclarativeBase):
@@ -198,9 +196,7 @@ def test_churning_family_newest_live_rest_orphans(db, app):
         app.token(client, age=age - 30, expires_in=HOUR, refresh=True, refresh_revoked=app.now - age + 600)
     newest = churn[-1]
     live_tok = app.token(newest, age=120, expires_in=HOUR, refresh=True)
-    vscode = app.register(
-        "Visual Studio Code", ["https://vscode.dev/redirect", "http://127.0.0.1:33418/"], 30 * DAY
-    )
+    vscode = app.register("Visual Studio Code", ["https://vscode.dev/redirect", "http://127.0.0.1:33418/"], 30 * DAY)
     app.token(vscode, age=600, expires_in=HOUR)
     app.commit()
     assert authlib_token_usable(live_tok)
@@ -209,9 +205,7 @@ def test_churning_family_newest_live_rest_orphans(db, app):
 
     items = [by_id[c.client_id] for c in churn]
     assert {i.row.name for i in items} == {name}, "client_name is read from inside client_metadata"
-    assert all(
-        i.row.redirect_uris == (f"http://localhost:{p}/callback",) for i, p in zip(items, ports, strict=True)
-    )
+    assert all(i.row.redirect_uris == (f"http://localhost:{p}/callback",) for i, p in zip(items, ports, strict=True))
     assert len({i.family for i in items}) == 1, "loopback ports must not split a family"
     assert by_id[vscode.client_id].family != items[0].family
     assert (items[-1].verdict, items[-1].reason) == (Verdict.LIVE, "live_token")
@@ -237,9 +231,7 @@ def test_family_grouping_uses_metadata_name_redirects_and_software_id(db, app):
     a = app.register("Claude Code (notes)", loopback(50001), 5 * HOUR)
     b = app.register("  claude   CODE (notes) ", loopback(61234), 4 * HOUR)  # same name once normalized
     c = app.register("Claude Code (notes)", loopback(50002, "/oauth/callback"), 3 * HOUR)  # other path
-    d = app.register(
-        "Claude Code (notes)", loopback(50003), 2 * HOUR, software_id="cc-cli", software_version="2.1"
-    )
+    d = app.register("Claude Code (notes)", loopback(50003), 2 * HOUR, software_id="cc-cli", software_version="2.1")
     for client in (a, b, c, d):
         app.token(client, age=HOUR + 60, expires_in=HOUR)
     app.commit()
@@ -354,9 +346,7 @@ def test_pending_authorization_code_keeps_client_live(db, app):
 
 
 def test_static_cimd_young_and_abandoned_clients(db, app):
-    static = app.register(
-        "Internal dashboard", ["https://dash.example.com/cb"], age=None
-    )  # Authlib default 0
+    static = app.register("Internal dashboard", ["https://dash.example.com/cb"], age=None)  # Authlib default 0
     cimd = app.register(
         "CIMD client",
         ["https://app.example.com/cb"],
@@ -421,9 +411,7 @@ def test_flask_style_table_names_need_renames(db):
         f"table '{t}' not found (profile 'authlib')" for t in ("oauth2_client", "oauth2_code", "oauth2_token")
     ]
 
-    by_id, snap = run(
-        db.url, tables={"oauth2_client": "client", "oauth2_token": "token", "oauth2_code": "code"}
-    )
+    by_id, snap = run(db.url, tables={"oauth2_client": "client", "oauth2_token": "token", "oauth2_code": "code"})
     assert (by_id[new.client_id].verdict, by_id[new.client_id].reason) == (Verdict.LIVE, "live_code")
     assert (by_id[old.client_id].verdict, by_id[old.client_id].reason) == (Verdict.ORPHAN, "superseded")
     fam = snap.families[by_id[old.client_id].family]

@@ -152,9 +152,7 @@ def test_bad_rows_are_never_actionable(db, tmp_path):
     with db.engine.begin() as conn:
         insert_client(conn, "future-far", "Churny", json.dumps(["http://127.0.0.1:1/cb"]), now + 400 * DAY)
         insert_client(conn, "bad-json-2", "Churny", "{not json", now - 40 * DAY)
-        insert_tokens(
-            conn, "bad-json-2", now - 39 * DAY, "old-a", "old-r", "old-c", expires_in=60, revoked=True
-        )
+        insert_tokens(conn, "bad-json-2", now - 39 * DAY, "old-a", "old-r", "old-c", expires_in=60, revoked=True)
     data = _json_report(db, tmp_path)
     verdicts = {c["client_id"]: c["verdict"] for c in data["clients"]}
     for cid in ("bad-json", "future", "no-time", "future-far", "bad-json-2"):

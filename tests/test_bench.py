@@ -17,9 +17,27 @@ def test_bench_harness_runs_end_to_end(tmp_path):
     admin = f"host={url.host or '127.0.0.1'} user={url.username or 'postgres'} dbname={url.database}"
     out = tmp_path / "result.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--sizes", "3000,6000", "--repeats", "1", "--sqlite", "2000",
-         "--reap-clients", "1000", "--idle-seconds", "3", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--sizes",
+            "3000,6000",
+            "--repeats",
+            "1",
+            "--sqlite",
+            "2000",
+            "--reap-clients",
+            "1000",
+            "--idle-seconds",
+            "3",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**__import__("os").environ, "REAPER_BENCH_ADMIN_DSN": admin},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

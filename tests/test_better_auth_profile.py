@@ -10,12 +10,10 @@ import sqlalchemy as sa
 from reap_helpers import make_config
 from server_schemas import BetterAuth
 
-from reaper.check import check_schema
-from reaper.classify import Verdict
-from reaper.profile import bind_profile
-from reaper.reap import apply, plan
-from reaper.report import classified
-from reaper.restore import restore
+from reaper.analysis.model import Verdict
+from reaper.commands import apply, classified, plan, restore
+from reaper.db import check_schema
+from reaper.profiles import bind_profile
 
 HOUR, DAY = 3600, 86400
 
@@ -40,10 +38,7 @@ def test_camel_case_and_snake_case_schemas_read_the_same(pg_db, naming):
     got = scan(pg_db.url, **options)
     assert (got[old].verdict, got[new].verdict) == (Verdict.ORPHAN, Verdict.LIVE)
     assert got[new].row.software_id == "claude-code" and got[new].row.subject == "alice"
-    assert (
-        check_schema(pg_db.engine, bind_profile(make_config(pg_db.url, profile="better-auth", **options)))
-        == []
-    )
+    assert check_schema(pg_db.engine, bind_profile(make_config(pg_db.url, profile="better-auth", **options))) == []
     if naming == "snake_case":  # without the option the camelCase names are looked for, and not found
         problems = check_schema(pg_db.engine, bind_profile(make_config(pg_db.url, profile="better-auth")))
         assert "table 'oauthClient' not found (profile 'better-auth')" in problems
@@ -65,9 +60,7 @@ def test_refresh_tokens_carry_liveness(pg_db):
         made[name] = b.client(name, [f"https://{name}.example.com/cb"], 40 * DAY)
         setup(made[name])
     got = scan(pg_db.url)
-    assert {n: got[c].verdict is Verdict.LIVE for n, c in made.items()} == {
-        n: v for n, (_, v) in cases.items()
-    }
+    assert {n: got[c].verdict is Verdict.LIVE for n, c in made.items()} == {n: v for n, (_, v) in cases.items()}
 
 
 def test_client_discovery_id_marks_cimd(pg_db):

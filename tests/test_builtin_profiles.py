@@ -11,11 +11,11 @@ import sqlalchemy as sa
 from reap_helpers import make_config
 from reaper_testkit import REPO, run_cli
 
-from reaper.check import check_schema
+from reaper.db import check_schema
 from reaper.errors import ConfigError
-from reaper.profile import bind_profile, builtin_profiles, load_profile, parse_profile
-from reaper.profile_names import snake_case
-from reaper.scan import profile_columns
+from reaper.profiles import bind_profile, builtin_profiles, load_profile, parse_profile
+from reaper.profiles import profile_reads as profile_columns
+from reaper.profiles.names import snake_case
 
 BUILTINS = sorted(builtin_profiles())
 DOCS = (REPO / "docs" / "profiles.md").read_text(encoding="utf-8")
@@ -53,19 +53,19 @@ def test_each_builtin_binds_and_is_documented(name: str):
     assert f"| `{name}` |" in DOCS, f"{name} is missing from the table in docs/profiles.md"
     assert f"### {name}" in DOCS or f"/ {name}" in DOCS, f"{name} has no traps section in docs/profiles.md"
     bound = bind_profile(make_config("sqlite:////nonexistent.db", profile=name))
-    assert profile_columns(bound), name
+    assert profile_columns(bound.profile), name
 
 
 @pytest.mark.parametrize("name", [n for n in BUILTINS if "postgresql" in load_profile(n).database])
 def test_check_lists_every_missing_table_on_an_empty_database(pg_db, name: str):
     bound = bind_profile(make_config(pg_db.url, profile=name))
-    tables = sorted(profile_columns(bound))
+    tables = sorted(profile_columns(bound.profile))
     assert check_schema(pg_db.engine, bound) == [f"table '{t}' not found (profile '{name}')" for t in tables]
 
 
 def test_keycloak_reads_every_table_it_joins():
     bound = bind_profile(make_config("sqlite:////x.db", profile="keycloak"))
-    cols = profile_columns(bound)
+    cols = profile_columns(bound.profile)
     assert set(cols) == {
         "client",
         "redirect_uris",
@@ -115,7 +115,7 @@ def test_naming_and_renames_are_baked_into_the_bound_profile():
     assert bound.client.table == "oauth_client" and bound.client.key == "client_id"
     assert [c.table for c in bound.credentials] == ["oauth_refresh_token", "oauth_access_token", "consents"]
     assert bound.profile.delete.disable_set == {"disabled": True}
-    assert bound.table("oauthConsent") == "consents" and bound.table("consents") == "consents"
+    assert bound.profile.credential("consent").table == "consents"
     with pytest.raises(ConfigError, match="options.naming: expected one of as_is, snake_case"):
         bind_profile(make_config("sqlite:////x.db", profile="better-auth", options={"naming": "kebab"}))
 
@@ -139,9 +139,7 @@ def test_format_errors_name_the_key():
         parse_profile(
             {
                 **base,
-                "credentials": [
-                    {"name": "t", "table": "t", "ref": "c", "live": {"exists": {"table": "u", "on": {}}}}
-                ],
+                "credentials": [{"name": "t", "table": "t", "ref": "c", "live": {"exists": {"table": "u", "on": {}}}}],
             },
             "x.toml",
         )

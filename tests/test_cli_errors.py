@@ -113,15 +113,11 @@ def test_wrong_type_names_the_key(tmp_path, content, key, detail):
 def test_bad_value_from_environment_names_the_variable_not_the_file(tmp_path):
     # A valid ./dcr-reaper.toml is picked up; the bad value comes from the environment, and the message must
     # blame the variable, not the file.
-    (tmp_path / "dcr-reaper.toml").write_text(
-        'profile = "mcp-memory-service"\n[classify]\nyoung_for = "1h"\n'
-    )
+    (tmp_path / "dcr-reaper.toml").write_text('profile = "mcp-memory-service"\n[classify]\nyoung_for = "1h"\n')
     env = clean_env(DCR_REAPER_CLASSIFY__YOUNG_FOR="abc", DCR_REAPER_BOGUS="1")
     res = run_cli(["check"], tmp_path, env=env)
     lines = assert_errors(res, 2, count=2)
-    assert any(line.startswith("DCR_REAPER_CLASSIFY__YOUNG_FOR: classify.young_for:") for line in lines), (
-        lines
-    )
+    assert any(line.startswith("DCR_REAPER_CLASSIFY__YOUNG_FOR: classify.young_for:") for line in lines), lines
     assert any(line.startswith("DCR_REAPER_BOGUS: unknown key 'bogus'") for line in lines), lines
     assert not any("dcr-reaper.toml" in line for line in lines), lines
 
@@ -381,9 +377,7 @@ def test_broken_pipe_exits_quietly(tmp_path, big_db, fmt):
     rc_out = shlex.quote(str(rc_file))
     script = f"set +o pipefail; {shlex.join(command)} | head -1; echo ${{PIPESTATUS[0]}} > {rc_out}"
     env = clean_env()
-    res = subprocess.run(
-        ["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-    )
+    res = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0
     assert res.stderr == "", res.stderr
     assert len(res.stdout.splitlines()) == 1

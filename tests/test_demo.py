@@ -4,10 +4,10 @@ import json
 import subprocess
 import sys
 
-from reaper.classify import Verdict
+from reaper.analysis.model import Verdict
+from reaper.commands import classified
 from reaper.config import load_config
 from reaper.demo import CHURN_NAME, CHURN_REGISTRATIONS, build_demo
-from reaper.report import classified
 
 
 def _classify(path):
@@ -42,13 +42,28 @@ def test_demo_reproduces_the_churn_report(tmp_path):
 
 def test_demo_command_prints_report_and_database_path(tmp_path):
     db = tmp_path / "d.sqlite"
-    out = subprocess.run([sys.executable, "-m", "reaper", "demo", "--db", str(db)], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "reaper", "demo", "--db", str(db)], capture_output=True, text=True, check=True
+    ).stdout
     assert CHURN_NAME in out and "Visual Studio Code" in out
     assert f"Demo database: {db}" in out
     report = subprocess.run(
-        [sys.executable, "-m", "reaper", "report", "--profile", "mcp-memory-service", "--database-url",
-         f"sqlite:///{db}", "--format", "json"], capture_output=True, text=True, check=True).stdout
+        [
+            sys.executable,
+            "-m",
+            "reaper",
+            "report",
+            "--profile",
+            "mcp-memory-service",
+            "--database-url",
+            f"sqlite:///{db}",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     data = json.loads(report)
     assert data["summary"]["by_verdict"]["orphan"] == CHURN_REGISTRATIONS - 1
     assert data["summary"]["by_verdict"]["live"] == 2

@@ -47,8 +47,8 @@ from reaper_testkit import clean_env, run_cli
 from sqlalchemy.engine import make_url
 
 from reaper.config import load_config
-from reaper.profile import bind_profile
-from reaper.scan import profile_columns
+from reaper.profiles import bind_profile
+from reaper.profiles import profile_reads as profile_columns
 
 
 def duration_seconds(text: str) -> float:
@@ -78,26 +78,29 @@ def documented_metrics() -> set[str]:
 
 
 def test_promtool_check_rules_accepts_the_rules_file() -> None:
-    res = subprocess.run([tool("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True,
-                         timeout=60)
+    res = subprocess.run([tool("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"SUCCESS: {len(load_rules())} rules found" in res.stdout
 
 
 def test_promtool_rule_unit_tests_pass() -> None:
-    res = subprocess.run([tool("promtool"), "test", "rules", RULES_TEST.name], cwd=RULES_TEST.parent,
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [tool("promtool"), "test", "rules", RULES_TEST.name],
+        cwd=RULES_TEST.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "SUCCESS" in res.stdout
 
 
 def test_promtool_check_config_accepts_the_example_prometheus_config() -> None:
     config = DEPLOY / "prometheus" / "prometheus.yml"
-    res = subprocess.run([tool("promtool"), "check", "config", str(config)], capture_output=True, text=True,
-                         timeout=60)
+    res = subprocess.run([tool("promtool"), "check", "config", str(config)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     scrape = yaml.safe_load(config.read_text())["scrape_configs"]
-    assert [s["job_name"] for s in scrape] == ["dcr-reaper"], "the alert rules select job=\"dcr-reaper\""
+    assert [s["job_name"] for s in scrape] == ["dcr-reaper"], 'the alert rules select job="dcr-reaper"'
 
 
 def test_the_rules_define_exactly_the_documented_alerts() -> None:
@@ -206,12 +209,19 @@ def test_dashboard_panels_do_not_overlap() -> None:
 
 def test_every_dashboard_query_parses_as_promql(tmp_path: Path) -> None:
     """promtool parses each query (as a recording rule): a syntax error fails here, without a Prometheus."""
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{i}", "expr": expr} for i, (_, expr) in enumerate(dashboard_exprs())]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query_{i}", "expr": expr} for i, (_, expr) in enumerate(dashboard_exprs())
+                ],
+            }
+        ]
+    }
     path = tmp_path / "dashboard-queries.yaml"
     path.write_text(yaml.safe_dump(rules))
-    res = subprocess.run([tool("promtool"), "check", "rules", str(path)], capture_output=True, text=True,
-                         timeout=60)
+    res = subprocess.run([tool("promtool"), "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -226,8 +236,9 @@ def test_grafana_provisioning_points_at_a_file_provider() -> None:
 
 
 def test_generated_manifests_are_up_to_date() -> None:
-    res = subprocess.run([sys.executable, str(DEPLOY / "render.py"), "--check"], capture_output=True,
-                         text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, str(DEPLOY / "render.py"), "--check"], capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0, res.stderr
 
 
@@ -249,75 +260,166 @@ def test_dashboard_configmap_embeds_the_dashboard_byte_for_byte() -> None:
 # Operator CRDs: they get the strict structural schemas below instead, written from the
 # monitoring.coreos.com/v1 CRDs and limited to the fields these manifests may use (anything else is rejected,
 # as --strict does).
-DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?"
-                                         r"(([0-9]+)s)?(([0-9]+)ms)?)$"}
+DURATION = {
+    "type": "string",
+    "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?"
+    r"(([0-9]+)s)?(([0-9]+)ms)?)$",
+}
 STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 METADATA = {
-    "type": "object", "required": ["name"], "additionalProperties": False,
-    "properties": {"name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
-                   "namespace": {"type": "string"}, "labels": STRING_MAP, "annotations": STRING_MAP},
+    "type": "object",
+    "required": ["name"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+        "namespace": {"type": "string"},
+        "labels": STRING_MAP,
+        "annotations": STRING_MAP,
+    },
 }
 PROMETHEUS_RULE_SCHEMA = {
-    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
     "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PrometheusRule"},
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
         "metadata": METADATA,
-        "spec": {"type": "object", "required": ["groups"], "additionalProperties": False, "properties": {
-            "groups": {"type": "array", "minItems": 1, "items": {
-                "type": "object", "required": ["name", "rules"], "additionalProperties": False,
-                "properties": {
-                    "name": {"type": "string", "minLength": 1}, "interval": DURATION,
-                    "limit": {"type": "integer"}, "partial_response_strategy": {"type": "string"},
-                    "query_offset": DURATION,
-                    "labels": STRING_MAP,
-                    "rules": {"type": "array", "items": {
-                        "type": "object", "required": ["expr"], "additionalProperties": False,
-                        "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+        "spec": {
+            "type": "object",
+            "required": ["groups"],
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "additionalProperties": False,
                         "properties": {
-                            "alert": {"type": "string"}, "record": {"type": "string"},
-                            "expr": {"type": ["string", "integer"]}, "for": DURATION,
-                            "keep_firing_for": DURATION, "labels": STRING_MAP, "annotations": STRING_MAP,
-                        }}},
-                }}},
-        }},
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": DURATION,
+                            "limit": {"type": "integer"},
+                            "partial_response_strategy": {"type": "string"},
+                            "query_offset": DURATION,
+                            "labels": STRING_MAP,
+                            "rules": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["expr"],
+                                    "additionalProperties": False,
+                                    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                    "properties": {
+                                        "alert": {"type": "string"},
+                                        "record": {"type": "string"},
+                                        "expr": {"type": ["string", "integer"]},
+                                        "for": DURATION,
+                                        "keep_firing_for": DURATION,
+                                        "labels": STRING_MAP,
+                                        "annotations": STRING_MAP,
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
     },
 }
 RELABEL = {
-    "type": "object", "additionalProperties": False, "properties": {
-        "action": {"enum": ["replace", "keep", "drop", "keepequal", "dropequal", "hashmod", "labelmap",
-                            "labeldrop", "labelkeep", "lowercase", "uppercase"]},
-        "sourceLabels": {"type": "array", "items": {"type": "string"}}, "separator": {"type": "string"},
-        "targetLabel": {"type": "string"}, "regex": {"type": "string"}, "modulus": {"type": "integer"},
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "action": {
+            "enum": [
+                "replace",
+                "keep",
+                "drop",
+                "keepequal",
+                "dropequal",
+                "hashmod",
+                "labelmap",
+                "labeldrop",
+                "labelkeep",
+                "lowercase",
+                "uppercase",
+            ]
+        },
+        "sourceLabels": {"type": "array", "items": {"type": "string"}},
+        "separator": {"type": "string"},
+        "targetLabel": {"type": "string"},
+        "regex": {"type": "string"},
+        "modulus": {"type": "integer"},
         "replacement": {"type": "string"},
     },
 }
 PODMONITOR_SCHEMA = {
-    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
     "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PodMonitor"},
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PodMonitor"},
         "metadata": METADATA,
-        "spec": {"type": "object", "required": ["selector", "podMetricsEndpoints"],
-                 "additionalProperties": False, "properties": {
-            "jobLabel": {"type": "string"},
-            "podTargetLabels": {"type": "array", "items": {"type": "string"}},
-            "namespaceSelector": {"type": "object", "additionalProperties": False, "properties": {
-                "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}}},
-            "selector": {"type": "object", "additionalProperties": False, "properties": {
-                "matchLabels": STRING_MAP,
-                "matchExpressions": {"type": "array", "items": {
-                    "type": "object", "required": ["key", "operator"], "additionalProperties": False,
-                    "properties": {"key": {"type": "string"},
-                                   "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
-                                   "values": {"type": "array", "items": {"type": "string"}}}}}}},
-            "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {
-                "type": "object", "additionalProperties": False, "properties": {
-                    "port": {"type": "string"}, "path": {"type": "string", "pattern": "^/"},
-                    "scheme": {"enum": ["http", "https"]}, "interval": DURATION, "scrapeTimeout": DURATION,
-                    "honorLabels": {"type": "boolean"}, "honorTimestamps": {"type": "boolean"},
-                    "relabelings": {"type": "array", "items": RELABEL},
-                    "metricRelabelings": {"type": "array", "items": RELABEL},
-                }}},
-        }},
+        "spec": {
+            "type": "object",
+            "required": ["selector", "podMetricsEndpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "jobLabel": {"type": "string"},
+                "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+                "namespaceSelector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "any": {"type": "boolean"},
+                        "matchNames": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "matchLabels": STRING_MAP,
+                        "matchExpressions": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["key", "operator"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "key": {"type": "string"},
+                                    "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                                    "values": {"type": "array", "items": {"type": "string"}},
+                                },
+                            },
+                        },
+                    },
+                },
+                "podMetricsEndpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string", "pattern": "^/"},
+                            "scheme": {"enum": ["http", "https"]},
+                            "interval": DURATION,
+                            "scrapeTimeout": DURATION,
+                            "honorLabels": {"type": "boolean"},
+                            "honorTimestamps": {"type": "boolean"},
+                            "relabelings": {"type": "array", "items": RELABEL},
+                            "metricRelabelings": {"type": "array", "items": RELABEL},
+                        },
+                    },
+                },
+            },
+        },
     },
 }
 CRD_SCHEMAS = {"PrometheusRule": PROMETHEUS_RULE_SCHEMA, "PodMonitor": PODMONITOR_SCHEMA}
@@ -394,8 +496,11 @@ def reaper_container(deployment: dict[str, Any]) -> tuple[dict[str, Any], str]:
 
 def test_deployments_run_dcr_reaper_as_documented() -> None:
     deployments = by_kind("Deployment")
-    assert set(deployments) == {"deployment-native-sidecar.yaml", "deployment-sidecar.yaml",
-                                "deployment-standalone.yaml"}
+    assert set(deployments) == {
+        "deployment-native-sidecar.yaml",
+        "deployment-sidecar.yaml",
+        "deployment-standalone.yaml",
+    }
     (secret,) = by_kind("Secret").values()
     config_map = by_kind("ConfigMap")["configmap.yaml"]
     (monitor,) = by_kind("PodMonitor").values()
@@ -414,7 +519,9 @@ def test_deployments_run_dcr_reaper_as_documented() -> None:
         assert container["args"] == ["serve"]
         env = {e["name"]: e for e in container["env"]}
         assert env["DCR_REAPER_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
-            "name": secret["metadata"]["name"], "key": "url"}
+            "name": secret["metadata"]["name"],
+            "key": "url",
+        }
         assert "url" in secret["stringData"]
         (port,) = container["ports"]
         assert port["containerPort"] == 9465
@@ -463,8 +570,11 @@ def test_the_configmap_holds_a_valid_dcr_reaper_config(tmp_path: Path) -> None:
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
     text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip())
-            for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip())
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def test_dockerfile_builds_a_non_root_image_that_serves_by_default() -> None:
@@ -535,10 +645,17 @@ def systemd_unit() -> dict[str, list[tuple[str, str]]]:
 def test_systemd_unit_is_hardened() -> None:
     service = dict(systemd_unit()["Service"])
     assert service["ExecStart"].endswith("dcr-reaper serve")
-    for key, value in {"DynamicUser": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
-                       "NoNewPrivileges": "yes", "PrivateTmp": "yes", "PrivateDevices": "yes",
-                       "CapabilityBoundingSet": "", "RestrictSUIDSGID": "yes",
-                       "MemoryDenyWriteExecute": "yes"}.items():
+    for key, value in {
+        "DynamicUser": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "NoNewPrivileges": "yes",
+        "PrivateTmp": "yes",
+        "PrivateDevices": "yes",
+        "CapabilityBoundingSet": "",
+        "RestrictSUIDSGID": "yes",
+        "MemoryDenyWriteExecute": "yes",
+    }.items():
         assert service.get(key) == value, key
     assert "AF_INET" in service["RestrictAddressFamilies"]
 
@@ -555,8 +672,9 @@ def test_systemd_verify_and_security_score(tmp_path: Path) -> None:
     res = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and not res.stderr.strip(), res.stdout + res.stderr
     # Exposure 0 (best) .. 10 (worst); threshold 20 = 2.0, systemd's "OK" band.
-    res = subprocess.run([analyze, "security", "--offline=true", "--threshold=20", str(unit)],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [analyze, "security", "--offline=true", "--threshold=20", str(unit)], capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0, res.stdout[-800:] + res.stderr
 
 
@@ -591,16 +709,39 @@ class Roles:
         if url.password:
             env["PGPASSWORD"] = url.password
         return subprocess.run(
-            [tool("psql"), "-X", "-q", "-h", url.host or "127.0.0.1", "-p", str(url.port or 5432),
-             "-U", url.username or "postgres", "-d", url.database or "",
-             "-v", "ON_ERROR_STOP=1", "-v", f"report_role={self.report}", "-v", f"reap_role={self.reap}",
-             "-f", str(ROLES_SQL)],
-            capture_output=True, text=True, env=env, timeout=60)
+            [
+                tool("psql"),
+                "-X",
+                "-q",
+                "-h",
+                url.host or "127.0.0.1",
+                "-p",
+                str(url.port or 5432),
+                "-U",
+                url.username or "postgres",
+                "-d",
+                url.database or "",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-v",
+                f"report_role={self.report}",
+                "-v",
+                f"reap_role={self.reap}",
+                "-f",
+                str(ROLES_SQL),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
 
     def drop(self) -> None:
         with self.db.engine.connect() as conn:
-            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                 "WHERE usename IN (:a, :b)"), {"a": self.report, "b": self.reap})
+            conn.execute(
+                sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename IN (:a, :b)"),
+                {"a": self.report, "b": self.reap},
+            )
             for role in (self.reap, self.report):
                 if conn.execute(sa.text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": role}).first():
                     conn.execute(sa.text(f'DROP OWNED BY "{role}" CASCADE'))
@@ -630,11 +771,15 @@ def run_json(args: list[str], tmp_path: Path, **env: str) -> dict[str, Any]:
 
 def test_roles_script_is_idempotent_and_converges(roles: Roles) -> None:
     """A second run succeeds and takes back what the file does not grant (here: a stray secret column)."""
+
     def secret_readable() -> bool:
         with roles.db.engine.connect() as conn:
-            return bool(conn.execute(sa.text(
-                "SELECT has_column_privilege(:r, 'oauth2_client', 'client_secret', 'SELECT')"),
-                {"r": roles.report}).scalar())
+            return bool(
+                conn.execute(
+                    sa.text("SELECT has_column_privilege(:r, 'oauth2_client', 'client_secret', 'SELECT')"),
+                    {"r": roles.report},
+                ).scalar()
+            )
 
     assert not secret_readable()
     with roles.db.engine.begin() as conn:
@@ -647,20 +792,25 @@ def test_roles_script_is_idempotent_and_converges(roles: Roles) -> None:
 
 def test_report_role_gets_exactly_the_columns_the_profile_reads(roles: Roles) -> None:
     config = load_config(None, {"database_url": roles.db.url, "profile": "authlib"}, environ={})
-    expected = {(table, col) for table, cols in profile_columns(bind_profile(config)).items() for col in cols}
+    expected = {(table, col) for table, cols in profile_columns(bind_profile(config).profile).items() for col in cols}
     with roles.db.engine.connect() as conn:
-        granted = set(conn.execute(sa.text(
-            "SELECT table_name, column_name FROM information_schema.column_privileges "
-            "WHERE grantee = :r AND privilege_type = 'SELECT'"), {"r": roles.report}).all())
-        table_grants = conn.execute(sa.text(
-            "SELECT count(*) FROM information_schema.table_privileges WHERE grantee = :r"),
-            {"r": roles.report}).scalar()
+        granted = set(
+            conn.execute(
+                sa.text(
+                    "SELECT table_name, column_name FROM information_schema.column_privileges "
+                    "WHERE grantee = :r AND privilege_type = 'SELECT'"
+                ),
+                {"r": roles.report},
+            ).all()
+        )
+        table_grants = conn.execute(
+            sa.text("SELECT count(*) FROM information_schema.table_privileges WHERE grantee = :r"), {"r": roles.report}
+        ).scalar()
     assert granted == expected
     assert table_grants == 0, "the report role must not get whole tables (client_secret, access_token)"
 
 
-def test_report_role_reports_and_serves_but_the_database_refuses_its_writes(roles: Roles,
-                                                                            tmp_path: Path) -> None:
+def test_report_role_reports_and_serves_but_the_database_refuses_its_writes(roles: Roles, tmp_path: Path) -> None:
     report = run_json(["report", "--profile", "authlib", "--database-url", roles.url(roles.report)], tmp_path)
     verdicts = {c["verdict"] for c in report["clients"]}
     assert len(report["clients"]) == 9 and verdicts == {"live", "orphan"}
@@ -668,15 +818,17 @@ def test_report_role_reports_and_serves_but_the_database_refuses_its_writes(role
     # A plain read-write connection as the role: the grants alone refuse every write and every secret.
     engine = sa.create_engine(roles.url(roles.report))
     try:
-        for statement in ("DELETE FROM oauth2_client",
-                          "UPDATE oauth2_client SET client_metadata = '{}'",
-                          "INSERT INTO oauth2_token (client_id, access_token, issued_at, expires_in,"
-                          " access_token_revoked_at, refresh_token_revoked_at) VALUES ('x', 'y', 0, 0, 0, 0)",
-                          "DELETE FROM oauth2_code",
-                          "SELECT client_secret FROM oauth2_client",
-                          "SELECT access_token FROM oauth2_token",
-                          "CREATE TABLE public.dcr_reaper_runs (id int)",
-                          "CREATE SCHEMA dcr_sneaky"):
+        for statement in (
+            "DELETE FROM oauth2_client",
+            "UPDATE oauth2_client SET client_metadata = '{}'",
+            "INSERT INTO oauth2_token (client_id, access_token, issued_at, expires_in,"
+            " access_token_revoked_at, refresh_token_revoked_at) VALUES ('x', 'y', 0, 0, 0, 0)",
+            "DELETE FROM oauth2_code",
+            "SELECT client_secret FROM oauth2_client",
+            "SELECT access_token FROM oauth2_token",
+            "CREATE TABLE public.dcr_reaper_runs (id int)",
+            "CREATE SCHEMA dcr_sneaky",
+        ):
             with engine.connect() as conn, pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
                 conn.execute(sa.text(statement))
     finally:
@@ -695,10 +847,28 @@ def assert_serves(url: str, tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "reaper", "serve", "--profile", "authlib",
-                             "--database-url", url, "--bind", "127.0.0.1", "--port", str(port),
-                             "--interval", "1s"],
-                            cwd=tmp_path, env=clean_env(), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "reaper",
+            "serve",
+            "--profile",
+            "authlib",
+            "--database-url",
+            url,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--interval",
+            "1s",
+        ],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -727,26 +897,35 @@ def assert_serves(url: str, tmp_path: Path) -> None:
 
 def test_reap_role_applies_with_a_ledger_and_restores(roles: Roles, tmp_path: Path) -> None:
     url = roles.url(roles.reap)
-    policy = {"DCR_REAPER_POLICY__MIN_AGE": "1h", "DCR_REAPER_POLICY__MAX_FRACTION": "1.0",
-              "DCR_REAPER_POLICY__LATE_TOKEN_SWEEP": "0.2s"}
+    policy = {
+        "DCR_REAPER_POLICY__MIN_AGE": "1h",
+        "DCR_REAPER_POLICY__MAX_FRACTION": "1.0",
+        "DCR_REAPER_POLICY__LATE_TOKEN_SWEEP": "0.2s",
+    }
     result = run_json(["reap", "--apply", "--profile", "authlib", "--database-url", url], tmp_path, **policy)
     assert result["applied"] is True and result["planned"] == 7
     with roles.db.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM oauth2_client")).scalar() == 2
-        ledger = conn.execute(sa.text(
-            "SELECT tablename, tableowner FROM pg_tables WHERE schemaname = :s ORDER BY 1"),
-            {"s": roles.ledger_schema}).all()
-        assert ledger == [("dcr_reaper_aliases", roles.reap), ("dcr_reaper_runs", roles.reap),
-                          ("dcr_reaper_tombstones", roles.reap)]
-        tombstones = conn.execute(sa.text(
-            f"SELECT count(*) FROM {roles.ledger_schema}.dcr_reaper_tombstones WHERE run_id = :r"),
-            {"r": result["run_id"]}).scalar()
+        ledger = conn.execute(
+            sa.text("SELECT tablename, tableowner FROM pg_tables WHERE schemaname = :s ORDER BY 1"),
+            {"s": roles.ledger_schema},
+        ).all()
+        assert ledger == [
+            ("dcr_reaper_aliases", roles.reap),
+            ("dcr_reaper_runs", roles.reap),
+            ("dcr_reaper_tombstones", roles.reap),
+        ]
+        tombstones = conn.execute(
+            sa.text(f"SELECT count(*) FROM {roles.ledger_schema}.dcr_reaper_tombstones WHERE run_id = :r"),
+            {"r": result["run_id"]},
+        ).scalar()
         assert tombstones == 7
-        assert not conn.execute(sa.text("SELECT 1 FROM pg_tables WHERE tablename LIKE 'dcr_reaper_%' "
-                                        "AND schemaname <> :s"), {"s": roles.ledger_schema}).first()
+        assert not conn.execute(
+            sa.text("SELECT 1 FROM pg_tables WHERE tablename LIKE 'dcr_reaper_%' AND schemaname <> :s"),
+            {"s": roles.ledger_schema},
+        ).first()
     # restore puts every client back (INSERT is granted for this and for the late-token sweep).
-    res = run_cli(["restore", "--run", result["run_id"], "--profile", "authlib", "--database-url", url],
-                  tmp_path)
+    res = run_cli(["restore", "--run", result["run_id"], "--profile", "authlib", "--database-url", url], tmp_path)
     assert res.returncode == 0, res.stderr
     assert "restored 7 client(s)" in res.stdout
     with roles.db.engine.connect() as conn:
@@ -754,9 +933,11 @@ def test_reap_role_applies_with_a_ledger_and_restores(roles: Roles, tmp_path: Pa
     # Still no general write access: no updates of client data, no tables outside its ledger schema.
     engine = sa.create_engine(url)
     try:
-        for statement in ("UPDATE oauth2_client SET client_metadata = '{}'",
-                          "UPDATE oauth2_token SET expires_in = 0",
-                          "CREATE TABLE public.sneaky (id int)"):
+        for statement in (
+            "UPDATE oauth2_client SET client_metadata = '{}'",
+            "UPDATE oauth2_token SET expires_in = 0",
+            "CREATE TABLE public.sneaky (id int)",
+        ):
             with engine.connect() as conn, pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
                 conn.execute(sa.text(statement))
     finally:
@@ -765,8 +946,9 @@ def test_reap_role_applies_with_a_ledger_and_restores(roles: Roles, tmp_path: Pa
 
 def test_report_role_cannot_reap(roles: Roles, tmp_path: Path) -> None:
     env = clean_env(DCR_REAPER_POLICY__MIN_AGE="1h", DCR_REAPER_POLICY__MAX_FRACTION="1.0")
-    res = run_cli(["reap", "--apply", "--profile", "authlib", "--database-url", roles.url(roles.report)],
-                  tmp_path, env=env)
+    res = run_cli(
+        ["reap", "--apply", "--profile", "authlib", "--database-url", roles.url(roles.report)], tmp_path, env=env
+    )
     assert res.returncode == 1, res.stdout + res.stderr
     assert "permission denied" in res.stderr
     with roles.db.engine.connect() as conn:
@@ -775,7 +957,15 @@ def test_report_role_cannot_reap(roles: Roles, tmp_path: Path) -> None:
 
 def test_roles_sql_documents_its_variables() -> None:
     text = ROLES_SQL.read_text()
-    for variable in ("dbname", "schema", "client_table", "token_table", "code_table", "ledger_schema",
-                     "report_role", "reap_role"):
+    for variable in (
+        "dbname",
+        "schema",
+        "client_table",
+        "token_table",
+        "code_table",
+        "ledger_schema",
+        "report_role",
+        "reap_role",
+    ):
         assert re.search(rf"^--\s+{variable}\s", text, flags=re.M), variable
         assert f":{{?{variable}}}" in text, variable

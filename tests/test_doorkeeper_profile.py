@@ -9,11 +9,10 @@ import sqlalchemy as sa
 from reap_helpers import make_config
 from server_schemas import Doorkeeper
 
-from reaper.check import check_schema
-from reaper.classify import Verdict
-from reaper.profile import bind_profile
-from reaper.reap import apply, plan
-from reaper.report import classified
+from reaper.analysis.model import Verdict
+from reaper.commands import apply, classified, plan
+from reaper.db import check_schema
+from reaper.profiles import bind_profile
 
 HOUR, DAY = 3600, 86400
 PROFILE = "doorkeeper"
@@ -66,9 +65,7 @@ def test_reap_deletes_grants_and_tokens_before_the_application(pg_db):
     d = Doorkeeper(pg_db.engine)
     olds = []
     for i in range(3):
-        app_id, uid = d.application(
-            "Claude Code (rails)", [f"http://localhost:{50100 + i}/callback"], (5 - i) * DAY
-        )
+        app_id, uid = d.application("Claude Code (rails)", [f"http://localhost:{50100 + i}/callback"], (5 - i) * DAY)
         d.token(app_id, age=(5 - i) * DAY, expires_in=7200, refresh=True, revoked_in=-(4 - i) * DAY)
         d.grant(app_id, age=(5 - i) * DAY)
         olds.append(uid)

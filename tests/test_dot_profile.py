@@ -15,14 +15,12 @@ import sqlalchemy as sa
 from reap_helpers import make_config
 from reaper_testkit import REPO, clean_env
 
-from reaper.check import check_schema
-from reaper.classify import Verdict
+from reaper.analysis.model import Verdict
+from reaper.commands import apply, classified, plan, restore
+from reaper.db import check_schema
 from reaper.errors import DatabaseError
 from reaper.ledger import decode_payload
-from reaper.profile import bind_profile
-from reaper.reap import apply, plan
-from reaper.report import classified
-from reaper.restore import restore
+from reaper.profiles import bind_profile
 
 HOUR, DAY = 3600, 86400
 APP = "oauth2_provider_application"
@@ -105,10 +103,7 @@ CHURN = [
 def test_real_dot_registrations_are_classified_and_orphans_reaped(any_db, tmp_path: Path):
     made = build(any_db.url, CHURN)
     cid = {label: v["client_id"] for label, v in made.items()}
-    assert (
-        check_schema(any_db.engine, bind_profile(make_config(any_db.url, profile="django-oauth-toolkit")))
-        == []
-    )
+    assert check_schema(any_db.engine, bind_profile(make_config(any_db.url, profile="django-oauth-toolkit"))) == []
 
     got = verdicts(any_db.url)
     assert {label: (got[c].verdict, got[c].reason) for label, c in cid.items()} == {

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from reaper.analysis.fingerprint import family_key, ip_prefix, is_loopback_host, normalize_name, normalize_redirect_uri
 from reaper.config import FAMILY_COMPONENTS
-from reaper.fingerprint import family_key, ip_prefix, is_loopback_host, normalize_name, normalize_redirect_uri
 
 # When a property fails, Hypothesis imports libcst to suggest a patch, and that import raises a
 # DeprecationWarning (mypy_extensions.TypedDict) in a pytest hook, where filterwarnings=error turns the
@@ -30,18 +30,14 @@ prop = settings(deadline=None, max_examples=200)
 
 PATH_CHARS = "abcxyzABC0189-._~!$&'()*+,;=:@"  # RFC 3986 pchar without '%' and '/'
 segment = st.text(PATH_CHARS, max_size=8)
-paths = st.one_of(
-    st.just(""), st.lists(segment, min_size=1, max_size=4).map(lambda segs: "/" + "/".join(segs))
-)
+paths = st.one_of(st.just(""), st.lists(segment, min_size=1, max_size=4).map(lambda segs: "/" + "/".join(segs)))
 queries = st.one_of(st.just(""), st.text("abcxyz019=&", min_size=1, max_size=10).map(lambda q: "?" + q))
 ports = st.one_of(st.none(), st.integers(0, 65535))
 schemes = st.sampled_from(["http", "https", "HTTP", "Https"])
 
 loopback_hosts = st.one_of(
     st.sampled_from(["localhost", "LOCALHOST", "LocalHost", "[::1]", "[0:0:0:0:0:0:0:1]"]),
-    st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(0, 255)).map(
-        lambda t: "127.{}.{}.{}".format(*t)
-    ),
+    st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(0, 255)).map(lambda t: "127.{}.{}.{}".format(*t)),
 )
 label = st.text("abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=10)
 dns_hosts = st.lists(label, min_size=1, max_size=4).map(".".join)
@@ -73,18 +69,14 @@ def test_loopback_uris_that_differ_only_by_port_are_the_same(scheme, host, p1, p
 @given(schemes, other_hosts, other_hosts, ports, ports, paths)
 def test_different_non_loopback_hosts_never_meet(scheme, h1, h2, p1, p2, path):
     assume(h1 != h2)
-    assert normalize_redirect_uri(uri(scheme, h1, p1, path)) != normalize_redirect_uri(
-        uri(scheme, h2, p2, path)
-    )
+    assert normalize_redirect_uri(uri(scheme, h1, p1, path)) != normalize_redirect_uri(uri(scheme, h2, p2, path))
 
 
 @prop
 @given(schemes, other_hosts, ports, ports, paths)
 def test_a_non_loopback_host_keeps_its_port(scheme, host, p1, p2, path):
     assume(p1 != p2)
-    assert normalize_redirect_uri(uri(scheme, host, p1, path)) != normalize_redirect_uri(
-        uri(scheme, host, p2, path)
-    )
+    assert normalize_redirect_uri(uri(scheme, host, p1, path)) != normalize_redirect_uri(uri(scheme, host, p2, path))
 
 
 @prop
@@ -119,9 +111,7 @@ def test_different_paths_never_meet(scheme, host, p1, p2, path1, path2):
     assume(path1 != path2)
     if not is_loopback_host(host.strip("[]").lower()):
         p2 = p1
-    assert normalize_redirect_uri(uri(scheme, host, p1, path1)) != normalize_redirect_uri(
-        uri(scheme, host, p2, path2)
-    )
+    assert normalize_redirect_uri(uri(scheme, host, p1, path1)) != normalize_redirect_uri(uri(scheme, host, p2, path2))
 
 
 @prop
@@ -168,15 +158,11 @@ WHITESPACE = [" ", "  ", "\t", "\n", "\u00a0", "\u2003", "\u3000", " \t "]
 @prop
 @given(cased_names, st.data())
 def test_names_that_differ_only_in_case_are_one_family(name, data):
-    flips = data.draw(
-        st.lists(st.sampled_from([str, str.upper, str.lower]), min_size=len(name), max_size=len(name))
-    )
+    flips = data.draw(st.lists(st.sampled_from([str, str.upper, str.lower]), min_size=len(name), max_size=len(name)))
     variant = "".join(f(c) for f, c in zip(flips, name, strict=True))
     for other in (variant, name.upper(), name.lower(), name.swapcase()):
         assert normalize_name(other) == normalize_name(name), (name, other)
-        assert family_key(("name",), other, (), None, None, None) == family_key(
-            ("name",), name, (), None, None, None
-        )
+        assert family_key(("name",), other, (), None, None, None) == family_key(("name",), name, (), None, None, None)
 
 
 @prop
@@ -203,9 +189,7 @@ def test_names_that_differ_only_in_whitespace_are_one_family(words, data):
 def test_unicode_equivalent_names_are_one_family(name, form):
     other = unicodedata.normalize(form, name)
     assert normalize_name(other) == normalize_name(name)
-    assert family_key(("name",), other, (), None, None, None) == family_key(
-        ("name",), name, (), None, None, None
-    )
+    assert family_key(("name",), other, (), None, None, None) == family_key(("name",), name, (), None, None, None)
 
 
 @prop
@@ -251,9 +235,7 @@ tiny = st.text("ab \x1e\x1f\x1b", max_size=4)
 ips = st.sampled_from(
     [None, "", "garbage", "192.0.2.1", "192.0.2.200", "198.51.100.7", "2001:db8::1", "2001:db8:0:1::1"]
 )
-components = st.tuples(
-    tiny, st.lists(tiny, max_size=3), st.one_of(st.none(), tiny), st.one_of(st.none(), tiny), ips
-)
+components = st.tuples(tiny, st.lists(tiny, max_size=3), st.one_of(st.none(), tiny), st.one_of(st.none(), tiny), ips)
 
 
 def canonical(c: tuple) -> tuple:

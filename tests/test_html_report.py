@@ -13,10 +13,10 @@ from authlib_app import create_schema, register, token
 from reaper_testkit import run_cli
 from sqlalchemy.orm import Session
 
+from reaper.commands import classified
 from reaper.config import load_config
-from reaper.html import VERDICT_COLORS
-from reaper.render import Filters, render
-from reaper.report import classified
+from reaper.output import Filters, render
+from reaper.output.html import VERDICT_COLORS
 
 NOW = time.time()
 HOSTILE = '<script>alert(1)</script>"><img src=x onerror=alert(2)> Evil\u202e\x07'

@@ -8,13 +8,11 @@ import sqlalchemy as sa
 from reap_helpers import make_config
 from server_schemas import Hydra
 
-from reaper.check import check_schema
-from reaper.classify import Verdict
+from reaper.analysis.model import Verdict
+from reaper.commands import apply, classified, plan, restore
+from reaper.db import check_schema
 from reaper.ledger import decode_payload
-from reaper.profile import bind_profile
-from reaper.reap import apply, plan
-from reaper.report import classified
-from reaper.restore import restore
+from reaper.profiles import bind_profile
 
 HOUR, DAY = 3600, 86400
 PROFILE = "ory-hydra"

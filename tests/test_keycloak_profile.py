@@ -17,15 +17,13 @@ from reap_helpers import make_config
 from server_schemas import Keycloak
 from sqlalchemy.engine import make_url
 
-from reaper.check import check_schema
-from reaper.classify import Verdict
+from reaper.analysis.model import Verdict
+from reaper.backends.keycloak import AdminClient, KeycloakError
+from reaper.commands import apply, classified, plan, restore
+from reaper.db import check_schema
 from reaper.errors import ConfigError
-from reaper.keycloak import AdminClient, KeycloakError, apply_keycloak, restore_keycloak
-from reaper.keycloak import plan as api_plan
 from reaper.ledger import decode_payload
-from reaper.profile import bind_profile
-from reaper.reap import plan as sql_plan
-from reaper.report import classified
+from reaper.profiles import bind_profile
 
 HOUR, DAY = 3600, 86400
 PROFILE = "keycloak"
@@ -95,20 +93,13 @@ def test_liveness_comes_from_sessions_and_recent_consents(server_db, kc):
         setup(pk)
         made[name] = f"cid-{name}"
     got = scan(server_db.url)
-    assert {n: got[c].verdict is Verdict.LIVE for n, c in made.items()} == {
-        n: v for n, (_, v) in cases.items()
-    }
+    assert {n: got[c].verdict is Verdict.LIVE for n, c in made.items()} == {n: v for n, (_, v) in cases.items()}
     assert got["cid-offline-fresh"].reason == "live_session"
     # A stale session or old consent still shows the client was used: idle, not abandoned.
-    assert (
-        got["cid-consent-old"].verdict is Verdict.IDLE and got["cid-consent-old"].row.total_credentials == 1
-    )
+    assert got["cid-consent-old"].verdict is Verdict.IDLE and got["cid-consent-old"].row.total_credentials == 1
 
     longer = scan(server_db.url, options={"offline_session_idle": "60d", "session_idle": "3h"})
-    assert (
-        longer["cid-offline-stale"].verdict is Verdict.LIVE
-        and longer["cid-online-stale"].verdict is Verdict.LIVE
-    )
+    assert longer["cid-offline-stale"].verdict is Verdict.LIVE and longer["cid-online-stale"].verdict is Verdict.LIVE
 
 
 def test_age_and_ip_come_from_register_events_else_unknown(server_db, kc):
@@ -152,25 +143,20 @@ def test_check_passes_and_lists_a_renamed_column(server_db, kc):
     name = "LAST_SESSION_REFRESH" if server_db.kind == "mariadb" else "last_session_refresh"
     with server_db.engine.begin() as conn:
         conn.execute(sa.text(f"ALTER TABLE offline_user_session RENAME COLUMN {name} TO last_refresh"))
-    assert check_schema(server_db.engine, bound) == [
-        "column 'offline_user_session.last_session_refresh' not found"
-    ]
+    assert check_schema(server_db.engine, bound) == ["column 'offline_user_session.last_session_refresh' not found"]
 
 
 def test_reap_apply_and_restore_route_keycloak_to_the_admin_api(server_db, kc, select_only_url, tmp_path):
     """The generic entry points never write Keycloak's tables: with the reaper connected as a SELECT-only user,
     reap.apply and restore.restore go through the Admin REST API."""
-    from reaper.reap import apply as generic_apply
-    from reaper.restore import restore as generic_restore
-
     keys = _churn(kc)
     with KeycloakStandIn(kc) as standin:
         config = _config(select_only_url, standin, tmp_path)
-        the_plan = sql_plan(config)
-        result = generic_apply(config, the_plan)
+        the_plan = plan(config)
+        result = apply(config, the_plan)
         assert result.total_acted == 4
         assert [m for m, _ in standin.calls].count("DELETE") == 3
-        back = generic_restore(config, run_id=result.run_id)
+        back = restore(config, run_id=result.run_id)
         assert sorted(back.restored) == sorted(keys[k] for k in ("old0", "old1", "old2", "never"))
 
 
@@ -188,9 +174,7 @@ def _churn(kc: Keycloak) -> dict[str, str]:
         )
         kc.session(realm, keys[f"old{i}"], offline=True, refreshed_age=(36 - i) * DAY)
     # Same /24 as the old ones: the registrant IP is part of the family.
-    keys["new"] = kc.client(
-        realm, "new", "Claude Code (kc)", loop(50200), registered_age=2 * HOUR, ip="203.0.113.9"
-    )
+    keys["new"] = kc.client(realm, "new", "Claude Code (kc)", loop(50200), registered_age=2 * HOUR, ip="203.0.113.9")
     kc.session(realm, keys["new"], offline=True, refreshed_age=60)
     keys["never"] = kc.client(realm, "never", "MCP CLI Proxy", loop(50300), registered_age=4 * DAY)
     return keys
@@ -217,14 +201,14 @@ def test_delete_and_disable_go_through_the_admin_api_and_restore(server_db, kc, 
     keys = _churn(kc)
     with KeycloakStandIn(kc) as standin:
         config = _config(select_only_url, standin, tmp_path)
-        the_plan = api_plan(config)
+        the_plan = plan(config)
         assert {(c.client_id, c.action) for c in the_plan.candidates} == {
             ("old0", "delete"),
             ("old1", "delete"),
             ("old2", "delete"),
             ("never", "disable"),
         }
-        result = apply_keycloak(config, the_plan)
+        result = apply(config, the_plan)
         assert result.total_acted == 4 and not result.skipped
 
         assert [m for m, _ in standin.calls if m != "GET"].count("DELETE") == 3
@@ -235,9 +219,7 @@ def test_delete_and_disable_go_through_the_admin_api_and_restore(server_db, kc, 
         got = scan(server_db.url)
         assert set(got) == {"new", "never"} and got["never"].row.disabled is True
         with _ledger(tmp_path).connect() as conn:
-            tombs = conn.execute(
-                sa.text("SELECT client_id, action, state, payload FROM dcr_reaper_tombstones")
-            ).all()
+            tombs = conn.execute(sa.text("SELECT client_id, action, state, payload FROM dcr_reaper_tombstones")).all()
         assert {(t.client_id, t.action, t.state) for t in tombs} == {
             ("old0", "delete", "done"),
             ("old1", "delete", "done"),
@@ -247,7 +229,7 @@ def test_delete_and_disable_go_through_the_admin_api_and_restore(server_db, kc, 
         rep = decode_payload(next(t.payload for t in tombs if t.client_id == "old0"))["representation"]
         assert rep["id"] == keys["old0"] and rep["redirectUris"] == loop(50100)
 
-        back = restore_keycloak(config, run_id=result.run_id)
+        back = restore(config, run_id=result.run_id)
         assert sorted(back.restored) == sorted(keys[k] for k in ("old0", "old1", "old2", "never"))
         assert ("POST", "/admin/realms/mcp/clients") in standin.calls
     got = scan(server_db.url)
@@ -267,9 +249,9 @@ def test_a_session_after_the_scan_saves_the_client(server_db, kc, tmp_path):
     keys = _churn(kc)
     with KeycloakStandIn(kc) as standin:
         config = _config(server_db.url, standin, tmp_path)
-        the_plan = api_plan(config)
+        the_plan = plan(config)
         kc.session(_realm(kc), keys["old1"], offline=True, refreshed_age=5)  # the user came back
-        result = apply_keycloak(config, the_plan)
+        result = apply(config, the_plan)
         assert result.skipped["changed_since_scan"] == 1 and result.total_acted == 3
         assert ("DELETE", f"/admin/realms/mcp/clients/{keys['old1']}") not in standin.calls
     assert scan(server_db.url)["old1"].verdict is Verdict.LIVE
@@ -277,23 +259,20 @@ def test_a_session_after_the_scan_saves_the_client(server_db, kc, tmp_path):
 
 def _realm(kc: Keycloak) -> str:
     with kc.engine.connect() as conn:
-        return str(
-            conn.execute(sa.select(kc.t["realm"].c.id).where(kc.t["realm"].c.name == "mcp")).scalar_one()
-        )
+        return str(conn.execute(sa.select(kc.t["realm"].c.id).where(kc.t["realm"].c.name == "mcp")).scalar_one())
 
 
 def test_api_failures_leave_a_void_tombstone_and_stop_the_run(server_db, kc, tmp_path):
     _churn(kc)
     with KeycloakStandIn(kc) as standin:
         config = _config(server_db.url, standin, tmp_path)
-        the_plan = api_plan(config)
+        the_plan = plan(config)
         standin.fail_next["DELETE"] = 500
         with pytest.raises(KeycloakError, match="HTTP 500"):
-            apply_keycloak(config, the_plan)
+            apply(config, the_plan)
         with _ledger(tmp_path).connect() as conn:
             states = [
-                tuple(r)
-                for r in conn.execute(sa.text("SELECT action, state FROM dcr_reaper_tombstones ORDER BY id"))
+                tuple(r) for r in conn.execute(sa.text("SELECT action, state FROM dcr_reaper_tombstones ORDER BY id"))
             ]
             run = conn.execute(sa.text("SELECT status FROM dcr_reaper_runs")).scalar_one()
         # The first DELETE failed: its tombstone is void and the run stopped there (a disable planned before
@@ -311,7 +290,7 @@ def test_api_settings_are_required(server_db, kc):
     kc.realm("mcp")
     config = make_config(server_db.url, profile=PROFILE)
     with pytest.raises(ConfigError) as err:
-        apply_keycloak(config, sql_plan_stub())
+        apply(config, sql_plan_stub())
     problems = err.value.problems
     assert [p.split(":")[0] for p in problems] == [
         "options.realm",
@@ -322,6 +301,6 @@ def test_api_settings_are_required(server_db, kc):
 
 
 def sql_plan_stub() -> Any:
-    from reaper.reap import Plan
+    from reaper.reaping import Plan
 
     return Plan([], 0, {})

@@ -15,11 +15,11 @@ import sqlalchemy as sa
 from authlib_app import create_schema, register, token
 from sqlalchemy.orm import Session
 
+from reaper.commands import classified, report
 from reaper.config import load_config
 from reaper.errors import ConfigError, SchemaError
-from reaper.profile import builtin_profiles
-from reaper.render import Filters, render
-from reaper.report import classified, report
+from reaper.output import Filters, render
+from reaper.profiles import builtin_profiles
 
 LOOP_NAME = "Loopy CLI"
 NOW = time.time()
@@ -168,6 +168,8 @@ def _ip_profile(tmp_path: Path, name: str = "authlib") -> str:
     marker = 'software_version = { column = "client_metadata", json = "software_version" }\n'
     assert marker in text
     text = text.replace(marker, marker + 'ip = { column = "client_metadata", json = "registrant_ip" }\n')
+    if name != "authlib":  # an in-house server: no loop map
+        text = text[: text.index("[loops]")]
     text = text.replace('name = "authlib"', f'name = "{name}"')
     path = tmp_path / f"{name}-ip.toml"
     path.write_text(text, encoding="utf-8")
@@ -210,38 +212,41 @@ def test_loops_config_is_validated(schema):
         assert key in text
 
 
-def test_a_loop_map_naming_a_missing_column_is_a_schema_error(schema, monkeypatch):
-    import reaper.loops
+def _profile_with_loops(tmp_path: Path, loops: str) -> str:
+    """The authlib profile with its [loops] section replaced."""
+    text = builtin_profiles()["authlib"].read_text(encoding="utf-8")
+    head = text[: text.index("[loops]")]
+    path = tmp_path / "authlib-loops.toml"
+    path.write_text(head + loops, encoding="utf-8")
+    return str(path)
 
-    bad = {
-        "credential": "token",
-        "revoked": {"gt": {"column": "refresh_token_revoked_at", "value": 0}},
-        "revoked_at": {"column": "refresh_revoked_when", "encoding": "epoch"},
-    }
-    monkeypatch.setattr(reaper.loops, "_builtin_maps", lambda: {"authlib": bad})
+
+def test_a_loop_map_naming_a_missing_column_is_a_schema_error(schema, tmp_path):
+    profile = _profile_with_loops(
+        tmp_path,
+        '[loops]\ncredential = "token"\nrevoked = { gt = { column = "refresh_token_revoked_at", value = 0 } }\n'
+        'revoked_at = { column = "refresh_revoked_when", encoding = "epoch" }\n',
+    )
     with pytest.raises(SchemaError) as err:
-        report(_config(schema))
-    assert err.value.problems == ["profile authlib: loops: table oauth2_token has no column refresh_revoked_when"]
+        report(_config(schema, profile=profile))
+    assert err.value.problems == ["column 'oauth2_token.refresh_revoked_when' not found"]
 
 
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
         (
-            {"credential": "nope", "revoked": {"is_true": "x"}, "revoked_at": {"column": "x"}},
+            '[loops]\ncredential = "nope"\nrevoked = { is_true = "x" }\nrevoked_at = { column = "x" }\n',
             "loops.credential 'nope' is not one of its credentials",
         ),
-        ({"credential": "token", "revoked": {"is_true": "x"}}, "loops.revoked_at"),
+        ('[loops]\ncredential = "token"\nrevoked = { is_true = "x" }\n', "loops.revoked_at"),
         (
-            {"credential": "token", "revoked": {"is_true": "x"}, "revoked_at": {"column": "x"}, "extra": 1},
+            '[loops]\ncredential = "token"\nrevoked = { is_true = "x" }\nrevoked_at = { column = "x" }\nextra = 1\n',
             "loops.extra",
         ),
     ],
 )
-def test_a_malformed_loop_map_is_a_config_error(schema, monkeypatch, raw, message):
-    import reaper.loops
-
-    monkeypatch.setattr(reaper.loops, "_builtin_maps", lambda: {"authlib": raw})
+def test_a_malformed_loop_map_is_a_config_error(schema, tmp_path, raw, message):
     with pytest.raises(ConfigError) as err:
-        report(_config(schema))
+        report(_config(schema, profile=_profile_with_loops(tmp_path, raw)))
     assert message in str(err.value)

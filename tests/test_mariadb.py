@@ -9,11 +9,11 @@ import pytest
 import sqlalchemy as sa
 from reap_helpers import AuthlibDB, child_counts, client_ids, fill_families, make_config, snapshot
 
+from reaper.backends.sql.lock import RunLock, lock_name
+from reaper.commands import apply, plan, restore
 from reaper.db import make_engine
-from reaper.dialects import MySQLDialect
-from reaper.lock import LockHeld, RunLock, lock_name
-from reaper.reap import apply, plan
-from reaper.restore import restore
+from reaper.db.impl import MySQLImpl as MySQLDialect
+from reaper.errors import LockHeld
 
 
 def _mysql_url(db) -> str:
@@ -72,8 +72,7 @@ def test_delete_without_returning_removes_exactly_the_locked_rows(mariadb_db):
                 sa.text(
                     f"INSERT INTO {table} VALUES "
                     + ", ".join(
-                        f"({i}, 'c{i % 3}', {i % 2})" if table == "tok" else f"('c{i % 3}', {i % 2})"
-                        for i in range(12)
+                        f"({i}, 'c{i % 3}', {i % 2})" if table == "tok" else f"('c{i % 3}', {i % 2})" for i in range(12)
                     )
                 )
             )

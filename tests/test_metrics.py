@@ -18,12 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from service_kit import promtool_check
 
 from reaper import __version__
-from reaper.classify import VERDICTS, FamilyStats, Snapshot, Verdict
+from reaper.analysis.fingerprint import normalize_name
+from reaper.analysis.model import VERDICTS, FamilyStats, Snapshot, Verdict
+from reaper.commands import report
 from reaper.config import load_config
 from reaper.demo import SCHEMA
-from reaper.fingerprint import normalize_name
-from reaper.metrics import LABEL_MAX, OTHER, ReaperMetrics, label_value, top_names
-from reaper.report import report
+from reaper.service.metrics import LABEL_MAX, OTHER, ReaperMetrics, label_value, top_names
 
 GOLDEN = Path(__file__).parent / "golden" / "metrics.txt"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
@@ -53,19 +53,43 @@ def _render(metrics: ReaperMetrics) -> str:
 
 def _parse(text: str) -> dict[str, list[tuple[str, dict[str, str], float]]]:
     """Family name -> [(sample name, labels, value)], via prometheus_client's own parser."""
-    return {fam.name: [(s.name, s.labels, s.value) for s in fam.samples]
-            for fam in text_string_to_metric_families(text)}
+    return {
+        fam.name: [(s.name, s.labels, s.value) for s in fam.samples] for fam in text_string_to_metric_families(text)
+    }
 
 
-def _family(key: str, name: str | None, members: int, live: int = 0, orphans: int = 0, abandoned: int = 0,
-            recent: int = 0, new: int = 0) -> FamilyStats:
-    return FamilyStats(key, name, normalize_name(name), members=members, live=live, orphans=orphans,
-                       abandoned=abandoned, recent=recent, new=new)
+def _family(
+    key: str,
+    name: str | None,
+    members: int,
+    live: int = 0,
+    orphans: int = 0,
+    abandoned: int = 0,
+    recent: int = 0,
+    new: int = 0,
+) -> FamilyStats:
+    return FamilyStats(
+        key,
+        name,
+        normalize_name(name),
+        members=members,
+        live=live,
+        orphans=orphans,
+        abandoned=abandoned,
+        recent=recent,
+        new=new,
+    )
 
 
 def _snapshot(families: list[FamilyStats], started: float, duration: float, problems: int = 0) -> Snapshot:
-    snap = Snapshot(profile="authlib", database="postgresql+psycopg://reaper@db/auth", started_at=started,
-                    finished_at=started + duration, churn_window=86400.0, churn_min_registrations=5)
+    snap = Snapshot(
+        profile="authlib",
+        database="postgresql+psycopg://reaper@db/auth",
+        started_at=started,
+        finished_at=started + duration,
+        churn_window=86400.0,
+        churn_min_registrations=5,
+    )
     snap.families = {f.id: f for f in families}
     snap.clients = sum(f.members for f in families)
     snap.problem_count = problems
@@ -98,15 +122,15 @@ def _golden_metrics() -> ReaperMetrics:
         _family("f-noname", None, 2, abandoned=2),
     ]
     second = _snapshot(again, T0 + 300, 3.25, problems=2)
-    second.by_verdict = Counter({Verdict.LIVE: 3, Verdict.ORPHAN: 42, Verdict.ABANDONED: 4, Verdict.YOUNG: 1,
-                                 Verdict.PROTECTED: 0})
+    second.by_verdict = Counter(
+        {Verdict.LIVE: 3, Verdict.ORPHAN: 42, Verdict.ABANDONED: 4, Verdict.YOUNG: 1, Verdict.PROTECTED: 0}
+    )
     m = ReaperMetrics(top_k=3)
     m.leader = 1
     m.record_scan(first, first=True)
     m.record_failure()  # its clock-time last_scan is overwritten by the next successful scan
     m.record_scan(second, first=False)
-    m.record_reaped(Counter({("delete", "superseded"): 29, ("delete", "never_used"): 1,
-                             ("merge", "superseded"): 2}))
+    m.record_reaped(Counter({("delete", "superseded"): 29, ("delete", "never_used"): 1, ("merge", "superseded"): 2}))
     return m
 
 
@@ -123,10 +147,15 @@ def test_exposition_matches_golden_file():
         GOLDEN.write_text(actual, encoding="utf-8", newline="\n")
     expected = GOLDEN.read_text(encoding="utf-8")
     if actual != expected:
-        diff = "".join(difflib.unified_diff(expected.splitlines(True), actual.splitlines(True),
-                                            "tests/golden/metrics.txt", "rendered now"))
-        pytest.fail(f"/metrics exposition differs from the golden file "
-                    f"(REAPER_UPDATE_GOLDEN=1 rewrites it after review):\n{diff}")
+        diff = "".join(
+            difflib.unified_diff(
+                expected.splitlines(True), actual.splitlines(True), "tests/golden/metrics.txt", "rendered now"
+            )
+        )
+        pytest.fail(
+            f"/metrics exposition differs from the golden file "
+            f"(REAPER_UPDATE_GOLDEN=1 rewrites it after review):\n{diff}"
+        )
 
 
 def test_golden_exposition_is_valid_and_says_what_the_snapshot_says():
@@ -136,20 +165,29 @@ def test_golden_exposition_is_valid_and_says_what_the_snapshot_says():
     clients = {s[1]["verdict"]: s[2] for s in fams["dcr_clients"]}
     assert clients == {"live": 3, "young": 1, "orphan": 42, "abandoned": 4, "idle": 0, "protected": 0}
     fc = {(s[1]["family"], s[1]["verdict"]): s[2] for s in fams["dcr_family_clients"]}
-    assert {f for f, _ in fc} == {"claude code (scalarly-memory)", "other",
-                                  label_value(normalize_name(INJECTION)),
-                                  label_value(normalize_name('Back\\slash "Quoted"\u202eRTL'))}
+    assert {f for f, _ in fc} == {
+        "claude code (scalarly-memory)",
+        "other",
+        label_value(normalize_name(INJECTION)),
+        label_value(normalize_name('Back\\slash "Quoted"\u202eRTL')),
+    }
     assert fc[("other", "all")] == 1 + 1 + 5 + 2, "vscode, proxy, the family literally named 'other', no-name"
     assert sum(v for (f, verdict), v in fc.items() if verdict == "all") == 50 == sum(clients.values())
     regs = {s[1]["family"]: s[2] for s in fams["dcr_registrations_observed"]}
-    assert regs == {"claude code (scalarly-memory)": 2, label_value(normalize_name(INJECTION)): 1,
-                    'back\\slash "quoted"?rtl': 1, "other": 1}
+    assert regs == {
+        "claude code (scalarly-memory)": 2,
+        label_value(normalize_name(INJECTION)): 1,
+        'back\\slash "quoted"?rtl': 1,
+        "other": 1,
+    }
     assert {s[0]: s[2] for s in fams["dcr_scans"]} == {"dcr_scans_total": 3}
     assert {s[0]: s[2] for s in fams["dcr_scan_failures"]} == {"dcr_scan_failures_total": 1}
     assert fams["dcr_last_scan_timestamp_seconds"][0][2] == T0 + 300 + 3.25
-    assert fams["dcr_families"] == [("dcr_families", {"state": "churning"}, 1),
-                                    ("dcr_families", {"state": "stable"}, 4),
-                                    ("dcr_families", {"state": "single"}, 2)]
+    assert fams["dcr_families"] == [
+        ("dcr_families", {"state": "churning"}, 1),
+        ("dcr_families", {"state": "stable"}, 4),
+        ("dcr_families", {"state": "single"}, 2),
+    ]
 
 
 def test_every_metric_is_documented_and_every_documented_metric_exists():
@@ -178,11 +216,24 @@ def _assert_bounded_and_clean(text: str, metrics: ReaperMetrics, snap: Snapshot)
     all_samples = [s for samples in fams.values() for s in samples]
     assert len(all_samples) <= series_bound(k), (len(all_samples), series_bound(k))
     assert set(fams) == {
-        "dcr_build_info", "dcr_leader", "dcr_scans", "dcr_scan_failures", "dcr_last_scan_timestamp_seconds",
-        "dcr_last_success_timestamp_seconds", "dcr_reaped_clients", "dcr_registrations_observed",
-        "dcr_scan_duration_seconds", "dcr_clients", "dcr_families", "dcr_family_clients",
-        "dcr_churn_window_registrations", "dcr_problem_rows", "dcr_last_scan_clients",
-        "dcr_suspected_reauth_loops", "dcr_registration_floods"}
+        "dcr_build_info",
+        "dcr_leader",
+        "dcr_scans",
+        "dcr_scan_failures",
+        "dcr_last_scan_timestamp_seconds",
+        "dcr_last_success_timestamp_seconds",
+        "dcr_reaped_clients",
+        "dcr_registrations_observed",
+        "dcr_scan_duration_seconds",
+        "dcr_clients",
+        "dcr_families",
+        "dcr_family_clients",
+        "dcr_churn_window_registrations",
+        "dcr_problem_rows",
+        "dcr_last_scan_clients",
+        "dcr_suspected_reauth_loops",
+        "dcr_registration_floods",
+    }
     # One line per sample plus HELP and TYPE per family: nothing smuggled a line break into the text.
     lines = text.splitlines()
     assert len(lines) == len(all_samples) + 2 * len(fams)
@@ -210,8 +261,7 @@ def _hostile_families(n: int, big: int) -> list[FamilyStats]:
     for i in range(n):
         name = f"{HOSTILE[i % len(HOSTILE)]} #{i}" if i % len(HOSTILE) != 9 else f"#{i} {HOSTILE[9]}"
         members = 1000 - i if i < big else 1 + i % 3
-        fams.append(_family(f"{i:012x}", name, members, orphans=members - 1, live=1, recent=min(members, 9),
-                            new=i % 2))
+        fams.append(_family(f"{i:012x}", name, members, orphans=members - 1, live=1, recent=min(members, 9), new=i % 2))
     return fams
 
 
@@ -262,8 +312,7 @@ def test_real_scan_of_20k_hostile_names_through_the_classifier(tmp_path):
         db.commit()
     finally:
         db.close()
-    config = load_config(None, {"database_url": f"sqlite:///{path}", "profile": "mcp-memory-service"},
-                         environ={})
+    config = load_config(None, {"database_url": f"sqlite:///{path}", "profile": "mcp-memory-service"}, environ={})
     snap = report(config)
     assert snap.clients == 20_000 and snap.problem_count == 0
     assert len(snap.families) == 18_000 + 20
@@ -288,9 +337,11 @@ def test_registration_labels_stay_capped_while_the_top_k_churns():
     for round_ in range(10):
         # Each scan a new pair of names leads; registrations also arrive in families outside the top-K,
         # listed last so 'other' is first needed after the named slots have filled up.
-        fams = [_family(f"a{round_}", f"lead-a-{round_}", 100, new=1),
-                _family(f"b{round_}", f"lead-b-{round_}", 90, new=1),
-                _family(f"tail{round_}", f"tail-{round_}", 1, new=1 if round_ >= 3 else 0)]
+        fams = [
+            _family(f"a{round_}", f"lead-a-{round_}", 100, new=1),
+            _family(f"b{round_}", f"lead-b-{round_}", 90, new=1),
+            _family(f"tail{round_}", f"tail-{round_}", 1, new=1 if round_ >= 3 else 0),
+        ]
         metrics.record_scan(_snapshot(fams, T0 + 60 * (round_ + 1), 0.1), first=False)
         text = _render(metrics)
         labels = {s[1]["family"] for s in _parse(text)["dcr_registrations_observed"]}

@@ -117,27 +117,60 @@ def stack(pg_db: TestDB, tmp_path: Path) -> Iterator[tuple[TestDB, Prometheus, C
     reaper_port, prom_port = free_port(), free_port()
     reaper_log, prom_log = tmp_path / "reaper.log", tmp_path / "prometheus.log"
     config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
-        "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{reaper_port}"]}]}],
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
+                "rule_files": [str(RULES)],
+                "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{reaper_port}"]}]}],
+            }
+        )
+    )
 
     def logs() -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}"
-                         for p in (reaper_log, prom_log) if p.exists())
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in (reaper_log, prom_log) if p.exists())
 
     procs: list[subprocess.Popen[bytes]] = []
     with reaper_log.open("wb") as rlog, prom_log.open("wb") as plog:
         try:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "reaper", "serve", "--profile", "authlib", "--database-url", pg_db.url,
-                 "--bind", "127.0.0.1", "--port", str(reaper_port), "--interval", "1s"],
-                cwd=tmp_path, env=clean_env(), stdout=rlog, stderr=subprocess.STDOUT))
-            procs.append(subprocess.Popen(
-                [prometheus_bin, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
-                cwd=tmp_path, stdout=plog, stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "reaper",
+                        "serve",
+                        "--profile",
+                        "authlib",
+                        "--database-url",
+                        pg_db.url,
+                        "--bind",
+                        "127.0.0.1",
+                        "--port",
+                        str(reaper_port),
+                        "--interval",
+                        "1s",
+                    ],
+                    cwd=tmp_path,
+                    env=clean_env(),
+                    stdout=rlog,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+            procs.append(
+                subprocess.Popen(
+                    [
+                        prometheus_bin,
+                        f"--config.file={config}",
+                        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                        f"--web.listen-address=127.0.0.1:{prom_port}",
+                        "--log.level=warn",
+                    ],
+                    cwd=tmp_path,
+                    stdout=plog,
+                    stderr=subprocess.STDOUT,
+                )
+            )
             yield pg_db, Prometheus(prom_port), logs
         finally:
             for proc in procs:
@@ -145,8 +178,7 @@ def stack(pg_db: TestDB, tmp_path: Path) -> Iterator[tuple[TestDB, Prometheus, C
     assert all(p.returncode is not None for p in procs)
 
 
-def test_dashboard_and_rules_evaluate_on_a_real_prometheus(
-        stack: tuple[TestDB, Prometheus, Callable[[], str]]) -> None:
+def test_dashboard_and_rules_evaluate_on_a_real_prometheus(stack: tuple[TestDB, Prometheus, Callable[[], str]]) -> None:
     db, prom, logs = stack
     deadline = time.monotonic() + DEADLINE
     family = f'{{job="{JOB}", family="{LOOP_FAMILY_LABEL}"}}'
@@ -158,19 +190,28 @@ def test_dashboard_and_rules_evaluate_on_a_real_prometheus(
 
     # Registrations while it runs: two rounds, each seen by a later scan and counted once.
     register_more(db.engine, 3)
-    wait_for("3 observed registrations",
-             lambda: prom.value(f"dcr_registrations_observed_total{family}") == 3, deadline, logs)
+    wait_for(
+        "3 observed registrations", lambda: prom.value(f"dcr_registrations_observed_total{family}") == 3, deadline, logs
+    )
     time.sleep(1.1)  # registration times have one-second resolution: the next round must be newer
     register_more(db.engine, 2)
-    wait_for("5 observed registrations",
-             lambda: prom.value(f"dcr_registrations_observed_total{family}") == 5, deadline, logs)
-    wait_for("the counter's increase over a range",
-             lambda: (prom.value(f"sum(increase(dcr_registrations_observed_total{family}[1m]))") or 0) > 0,
-             deadline, logs)
+    wait_for(
+        "5 observed registrations", lambda: prom.value(f"dcr_registrations_observed_total{family}") == 5, deadline, logs
+    )
+    wait_for(
+        "the counter's increase over a range",
+        lambda: (prom.value(f"sum(increase(dcr_registrations_observed_total{family}[1m]))") or 0) > 0,
+        deadline,
+        logs,
+    )
     # Every rule (recording and alerting) has been evaluated at least once since.
     started = time.time()
-    wait_for("a rule evaluation after the registrations",
-             lambda: all(epoch(r["lastEvaluation"]) > started for r in prom.rules()), deadline, logs)
+    wait_for(
+        "a rule evaluation after the registrations",
+        lambda: all(epoch(r["lastEvaluation"]) > started for r in prom.rules()),
+        deadline,
+        logs,
+    )
 
     # --- the dashboard: every query succeeds; every panel but the documented ones shows data ---------------
     for title, expr in dashboard_exprs():
@@ -189,8 +230,10 @@ def test_dashboard_and_rules_evaluate_on_a_real_prometheus(
     assert values["status"] == "success" and JOB in values["data"]
 
     # The panels' numbers follow the database: 9 seeded + 5 new clients, the new ones still young.
-    by_verdict = {r["metric"]["verdict"]: float(r["value"][1])
-                  for r in prom.query(substitute('max by (verdict) (dcr_clients{job=~"$job"})'))}
+    by_verdict = {
+        r["metric"]["verdict"]: float(r["value"][1])
+        for r in prom.query(substitute('max by (verdict) (dcr_clients{job=~"$job"})'))
+    }
     assert by_verdict == {"live": 2, "young": 5, "orphan": 7, "abandoned": 0, "idle": 0, "protected": 0}
     assert prom.value(substitute('max(dcr_last_scan_clients{job=~"$job"})')) == 14
     assert prom.value(substitute('max(dcr_families{job=~"$job", state="churning"})')) == 1
@@ -198,8 +241,7 @@ def test_dashboard_and_rules_evaluate_on_a_real_prometheus(
     assert prom.value(substitute('sum(increase(dcr_scan_failures_total{job=~"$job"}[1h]))')) == 0
     age = prom.value(substitute('time() - max(dcr_last_success_timestamp_seconds{job=~"$job"})'))
     assert age is not None and 0 <= age < 10
-    top = prom.query(substitute(
-        'topk(10, max by (family) (dcr_family_clients{job=~"$job", verdict="orphan"}))'))
+    top = prom.query(substitute('topk(10, max by (family) (dcr_family_clients{job=~"$job", verdict="orphan"}))'))
     assert {r["metric"]["family"]: float(r["value"][1]) for r in top}[LOOP_FAMILY_LABEL] == 7
 
     # --- the rules: every expression succeeds; every selector in them matches real series ------------------

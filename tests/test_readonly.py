@@ -21,15 +21,15 @@ from authlib_app import AuthorizationCode, Base, Client, Token
 from sqlalchemy.exc import DBAPIError, InternalError, OperationalError
 from sqlalchemy.orm import Session
 
-import reaper.report
-from reaper.classify import Verdict
+from reaper.analysis.model import Verdict
+from reaper.backends.sql import SqlBackend, SqlScan
+from reaper.commands import classified, report
 from reaper.config import load_config
 from reaper.db import make_engine
 from reaper.errors import DatabaseError
+from reaper.profiles import bind_profile
 
 TABLES = ("oauth2_client", "oauth2_token", "oauth2_code")
-
-
 
 
 CHURN = 6  # registrations of one CLI; the newest has a live token
@@ -62,9 +62,7 @@ def populate(engine: sa.Engine) -> None:
                 )
             )
         static = Client(client_id="dashboard")
-        static.set_client_metadata(
-            {"client_name": "Dashboard", "redirect_uris": ["https://dash.example.com/cb"]}
-        )
+        static.set_client_metadata({"client_name": "Dashboard", "redirect_uris": ["https://dash.example.com/cb"]})
         session.add(static)
         session.add(AuthorizationCode(code="c-1", client_id="dashboard", auth_time=now - 30, user_id=1))
         session.commit()
@@ -80,9 +78,7 @@ def state(engine: sa.Engine) -> dict[str, Any]:
             out[table] = [tuple(r) for r in conn.execute(sa.text(f"SELECT * FROM {table} ORDER BY id"))]
             if engine.dialect.name == "postgresql":
                 # xmin changes on any UPDATE, even one that writes the same values back.
-                out[f"{table}.xmin"] = conn.execute(
-                    sa.text(f"SELECT xmin::text FROM {table} ORDER BY id")
-                ).all()
+                out[f"{table}.xmin"] = conn.execute(sa.text(f"SELECT xmin::text FROM {table} ORDER BY id")).all()
     return out
 
 
@@ -148,16 +144,16 @@ def test_readwrite_engine_accepts_the_same_writes(db):
 def _sabotage(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Make the report path delete every client, and commit, on the connection it scans with."""
     calls: list[str] = []
-    real_scan = reaper.report.scan
+    real_rows = SqlScan.rows
 
-    def scan_that_writes(conn: sa.Connection, *args: Any, **kwargs: Any) -> Any:
-        calls.append(conn.engine.dialect.name)
-        conn.execute(sa.text("DELETE FROM oauth2_token"))
-        conn.execute(sa.text("DELETE FROM oauth2_client"))
-        conn.commit()
-        return real_scan(conn, *args, **kwargs)
+    def rows_that_write(self: SqlScan) -> Any:
+        calls.append(self.conn.engine.dialect.name)
+        self.conn.execute(sa.text("DELETE FROM oauth2_token"))
+        self.conn.execute(sa.text("DELETE FROM oauth2_client"))
+        self.conn.commit()
+        return real_rows(self)
 
-    monkeypatch.setattr(reaper.report, "scan", scan_that_writes)
+    monkeypatch.setattr(SqlScan, "rows", rows_that_write)
     return calls
 
 
@@ -167,7 +163,7 @@ def test_write_slipped_into_report_fails_at_the_database(db, monkeypatch):
     calls = _sabotage(monkeypatch)
 
     with pytest.raises(DatabaseError) as err:
-        reaper.report.report(reaper_config(db.url))
+        report(reaper_config(db.url))
 
     assert calls == [db.kind], "the sabotaged scan ran on the report's connection"
     assert REFUSAL[db.kind][1] in str(err.value)
@@ -180,12 +176,13 @@ def test_slipped_write_would_succeed_on_a_readwrite_source(db, monkeypatch):
     populate(db.engine)
     calls = _sabotage(monkeypatch)
     config = reaper_config(db.url)
-    source = reaper.report.open_source(config, readonly=False)
+    backend = SqlBackend(config, bind_profile(config))
+    backend._engines["read"] = make_engine(db.url, readonly=False)  # what S1 forbids, to show the sabotage bites
     try:
-        with reaper.report.classified(config, source=source) as (stream, snapshot):
+        with classified(config, backend) as (stream, snapshot):
             assert list(stream) == []
     finally:
-        source.engine.dispose()
+        backend.close()
     assert calls == [db.kind] and snapshot.clients == 0
     after = state(db.engine)
     assert after["oauth2_client"] == [] and after["oauth2_token"] == []

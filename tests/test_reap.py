@@ -45,13 +45,12 @@ from reap_helpers import (
     writer_engine,
 )
 
-from reaper.classify import Verdict
+from reaper.analysis.model import Verdict
+from reaper.backends import Candidate
+from reaper.commands import apply, classified, plan, restore
 from reaper.demo import CHURN_NAME, CHURN_REGISTRATIONS, build_demo
-from reaper.errors import ReaperError
+from reaper.errors import CapExceeded, ReaperError, RestoreConflict
 from reaper.ledger import decode_payload, decode_row
-from reaper.reap import Candidate, CapExceeded, apply, plan
-from reaper.report import classified
-from reaper.restore import RestoreConflict, restore
 
 
 @pytest.fixture
@@ -81,8 +80,7 @@ def _assert_gone_with_tombstone(engine: sa.Engine, gone: set[str], ledger: sa.En
 
 
 # Where client_id sits in `SELECT *` of each table (the mixins' column order; checked in _check_columns).
-CID = {"oauth2_client": 1, "oauth2_token": 1, "oauth2_code": 2,
-       "app_client": 1, "app_token": 1, "app_consent": 1}
+CID = {"oauth2_client": 1, "oauth2_token": 1, "oauth2_code": 2, "app_client": 1, "app_token": 1, "app_consent": 1}
 
 
 def _rows_of(snap: dict[str, list[tuple[Any, ...]]], keep: set[str]) -> dict[str, list[tuple[Any, ...]]]:
@@ -107,8 +105,11 @@ def test_fixture_orphans_are_dead_by_authlibs_own_rules(sqlite_db):
     fams = fill_families(adb, families=3, orphans_each=6, seed=3)
     orphans = {c for f in fams for c in f.orphans}
     token_cls = adb.models["oauth2_token"]
-    usable = {cid: [authlib_usable(token_cls, r) for r in adb.token_rows.values() if r["client_id"] == cid]
-              for f in fams for cid in [*f.orphans, f.survivor]}
+    usable = {
+        cid: [authlib_usable(token_cls, r) for r in adb.token_rows.values() if r["client_id"] == cid]
+        for f in fams
+        for cid in [*f.orphans, f.survivor]
+    }
     assert all(usable[c] and not any(usable[c]) for c in orphans)
     assert all(any(usable[f.survivor]) for f in fams)
     assert {c.client_id for c in plan(make_config(sqlite_db.url)).candidates} == orphans
@@ -145,7 +146,7 @@ class TokenWriter(threading.Thread):
     def issue_one(self) -> None:
         if self.rng.random() < 0.7:
             lo = self.position
-            window = self.targets[lo:lo + 2 * self.batch] or self.targets
+            window = self.targets[lo : lo + 2 * self.batch] or self.targets
             cid = self.rng.choice(window)
         else:
             cid = self.rng.choice(self.targets)
@@ -153,16 +154,18 @@ class TokenWriter(threading.Thread):
         access = f"race-{self._n}-{self.rng.getrandbits(64):016x}"
         lock = " FOR KEY SHARE" if self.lock_some and self.rng.random() < 0.3 else ""
         with self.engine.begin() as conn:
-            found = conn.execute(sa.text(f"SELECT id FROM oauth2_client WHERE client_id = :c{lock}"),
-                                 {"c": cid})
+            found = conn.execute(sa.text(f"SELECT id FROM oauth2_client WHERE client_id = :c{lock}"), {"c": cid})
             if found.first() is None:
                 return  # invalid_client: the reaper got there first
             time.sleep(self.rng.random() * 0.003)  # the server checks the grant, signs the token ...
-            conn.execute(sa.text(
-                "INSERT INTO oauth2_token (client_id, token_type, access_token, refresh_token, scope,"
-                " issued_at, access_token_revoked_at, refresh_token_revoked_at, expires_in)"
-                " VALUES (:c, 'Bearer', :a, NULL, 'openid', :now, 0, 0, 3600)"),
-                {"c": cid, "a": access, "now": int(time.time())})
+            conn.execute(
+                sa.text(
+                    "INSERT INTO oauth2_token (client_id, token_type, access_token, refresh_token, scope,"
+                    " issued_at, access_token_revoked_at, refresh_token_revoked_at, expires_in)"
+                    " VALUES (:c, 'Bearer', :a, NULL, 'openid', :now, 0, 0, 3600)"
+                ),
+                {"c": cid, "a": access, "now": int(time.time())},
+            )
         self.issued.append((cid, access))
 
     def finish(self) -> None:
@@ -204,8 +207,10 @@ def _race_round(db, seed: int) -> dict[str, int]:
     assert tokened, "the writer issued no token at all"
     assert tokened <= present, f"clients that got a live token were deleted: {sorted(tokened - present)}"
     with db.engine.connect() as conn:
-        kept_tokens = {r[0] for r in conn.execute(sa.text("SELECT access_token FROM oauth2_token "
-                                                          "WHERE access_token LIKE 'race-%'"))}
+        kept_tokens = {
+            r[0]
+            for r in conn.execute(sa.text("SELECT access_token FROM oauth2_token WHERE access_token LIKE 'race-%'"))
+        }
     assert {a for _, a in writer.issued} <= kept_tokens, "an issued token disappeared"
     assert survivors <= present
     gone = set(planned) - present
@@ -215,8 +220,13 @@ def _race_round(db, seed: int) -> dict[str, int]:
     assert restored == set(result.restored_late) and restored <= tokened
     assert all(t.state == "done" for t in tombstones(db.engine))
     assert result.total_acted - len(result.restored_late) == len(gone)
-    return {"planned": len(planned), "gone": len(gone), "tokened": len(tokened & set(planned)),
-            "skipped": sum(result.skipped.values()), "restored_late": len(result.restored_late)}
+    return {
+        "planned": len(planned),
+        "gone": len(gone),
+        "tokened": len(tokened & set(planned)),
+        "skipped": sum(result.skipped.values()),
+        "restored_late": len(result.restored_late),
+    }
 
 
 def _drop_everything(engine: sa.Engine) -> None:
@@ -254,11 +264,14 @@ def test_token_issued_after_delete_is_restored_by_late_sweep(db):
         if not late:
             assert victim not in client_ids(db.engine), "the first batch deleted it"
             with db.engine.begin() as conn:
-                conn.execute(sa.text(
-                    "INSERT INTO oauth2_token (client_id, token_type, access_token, scope, issued_at,"
-                    " access_token_revoked_at, refresh_token_revoked_at, expires_in)"
-                    " VALUES (:c, 'Bearer', 'late-token', 'openid', :now, 0, 0, 3600)"),
-                    {"c": victim, "now": int(time.time())})
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO oauth2_token (client_id, token_type, access_token, scope, issued_at,"
+                        " access_token_revoked_at, refresh_token_revoked_at, expires_in)"
+                        " VALUES (:c, 'Bearer', 'late-token', 'openid', :now, 0, 0, 3600)"
+                    ),
+                    {"c": victim, "now": int(time.time())},
+                )
             late.append(victim)
 
     result = apply(config, the_plan, progress=progress)
@@ -270,8 +283,9 @@ def test_token_issued_after_delete_is_restored_by_late_sweep(db):
     assert mine["oauth2_client"] == orig["oauth2_client"], "restored column for column"
     assert mine["oauth2_code"] == orig["oauth2_code"]
     at = _col("oauth2_token", "access_token", db.engine)
-    assert sorted(mine["oauth2_token"]) == sorted(orig["oauth2_token"] + [r for r in mine["oauth2_token"]
-                                                                          if r[at] == "late-token"])
+    assert sorted(mine["oauth2_token"]) == sorted(
+        orig["oauth2_token"] + [r for r in mine["oauth2_token"] if r[at] == "late-token"]
+    )
     (tomb,) = [t for t in tombstones(db.engine) if t.client_id == victim]
     assert tomb.restored_at is not None
     others = {c for f in fams for c in f.orphans} - {victim}
@@ -284,22 +298,37 @@ def test_token_issued_after_delete_is_restored_by_late_sweep(db):
 # --- 2. Crash (S5): kill -9 mid-run ---------------------------------------------------------------------
 
 
-def _pg_sleep_trigger(engine: sa.Engine, table: str, seconds: float, deferred: bool = False,
-                      when: str = "") -> None:
+def _pg_sleep_trigger(engine: sa.Engine, table: str, seconds: float, deferred: bool = False, when: str = "") -> None:
     """A slow auth database: each delete (or, deferred, each commit) of `table` rows takes a while."""
     with engine.begin() as conn:
-        conn.execute(sa.text(f"CREATE OR REPLACE FUNCTION slow_{table}() RETURNS trigger LANGUAGE plpgsql AS "
-                             f"$$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$"))
+        conn.execute(
+            sa.text(
+                f"CREATE OR REPLACE FUNCTION slow_{table}() RETURNS trigger LANGUAGE plpgsql AS "
+                f"$$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$"
+            )
+        )
         if deferred:
-            conn.execute(sa.text(f"CREATE CONSTRAINT TRIGGER slow_{table} AFTER DELETE ON {table} "
-                                 f"DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
-                                 f"EXECUTE FUNCTION slow_{table}()"))
+            conn.execute(
+                sa.text(
+                    f"CREATE CONSTRAINT TRIGGER slow_{table} AFTER DELETE ON {table} "
+                    f"DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+                    f"EXECUTE FUNCTION slow_{table}()"
+                )
+            )
         elif when:
-            conn.execute(sa.text(f"CREATE TRIGGER slow_{table} AFTER UPDATE ON {table} FOR EACH ROW "
-                                 f"WHEN ({when}) EXECUTE FUNCTION slow_{table}()"))
+            conn.execute(
+                sa.text(
+                    f"CREATE TRIGGER slow_{table} AFTER UPDATE ON {table} FOR EACH ROW "
+                    f"WHEN ({when}) EXECUTE FUNCTION slow_{table}()"
+                )
+            )
         else:
-            conn.execute(sa.text(f"CREATE TRIGGER slow_{table} AFTER DELETE ON {table} FOR EACH STATEMENT "
-                                 f"EXECUTE FUNCTION slow_{table}()"))
+            conn.execute(
+                sa.text(
+                    f"CREATE TRIGGER slow_{table} AFTER DELETE ON {table} FOR EACH STATEMENT "
+                    f"EXECUTE FUNCTION slow_{table}()"
+                )
+            )
 
 
 def _drop_trigger(engine: sa.Engine, table: str) -> None:
@@ -309,10 +338,14 @@ def _drop_trigger(engine: sa.Engine, table: str) -> None:
 
 def _sleeping_backends(engine: sa.Engine) -> int:
     with engine.connect() as conn:
-        return int(conn.execute(sa.text(
-            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND wait_event = 'PgSleep'"
-        )).scalar_one())
+        return int(
+            conn.execute(
+                sa.text(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event = 'PgSleep'"
+                )
+            ).scalar_one()
+        )
 
 
 def _wait_pg_quiet(*engines: sa.Engine) -> None:
@@ -321,12 +354,18 @@ def _wait_pg_quiet(*engines: sa.Engine) -> None:
     def quiet() -> bool:
         for engine in engines:
             with engine.connect() as conn:
-                busy = conn.execute(sa.text(
-                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND pid <> pg_backend_pid() AND state IS DISTINCT FROM 'idle'")).scalar_one()
-                locks = conn.execute(sa.text(
-                    "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
-                    "(SELECT oid FROM pg_database WHERE datname = current_database())")).scalar_one()
+                busy = conn.execute(
+                    sa.text(
+                        "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND pid <> pg_backend_pid() AND state IS DISTINCT FROM 'idle'"
+                    )
+                ).scalar_one()
+                locks = conn.execute(
+                    sa.text(
+                        "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+                        "(SELECT oid FROM pg_database WHERE datname = current_database())"
+                    )
+                ).scalar_one()
                 if busy or locks:
                     return False
         return True
@@ -334,8 +373,9 @@ def _wait_pg_quiet(*engines: sa.Engine) -> None:
     wait_for(quiet, 30, "the killed reaper's backends to go away")
 
 
-def _assert_no_half_deleted(engine: sa.Engine, before: dict[str, list[tuple[Any, ...]]], planned: set[str],
-                            ledger: sa.Engine | None = None) -> set[str]:
+def _assert_no_half_deleted(
+    engine: sa.Engine, before: dict[str, list[tuple[Any, ...]]], planned: set[str], ledger: sa.Engine | None = None
+) -> set[str]:
     """Each client is either whole (row and every child) or gone with all its children and a tombstone that
     holds exactly its rows. Returns the clients gone."""
     original = {r[1] for r in before["oauth2_client"]}
@@ -347,9 +387,14 @@ def _assert_no_half_deleted(engine: sa.Engine, before: dict[str, list[tuple[Any,
     _assert_gone_with_tombstone(engine, gone, ledger)
     # The tombstone holds the client row and every child row, exactly.
     with (ledger or engine).connect() as conn:
-        payloads = {cid: decode_payload(p) for cid, p in conn.execute(sa.text(
-            "SELECT client_id, payload FROM dcr_reaper_tombstones"
-            " WHERE state = 'done' AND restored_at IS NULL"))}
+        payloads = {
+            cid: decode_payload(p)
+            for cid, p in conn.execute(
+                sa.text(
+                    "SELECT client_id, payload FROM dcr_reaper_tombstones WHERE state = 'done' AND restored_at IS NULL"
+                )
+            )
+        }
     orig_rows = _rows_of(before, gone)
     for cid in gone:
         payload = payloads[cid]
@@ -442,8 +487,7 @@ def test_kill9_with_separate_ledger_reconciles_pending(pg_db, ledger_pg, tmp_pat
         conn.execute(sa.text(f"ALTER DATABASE {auth.url.database} RESET client_connection_check_interval"))
 
     # Phase 2: the deletes commit, then marking the tombstones done is slow; kill it there.
-    _pg_sleep_trigger(ledger, "dcr_reaper_tombstones", 0.1,
-                      when="OLD.state = 'pending' AND NEW.state = 'done'")
+    _pg_sleep_trigger(ledger, "dcr_reaper_tombstones", 0.1, when="OLD.state = 'pending' AND NEW.state = 'done'")
     proc = start_reap(args, tmp_path)
     try:
         wait_for(lambda: _sleeping_backends(ledger) > 0, 60, "a batch being marked done", proc)
@@ -595,8 +639,10 @@ def test_clients_younger_than_min_age_never_reaped(db):
     before = snapshot(db.engine)
     now = time.time()
     config = make_config(db.url, policy={"min_age": "3d"}, classify={"young_for": "1h"})
-    created = {r[CID["oauth2_client"]]: r[_col("oauth2_client", "client_id_issued_at", db.engine)]
-               for r in before["oauth2_client"]}
+    created = {
+        r[CID["oauth2_client"]]: r[_col("oauth2_client", "client_id_issued_at", db.engine)]
+        for r in before["oauth2_client"]
+    }
     young = {c for c in fam.orphans if now - created[c] < 3 * DAY}
     old = set(fam.orphans) - young
     assert young and old
@@ -612,8 +658,9 @@ def test_clients_younger_than_min_age_never_reaped(db):
     result = apply(config, skewed)
     assert result.skipped["changed_since_scan"] >= len(young)
     assert young <= client_ids(db.engine)
-    assert snapshot(db.engine)["oauth2_token"] == [r for r in before["oauth2_token"]
-                                                  if r[CID["oauth2_token"]] not in old]
+    assert snapshot(db.engine)["oauth2_token"] == [
+        r for r in before["oauth2_token"] if r[CID["oauth2_token"]] not in old
+    ]
     _assert_gone_with_tombstone(db.engine, old)
 
 
@@ -665,13 +712,19 @@ def test_survivor_of_all_dead_family_never_reaped(db):
     dead = adb.family("Claude Code (gone)", 4, rng, survivor=False)  # nobody live: newest is idle
     never = []
     for i in range(3):  # registered, never came back for a token: all abandoned
-        cid = adb.client(f"never-{i}", "MCP CLI Proxy", [f"http://localhost:{52000 + i}/oauth/callback"],
-                         adb.now - (10 - i) * DAY)
+        cid = adb.client(
+            f"never-{i}", "MCP CLI Proxy", [f"http://localhost:{52000 + i}/oauth/callback"], adb.now - (10 - i) * DAY
+        )
         never.append(cid)
     adb.flush()
     before = snapshot(db.engine)
-    config = make_config(db.url, policy={"verdicts": ["orphan", "abandoned", "idle"],
-                                         "actions": dict.fromkeys(("orphan", "abandoned", "idle"), "delete")})
+    config = make_config(
+        db.url,
+        policy={
+            "verdicts": ["orphan", "abandoned", "idle"],
+            "actions": dict.fromkeys(("orphan", "abandoned", "idle"), "delete"),
+        },
+    )
     with classified(config) as (stream, snap):
         verdicts = {i.row.client_id: i.verdict for i in stream}
     newest_dead, newest_never = dead.orphans[-1], never[-1]
@@ -696,11 +749,17 @@ def _restore_fixture(db) -> tuple[AuthlibDB, list[Any]]:
     fams = fill_families(adb, families=3, orphans_each=6, seed=71)
     # Rows with every shape: unicode, NULLs, big epoch values, many children.
     rng = random.Random(72)
-    odd = adb.family("Ünïcödé 客户端 \"quoted\" (test)", 3, rng)
+    odd = adb.family('Ünïcödé 客户端 "quoted" (test)', 3, rng)
     for cid in odd.orphans:
         for k in range(3):
-            adb.token(cid, adb.now - 9 * DAY + k, 2_000_000_000 if k == 2 else 60, refresh=bool(k % 2),
-                      access_revoked=adb.now - 8 * DAY, refresh_revoked=adb.now - 8 * DAY)
+            adb.token(
+                cid,
+                adb.now - 9 * DAY + k,
+                2_000_000_000 if k == 2 else 60,
+                refresh=bool(k % 2),
+                access_revoked=adb.now - 8 * DAY,
+                refresh_revoked=adb.now - 8 * DAY,
+            )
     adb.flush()
     _check_columns(db.engine)
     return adb, [*fams, odd]
@@ -740,9 +799,13 @@ def test_restore_refuses_on_conflict_and_restores_nothing(db):
     result = apply(config, plan(config))
     taken = sorted(planned)[0]
     with db.engine.begin() as conn:  # the auth server handed out the same client_id again
-        conn.execute(sa.text("INSERT INTO oauth2_client (client_id, client_secret, client_id_issued_at,"
-                             " client_secret_expires_at, client_metadata) VALUES (:c, 'new', :t, 0, '{}')"),
-                     {"c": taken, "t": int(time.time())})
+        conn.execute(
+            sa.text(
+                "INSERT INTO oauth2_client (client_id, client_secret, client_id_issued_at,"
+                " client_secret_expires_at, client_metadata) VALUES (:c, 'new', :t, 0, '{}')"
+            ),
+            {"c": taken, "t": int(time.time())},
+        )
     blocked = snapshot(db.engine)
 
     with pytest.raises(RestoreConflict, match=f"client {taken}.*nothing restored"):
@@ -754,8 +817,7 @@ def test_restore_refuses_on_conflict_and_restores_nothing(db):
     assert all(t.restored_at is None for t in tombstones(db.engine)), "nothing marked restored"
 
     with db.engine.begin() as conn:
-        conn.execute(sa.text("DELETE FROM oauth2_client WHERE client_id = :c AND client_secret = 'new'"),
-                     {"c": taken})
+        conn.execute(sa.text("DELETE FROM oauth2_client WHERE client_id = :c AND client_secret = 'new'"), {"c": taken})
     restore(config, run_id=result.run_id)
     assert snapshot(db.engine) == before
 
@@ -784,15 +846,31 @@ def test_demo_database_reaped_and_restored_through_the_cli(tmp_path):
     assert by_reason == {("delete", "superseded"): CHURN_REGISTRATIONS - 1, ("delete", "never_used"): 1}
     with sqlite3.connect(path) as con:
         names = Counter(n for (n,) in con.execute("SELECT client_name FROM oauth_clients"))
-        orphans_left = {t: con.execute(f"SELECT COUNT(*) FROM {t} WHERE client_id NOT IN "
-                                       "(SELECT client_id FROM oauth_clients)").fetchone()[0]
-                        for t in mcp_tables[1:]}
+        orphans_left = {
+            t: con.execute(
+                f"SELECT COUNT(*) FROM {t} WHERE client_id NOT IN (SELECT client_id FROM oauth_clients)"
+            ).fetchone()[0]
+            for t in mcp_tables[1:]
+        }
     con.close()
     assert names == {CHURN_NAME: 1, "Visual Studio Code": 1, "Cursor": 1}
     assert orphans_left == dict.fromkeys(mcp_tables[1:], 0), "no child row outlives its client"
 
-    res = run_reap([sys.executable, "-m", "reaper", "restore", "--profile", "mcp-memory-service",
-                    "--database-url", url, "--run", out["run_id"]], tmp_path)
+    res = run_reap(
+        [
+            sys.executable,
+            "-m",
+            "reaper",
+            "restore",
+            "--profile",
+            "mcp-memory-service",
+            "--database-url",
+            url,
+            "--run",
+            out["run_id"],
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith(f"restored {CHURN_REGISTRATIONS} client(s)")
     assert dump() == before, "every row back, byte for byte in SQLite's own dump"
@@ -810,10 +888,18 @@ def test_failed_restore_with_separate_ledger_keeps_tombstones_open(pg_db, ledger
     assert not has_table(pg_db.engine, "dcr_reaper_tombstones")
     reaped = snapshot(pg_db.engine)
     with pg_db.engine.begin() as conn:  # the auth database refuses the restore's commit (e.g. a constraint)
-        conn.execute(sa.text("CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
-                             "$$ BEGIN RAISE EXCEPTION 'commit refused'; END $$"))
-        conn.execute(sa.text("CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON oauth2_client "
-                             "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse()"))
+        conn.execute(
+            sa.text(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'commit refused'; END $$"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON oauth2_client "
+                "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse()"
+            )
+        )
 
     with pytest.raises(ReaperError, match="commit refused"):
         restore(config, run_id=result.run_id)
@@ -887,17 +973,28 @@ def test_merge_moves_consents_to_survivor_and_restore_moves_them_back(db, tmp_pa
             conn.execute(sa.text(stmt))
 
         def client(pk: int, cid: str, name: str, port: int, age: timedelta) -> None:
-            conn.execute(sa.text("INSERT INTO app_client VALUES (:pk, :cid, :name, :uris, :at)"),
-                         {"pk": pk, "cid": cid, "name": name,
-                          "uris": json.dumps([f"http://localhost:{port}/cb"]), "at": now - age})
+            conn.execute(
+                sa.text("INSERT INTO app_client VALUES (:pk, :cid, :name, :uris, :at)"),
+                {
+                    "pk": pk,
+                    "cid": cid,
+                    "name": name,
+                    "uris": json.dumps([f"http://localhost:{port}/cb"]),
+                    "at": now - age,
+                },
+            )
 
         def token(i: int, cid: str, expires: timedelta, revoked: bool = False) -> None:
-            conn.execute(sa.text("INSERT INTO app_token VALUES (:i, :cid, :exp, :rev)"),
-                         {"i": i, "cid": cid, "exp": now + expires, "rev": revoked})
+            conn.execute(
+                sa.text("INSERT INTO app_token VALUES (:i, :cid, :exp, :rev)"),
+                {"i": i, "cid": cid, "exp": now + expires, "rev": revoked},
+            )
 
         def consent(i: int, cid: str, user: str, scope: str) -> None:
-            conn.execute(sa.text("INSERT INTO app_consent VALUES (:i, :cid, :u, :s)"),
-                         {"i": i, "cid": cid, "u": user, "s": scope})
+            conn.execute(
+                sa.text("INSERT INTO app_consent VALUES (:i, :cid, :u, :s)"),
+                {"i": i, "cid": cid, "u": user, "s": scope},
+            )
 
         # Family "Notes" (loopback ports differ): S newest and live; O1, O2 older, dead.
         client(1, "O2", "Notes", 50001, timedelta(days=9))
@@ -912,32 +1009,41 @@ def test_merge_moves_consents_to_survivor_and_restore_moves_them_back(db, tmp_pa
         token(5, "X", -timedelta(days=20))
         consent(10, "S", "alice", "read")
         consent(11, "O1", "alice", "read write")  # S already has alice: the duplicate is deleted
-        consent(12, "O1", "bob", "read")          # S lacks bob: moves to S
-        consent(13, "O2", "bob", "admin")         # S has bob by then (O1 is newer, merged first): deleted
-        consent(14, "O2", "carol", "read")        # moves to S
+        consent(12, "O1", "bob", "read")  # S lacks bob: moves to S
+        consent(13, "O2", "bob", "admin")  # S has bob by then (O1 is newer, merged first): deleted
+        consent(14, "O2", "carol", "read")  # moves to S
         consent(15, "X", "dave", "read")
 
     tables = ("app_client", "app_token", "app_consent")
     before = snapshot(db.engine, tables, INHOUSE_PK)
-    config = make_config(db.url, profile=str(profile),
-                         policy={"actions": {"orphan": "merge", "abandoned": "merge"}})
+    config = make_config(db.url, profile=str(profile), policy={"actions": {"orphan": "merge", "abandoned": "merge"}})
     the_plan = plan(config)
     assert [(c.client_id, c.action, c.canonical) for c in the_plan.candidates] == [
-        ("O1", "merge", "S"), ("O2", "merge", "S"), ("Z", "merge", None)]
+        ("O1", "merge", "S"),
+        ("O2", "merge", "S"),
+        ("Z", "merge", None),
+    ]
     result = apply(config, the_plan)
     assert result.acted == Counter({("merge", "superseded"): 2, ("merge", "never_used"): 1})
 
     with db.engine.connect() as conn:
-        aliases = dict(conn.execute(sa.text(
-            "SELECT alias_client_id, canonical_client_id FROM dcr_reaper_aliases")).all())
-        consents = sorted(tuple(r) for r in conn.execute(sa.text("SELECT id, client_id, user_id, scope "
-                                                                 "FROM app_consent")))
+        aliases = dict(
+            conn.execute(sa.text("SELECT alias_client_id, canonical_client_id FROM dcr_reaper_aliases")).all()
+        )
+        consents = sorted(
+            tuple(r) for r in conn.execute(sa.text("SELECT id, client_id, user_id, scope FROM app_consent"))
+        )
     assert aliases == {"O1": "S", "O2": "S"}, "and no alias of Z to itself (it had nothing to merge into)"
-    assert consents == [(10, "S", "alice", "read"), (12, "S", "bob", "read"), (14, "S", "carol", "read"),
-                        (15, "X", "dave", "read")]
+    assert consents == [
+        (10, "S", "alice", "read"),
+        (12, "S", "bob", "read"),
+        (14, "S", "carol", "read"),
+        (15, "X", "dave", "read"),
+    ]
     after = snapshot(db.engine, tables, INHOUSE_PK)
-    assert after["app_client"] == [r for r in before["app_client"] if r[1] in ("S", "X")], \
+    assert after["app_client"] == [r for r in before["app_client"] if r[1] in ("S", "X")], (
         "orphans gone, the survivor's row untouched column for column"
+    )
     assert after["app_token"] == [r for r in before["app_token"] if r[1] in ("S", "X")]
     _assert_gone_with_tombstone_inhouse(db.engine, {"O1", "O2", "Z"})
 
@@ -966,34 +1072,53 @@ def test_reap_throughput_postgresql(pg_db, record_property):
     AuthlibDB(pg_db.engine)  # the schema
     now = int(time.time())
     with pg_db.engine.begin() as conn:
-        conn.execute(sa.text(
-            "INSERT INTO oauth2_client (client_id, client_secret, client_id_issued_at,"
-            " client_secret_expires_at, client_metadata)"
-            " SELECT 'orphan-' || g, md5(g::text), :now - 2 * 86400 - g, 0,"
-            " json_build_object('client_name', 'Claude Code (bench-' || (g % 50) || ')', 'redirect_uris',"
-            " json_build_array('http://localhost:' || (49152 + g % 16000) || '/callback'))::text"
-            " FROM generate_series(1, :n) g"), {"now": now, "n": N_BENCH})
-        conn.execute(sa.text(
-            "INSERT INTO oauth2_client (client_id, client_secret, client_id_issued_at,"
-            " client_secret_expires_at, client_metadata) SELECT 'live-' || f, md5(f::text), :now - 3600, 0,"
-            " json_build_object('client_name', 'Claude Code (bench-' || f || ')', 'redirect_uris',"
-            " json_build_array('http://localhost:40000/callback'))::text FROM generate_series(0, 49) f"),
-            {"now": now})
-        conn.execute(sa.text(
-            "INSERT INTO oauth2_token (client_id, token_type, access_token, refresh_token, scope, issued_at,"
-            " access_token_revoked_at, refresh_token_revoked_at, expires_in)"
-            " SELECT 'orphan-' || g, 'Bearer', 'at-' || g, 'rt-' || g, 'openid', :now - 2 * 86400 - g + 30,"
-            " :now - 86400, :now - 86400, 3600 FROM generate_series(1, :n) g"), {"now": now, "n": N_BENCH})
-        conn.execute(sa.text(
-            "INSERT INTO oauth2_code (code, client_id, redirect_uri, response_type, scope, auth_time,"
-            " code_challenge, code_challenge_method) SELECT 'code-' || g, 'orphan-' || g,"
-            " 'http://localhost/cb', 'code', 'openid', :now - 2 * 86400 - g + 20, 'x', 'S256'"
-            " FROM generate_series(1, :n) g"), {"now": now, "n": N_BENCH})
-        conn.execute(sa.text(
-            "INSERT INTO oauth2_token (client_id, token_type, access_token, scope, issued_at,"
-            " access_token_revoked_at, refresh_token_revoked_at, expires_in)"
-            " SELECT 'live-' || f, 'Bearer', 'live-at-' || f, 'openid', :now - 60, 0, 0, 3600"
-            " FROM generate_series(0, 49) f"), {"now": now})
+        conn.execute(
+            sa.text(
+                "INSERT INTO oauth2_client (client_id, client_secret, client_id_issued_at,"
+                " client_secret_expires_at, client_metadata)"
+                " SELECT 'orphan-' || g, md5(g::text), :now - 2 * 86400 - g, 0,"
+                " json_build_object('client_name', 'Claude Code (bench-' || (g % 50) || ')', 'redirect_uris',"
+                " json_build_array('http://localhost:' || (49152 + g % 16000) || '/callback'))::text"
+                " FROM generate_series(1, :n) g"
+            ),
+            {"now": now, "n": N_BENCH},
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO oauth2_client (client_id, client_secret, client_id_issued_at,"
+                " client_secret_expires_at, client_metadata) SELECT 'live-' || f, md5(f::text), :now - 3600, 0,"
+                " json_build_object('client_name', 'Claude Code (bench-' || f || ')', 'redirect_uris',"
+                " json_build_array('http://localhost:40000/callback'))::text FROM generate_series(0, 49) f"
+            ),
+            {"now": now},
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO oauth2_token (client_id, token_type, access_token, refresh_token, scope, issued_at,"
+                " access_token_revoked_at, refresh_token_revoked_at, expires_in)"
+                " SELECT 'orphan-' || g, 'Bearer', 'at-' || g, 'rt-' || g, 'openid', :now - 2 * 86400 - g + 30,"
+                " :now - 86400, :now - 86400, 3600 FROM generate_series(1, :n) g"
+            ),
+            {"now": now, "n": N_BENCH},
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO oauth2_code (code, client_id, redirect_uri, response_type, scope, auth_time,"
+                " code_challenge, code_challenge_method) SELECT 'code-' || g, 'orphan-' || g,"
+                " 'http://localhost/cb', 'code', 'openid', :now - 2 * 86400 - g + 20, 'x', 'S256'"
+                " FROM generate_series(1, :n) g"
+            ),
+            {"now": now, "n": N_BENCH},
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO oauth2_token (client_id, token_type, access_token, scope, issued_at,"
+                " access_token_revoked_at, refresh_token_revoked_at, expires_in)"
+                " SELECT 'live-' || f, 'Bearer', 'live-at-' || f, 'openid', :now - 60, 0, 0, 3600"
+                " FROM generate_series(0, 49) f"
+            ),
+            {"now": now},
+        )
         conn.execute(sa.text("CREATE INDEX ON oauth2_token (client_id)"))
         conn.execute(sa.text("CREATE INDEX ON oauth2_code (client_id)"))
         conn.execute(sa.text("ANALYZE"))
@@ -1005,16 +1130,20 @@ def test_reap_throughput_postgresql(pg_db, record_property):
     result = apply(config, the_plan)
     wall = time.monotonic() - started
     rate = result.total_acted / wall
-    print(f"\nreap throughput (PostgreSQL, batch 500, tombstones in the same transaction): "
-          f"{result.total_acted} clients in {wall:.2f}s = {rate:,.0f} clients/s")
+    print(
+        f"\nreap throughput (PostgreSQL, batch 500, tombstones in the same transaction): "
+        f"{result.total_acted} clients in {wall:.2f}s = {rate:,.0f} clients/s"
+    )
     record_property("reap_clients_per_second", round(rate))
     assert result.total_acted == N_BENCH
     with pg_db.engine.connect() as conn:
-        left = conn.execute(sa.text("SELECT COUNT(*) FROM oauth2_client WHERE client_id LIKE 'orphan-%'")
-                            ).scalar_one()
-        children = conn.execute(sa.text(
-            "SELECT (SELECT COUNT(*) FROM oauth2_token WHERE client_id LIKE 'orphan-%')"
-            " + (SELECT COUNT(*) FROM oauth2_code WHERE client_id LIKE 'orphan-%')")).scalar_one()
+        left = conn.execute(sa.text("SELECT COUNT(*) FROM oauth2_client WHERE client_id LIKE 'orphan-%'")).scalar_one()
+        children = conn.execute(
+            sa.text(
+                "SELECT (SELECT COUNT(*) FROM oauth2_token WHERE client_id LIKE 'orphan-%')"
+                " + (SELECT COUNT(*) FROM oauth2_code WHERE client_id LIKE 'orphan-%')"
+            )
+        ).scalar_one()
     assert (left, children) == (0, 0)
     assert tombstone_count(pg_db.engine, state="done") == N_BENCH
     assert client_ids(pg_db.engine) == {f"live-{f}" for f in range(50)}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from reaper_testkit import create_mcp_schema, insert_client, insert_tokens, mcp_profile, run_cli
 
-from reaper.render import CLIENT_FIELDS
+from reaper.output import CLIENT_FIELDS
 
 DAY = 86400.0
 CHURN = "Claude Code (scalarly-memory)"
@@ -58,9 +58,7 @@ def _populate(db) -> dict[str, str]:
 
 
 def _report(db, tmp_path: Path, *args: str, ok: bool = True):
-    res = run_cli(
-        ["report", "--profile", mcp_profile(db.kind, tmp_path), "--database-url", db.url, *args], tmp_path
-    )
+    res = run_cli(["report", "--profile", mcp_profile(db.kind, tmp_path), "--database-url", db.url, *args], tmp_path)
     if ok:
         assert res.returncode == 0, res.stderr
     return res
@@ -121,9 +119,7 @@ def test_verdict_filter(db, tmp_path, fmt):
         assert all("orphan" in line for line in listed)
     both = _csv_rows(_report(db, tmp_path, "--format", "csv", "--verdict", "orphan,abandoned").stdout)
     assert sorted(r["client_id"] for r in both) == ["churn-0", "churn-1", "churn-2", "churn-3", "proxy"]
-    repeated = _csv_rows(
-        _report(db, tmp_path, "--format", "csv", "--verdict", "young", "--verdict", "live").stdout
-    )
+    repeated = _csv_rows(_report(db, tmp_path, "--format", "csv", "--verdict", "young", "--verdict", "live").stdout)
     assert sorted(r["client_id"] for r in repeated) == ["churn-4", "cursor", "vscode"]
 
 
@@ -136,9 +132,7 @@ def test_family_filter_by_id_prefix_and_name(db, tmp_path):
         rows = _csv_rows(_report(db, tmp_path, "--format", "csv", "--family", selector).stdout)
         assert sorted(r["client_id"] for r in rows) == members, selector
         assert {r["family"] for r in rows} == {family}
-    orphans = _csv_rows(
-        _report(db, tmp_path, "--format", "csv", "--family", family, "--verdict", "orphan").stdout
-    )
+    orphans = _csv_rows(_report(db, tmp_path, "--format", "csv", "--family", family, "--verdict", "orphan").stdout)
     assert len(orphans) == 4
     assert _csv_rows(_report(db, tmp_path, "--format", "csv", "--family", "no-such-family").stdout) == []
     data = json.loads(_report(db, tmp_path, "--format", "json", "--family", family).stdout)
@@ -165,12 +159,7 @@ def test_markdown_has_tables(db, tmp_path):
     assert headings[0] == "## Clients by verdict" and len(headings) >= 3
     tables = 0
     for i, line in enumerate(lines):
-        if (
-            line.startswith("|")
-            and i + 1 < len(lines)
-            and set(lines[i + 1]) <= set("|-: ")
-            and "---" in lines[i + 1]
-        ):
+        if line.startswith("|") and i + 1 < len(lines) and set(lines[i + 1]) <= set("|-: ") and "---" in lines[i + 1]:
             tables += 1
             width = line.count(" | ")
             j = i

@@ -30,7 +30,7 @@ from service_kit import (
     via_proxy,
 )
 
-from reaper.classify import VERDICTS
+from reaper.analysis.model import VERDICTS
 from reaper.config import Config, load_config
 from reaper.demo import CHURN_REGISTRATIONS, build_demo
 from reaper.service import Service
@@ -148,8 +148,7 @@ def test_two_replicas_one_leader_and_failover_after_kill_9(tmp_path, pg_db):
         assert took <= interval + 1.5, f"takeover took {took:.2f}s with a {interval}s interval"
         standby.wait_metric("dcr_last_success_timestamp_seconds", lambda v: v > 0, timeout=interval + 3)
         assert value(text, "dcr_scan_failures_total") == 0
-        assert [e["event"] for e in standby.events() if e["event"].startswith("leadership")] == [
-            "leadership_acquired"]
+        assert [e["event"] for e in standby.events() if e["event"].startswith("leadership")] == ["leadership_acquired"]
         assert pg_advisory_locks(pg_db.engine) == 1
         rc, _ = standby.terminate(timeout=10)
         assert rc == 0, standby.output()
@@ -162,7 +161,9 @@ def test_two_replicas_one_leader_and_failover_after_kill_9(tmp_path, pg_db):
 def test_sigterm_during_reap_finishes_the_batch_and_exits_within_grace(tmp_path, pg_db):
     data = fill_churning(pg_db.engine, families=30, orphans_per_family=100)
     batch, grace = 20, 10.0
-    cfg = _toml(tmp_path / "reaper.toml", f"""
+    cfg = _toml(
+        tmp_path / "reaper.toml",
+        f"""
 database_url = "{pg_db.url}"
 profile = "authlib"
 [classify]
@@ -178,7 +179,8 @@ late_token_sweep = "1s"
 reap = true
 grace = "{grace:g}s"
 scan_interval = "1h"
-""")
+""",
+    )
     tomb = "dcr_reaper_tombstones"
 
     def tombstones() -> int:
@@ -227,12 +229,20 @@ def test_sigterm_when_the_batch_outlasts_grace_keeps_the_lock_until_the_run_ends
     fill_churning(pg_db.engine, families=10, orphans_per_family=40)
     batch = 20
     with pg_db.engine.begin() as conn:  # every client DELETE statement now takes 3 s: a batch outlasts the grace
-        conn.execute(sa.text(
-            "CREATE FUNCTION slow_delete() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$"
-            " LANGUAGE plpgsql"))
-        conn.execute(sa.text("CREATE TRIGGER slow BEFORE DELETE ON oauth2_client FOR EACH STATEMENT"
-                             " EXECUTE FUNCTION slow_delete()"))
-    cfg = _toml(tmp_path / "reaper.toml", f"""
+        conn.execute(
+            sa.text(
+                "CREATE FUNCTION slow_delete() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$"
+                " LANGUAGE plpgsql"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "CREATE TRIGGER slow BEFORE DELETE ON oauth2_client FOR EACH STATEMENT EXECUTE FUNCTION slow_delete()"
+            )
+        )
+    cfg = _toml(
+        tmp_path / "reaper.toml",
+        f"""
 database_url = "{pg_db.url}"
 profile = "authlib"
 [policy]
@@ -247,13 +257,19 @@ statement_timeout = "60s"
 reap = true
 grace = "0.5s"
 scan_interval = "1h"
-""")
+""",
+    )
 
     def deleting() -> bool:
         with pg_db.engine.connect() as conn:
-            return bool(conn.execute(sa.text(
-                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'DELETE FROM oauth2_client%'"
-            )).scalar())
+            return bool(
+                conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE state = 'active' AND query LIKE 'DELETE FROM oauth2_client%'"
+                    )
+                ).scalar()
+            )
 
     with ServeProcess(["--config", cfg], tmp_path) as proc:
         proc.wait_started()
@@ -276,7 +292,9 @@ def test_sigterm_during_a_long_pause_stops_at_once(tmp_path, pg_db):
     """The pause between batches wakes on SIGTERM: the run ends between batches, within the grace."""
     fill_churning(pg_db.engine, families=10, orphans_per_family=40)
     batch = 20
-    cfg = _toml(tmp_path / "reaper.toml", f"""
+    cfg = _toml(
+        tmp_path / "reaper.toml",
+        f"""
 database_url = "{pg_db.url}"
 profile = "authlib"
 [policy]
@@ -290,7 +308,8 @@ late_token_sweep = "30s"
 reap = true
 grace = "5s"
 scan_interval = "1h"
-""")
+""",
+    )
     with ServeProcess(["--config", cfg], tmp_path) as proc:
         proc.wait_started()
         poll(lambda: tombstones_count(pg_db.engine) >= batch, 20, what="the first batch")  # now in its pause
@@ -322,8 +341,7 @@ def proxy(pg_db) -> Iterator[FaultProxy]:
 
 
 def _service_config(url: str, **service: object) -> Config:
-    settings = {"port": 0, "bind_address": "127.0.0.1", "scan_interval": 0.5, "database_timeout": 1,
-                "grace": 10}
+    settings = {"port": 0, "bind_address": "127.0.0.1", "scan_interval": 0.5, "database_timeout": 1, "grace": 10}
     settings.update(service)
     return load_config(None, {"database_url": url, "profile": "authlib", "service": settings}, environ={})
 
@@ -409,8 +427,9 @@ def test_database_refused_at_start_then_recovers_without_restart(pg_db, proxy, s
 # (SQLAlchemy swallows the failed close of a statement that failed): the connection is dead and nothing leaks on
 # the server, but psycopg warns when it collects them. The test collects them itself, inside this marker, so the
 # warning can never surface in a later test; every other warning stays an error.
-@pytest.mark.filterwarnings("ignore:Exception ignored in. <function ServerCursorMixin.__del__"
-                            ":pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <function ServerCursorMixin.__del__:pytest.PytestUnraisableExceptionWarning"
+)
 def test_connection_cut_mid_scan_then_recovers(pg_db, proxy, service_events):
     fill_churning(pg_db.engine, families=100, orphans_per_family=100)  # ~3 MB of scan results
     service = Service(_service_config(via_proxy(pg_db.url, proxy), scan_interval=0.5))

@@ -8,12 +8,11 @@ import sqlalchemy as sa
 from reap_helpers import make_config
 from server_schemas import Spring
 
-from reaper.check import check_schema
-from reaper.classify import Verdict
+from reaper.analysis.model import Verdict
+from reaper.commands import apply, classified, plan
+from reaper.db import check_schema
 from reaper.ledger import decode_payload
-from reaper.profile import bind_profile
-from reaper.reap import apply, plan
-from reaper.report import classified
+from reaper.profiles import bind_profile
 
 HOUR, DAY = 3600, 86400
 PROFILE = "spring-authorization-server"
@@ -78,14 +77,10 @@ def test_the_dcr_registration_token_is_excluded(pg_db):
     )
     # A real client_credentials token of a machine client (same principal shape, other scope) does count.
     machine = s.client("svc-1", "Batch job", ["https://svc.example.com/cb"], 3 * DAY)
-    s.authorization(
-        machine, principal="svc-1", grant="client_credentials", scopes="api.read", age=60, access_ttl=300
-    )
+    s.authorization(machine, principal="svc-1", grant="client_credentials", scopes="api.read", age=60, access_ttl=300)
     # A registration-shaped row whose principal is some other client's id is not the registration token.
     odd = s.client("odd-1", "Odd", ["https://odd.example.com/cb"], 3 * DAY)
-    s.authorization(
-        odd, principal="dcr-1", grant="client_credentials", scopes="client.read", age=60, access_ttl=300
-    )
+    s.authorization(odd, principal="dcr-1", grant="client_credentials", scopes="client.read", age=60, access_ttl=300)
     got = scan(pg_db.url)
     assert (got["dcr-1"].verdict, got["dcr-1"].reason) == (Verdict.ABANDONED, "never_used")
     assert got["dcr-1"].row.total_credentials == 0
@@ -137,9 +132,7 @@ def test_reap_deletes_authorizations_and_consents_first_and_merge_moves_consents
             )
         )
         payload = decode_payload(
-            conn.execute(
-                sa.text("SELECT payload FROM dcr_reaper_tombstones WHERE client_id = 'old1'")
-            ).scalar_one()
+            conn.execute(sa.text("SELECT payload FROM dcr_reaper_tombstones WHERE client_id = 'old1'")).scalar_one()
         )
     # alice's consent moved to the survivor; bob already had one there, so his old ones went with their
     # clients.

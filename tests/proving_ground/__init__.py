@@ -1,2 +1,1 @@
-"""The proving ground: a real Authlib DCR server, clients that behave like real ones, the reaper end to end.
-"""
+"""The proving ground: a real Authlib DCR server, clients that behave like real ones, the reaper end to end."""

@@ -109,9 +109,7 @@ class OAuthHTTP:
         return self.http.post(f"{self.base}/token", data=form, timeout=TIMEOUT)
 
     def refresh(self, client_id: str, refresh_token: str) -> requests.Response:
-        return self.token(
-            {"grant_type": "refresh_token", "refresh_token": refresh_token, "client_id": client_id}
-        )
+        return self.token({"grant_type": "refresh_token", "refresh_token": refresh_token, "client_id": client_id})
 
     def revoke(self, client_id: str, token: str, hint: str = "refresh_token") -> requests.Response:
         return self.http.post(
@@ -238,8 +236,7 @@ def run_scenario(
     flood_count: int = 30,
     seed: int = 1,
 ) -> Scenario:
-    """`sessions` sessions of the churner and the well-behaved client, `gap` apart; a flood after `flood_at`.
-    """
+    """`sessions` sessions of the churner and the well-behaved client, `gap` apart; a flood after `flood_at`."""
     assert sessions <= 100 and flood_count <= 1000  # bounded
     clock = server.clock
     rng = random.Random(seed)

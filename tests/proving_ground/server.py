@@ -46,9 +46,7 @@ from werkzeug.serving import make_server
 ACCESS_LIFETIME = 3600
 CODE_LIFETIME = 300
 TEST_USER_ID = 42
-REGISTRANT_IP_FIELD = (
-    "registrant_ip"  # where this server records who registered (a custom profile can read it)
-)
+REGISTRANT_IP_FIELD = "registrant_ip"  # where this server records who registered (a custom profile can read it)
 TOKEN_AUTH_METHODS = ["client_secret_basic", "client_secret_post", "none"]
 
 
@@ -159,9 +157,7 @@ def create_app(engine: sa.Engine, clock: SimClock) -> Flask:
         if client_id and not req.payload.data.get("client_secret"):
             client = query(client_id)
             if client is None:
-                raise InvalidClientError(
-                    status_code=401, description="The client does not exist on this server."
-                )
+                raise InvalidClientError(status_code=401, description="The client does not exist on this server.")
             return client
         return None
 
@@ -177,9 +173,7 @@ def create_app(engine: sa.Engine, clock: SimClock) -> Flask:
         def validate_code_challenge(self, grant: Any, redirect_uri: str) -> None:
             data = grant.request.payload.data
             if not data.get("code_challenge"):
-                raise InvalidRequestError(
-                    "Missing 'code_challenge': PKCE is required", redirect_uri=redirect_uri
-                )
+                raise InvalidRequestError("Missing 'code_challenge': PKCE is required", redirect_uri=redirect_uri)
             if data.get("code_challenge_method") != "S256":
                 raise InvalidRequestError("'code_challenge_method' must be S256", redirect_uri=redirect_uri)
             super().validate_code_challenge(grant, redirect_uri)
@@ -229,9 +223,7 @@ def create_app(engine: sa.Engine, clock: SimClock) -> Flask:
         INCLUDE_NEW_REFRESH_TOKEN = True  # rotation
 
         def authenticate_refresh_token(self, refresh_token: str) -> Token | None:
-            item = (
-                _db().execute(sa.select(Token).where(Token.refresh_token == refresh_token)).scalars().first()
-            )
+            item = _db().execute(sa.select(Token).where(Token.refresh_token == refresh_token)).scalars().first()
             if item is None:
                 return None
             if item.refresh_token_revoked_at or item.access_token_revoked_at:
@@ -268,12 +260,7 @@ def create_app(engine: sa.Engine, clock: SimClock) -> Flask:
             col = Token.access_token if token_type_hint == "access_token" else Token.refresh_token
             item = _db().execute(sa.select(Token).where(col == token_string)).scalars().first()
             if item is None and token_type_hint is None:
-                item = (
-                    _db()
-                    .execute(sa.select(Token).where(Token.access_token == token_string))
-                    .scalars()
-                    .first()
-                )
+                item = _db().execute(sa.select(Token).where(Token.access_token == token_string)).scalars().first()
             return item
 
         def revoke_token(self, item: Token, req: Any) -> None:
@@ -309,9 +296,7 @@ def create_app(engine: sa.Engine, clock: SimClock) -> Flask:
             info["client_id_issued_at"] = now()
             return info
 
-        def save_client(
-            self, client_info: dict[str, Any], client_metadata: dict[str, Any], req: Any
-        ) -> Client:
+        def save_client(self, client_info: dict[str, Any], client_metadata: dict[str, Any], req: Any) -> Client:
             client = Client(**client_info)
             client.set_client_metadata({**client_metadata, REGISTRANT_IP_FIELD: _client_ip()})
             _db().add(client)

@@ -9,10 +9,9 @@ from __future__ import annotations
 import io
 import json
 
-from reaper.classify import Verdict
-from reaper.reap import apply, plan
-from reaper.render import Filters, render
-from reaper.report import classified
+from reaper.analysis.model import Verdict
+from reaper.commands import apply, classified, plan
+from reaper.output import Filters, render
 
 from .clients import CHURNER_NAME, FLOOD_NAME, GOOD_NAME, Scenario
 from .conftest import GAP, reaper_config

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from reaper_testkit import clean_env, run_cli
 
-from reaper.html import CHART_BG, REVOKED_COLOR, VERDICT_COLORS
+from reaper.output.html import CHART_BG, REVOKED_COLOR, VERDICT_COLORS
 
 from .clients import Scenario
 from .conftest import CLASSIFY
@@ -50,9 +50,7 @@ def screenshot(html: Path, png: Path, profile_dir: Path) -> None:
         f"--window-size={WIDTH},{HEIGHT}",
         html.resolve().as_uri(),
     ]
-    res = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=120, env=clean_env(HOME=str(profile_dir))
-    )
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=clean_env(HOME=str(profile_dir)))
     assert res.returncode == 0 and png.exists(), res.stderr[-2000:]
 
 

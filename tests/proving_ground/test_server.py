@@ -30,9 +30,7 @@ def http(db) -> Iterator[OAuthHTTP]:
 
 def _tokens(db, client_id: str) -> list[Token]:
     with Session(db.engine) as s:
-        return list(
-            s.execute(sa.select(Token).where(Token.client_id == client_id).order_by(Token.id)).scalars()
-        )
+        return list(s.execute(sa.select(Token).where(Token.client_id == client_id).order_by(Token.id)).scalars())
 
 
 def test_registration_is_rfc7591_and_stored_by_the_mixins(db, http: OAuthHTTP):

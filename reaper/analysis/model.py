@@ -1,0 +1,237 @@
+"""The analysis data model: what the scan yields, what classification decides, what a scan leaves behind.
+
+Plain data, no I/O. The scan fills ClientRows; the classifier turns them into Classified items and FamilyStats;
+the loop detector returns LoopEvidence and FloodEvidence; the pipeline assembles the Snapshot.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+@dataclass(slots=True)
+class ClientRow:
+    """One client as the scan saw it. Holds no secret: secrets and tokens are never selected (S8)."""
+
+    key: str
+    client_id: str
+    created_at: float | None
+    name: str | None = None
+    redirect_uris: tuple[str, ...] = ()
+    software_id: str | None = None
+    software_version: str | None = None
+    subject: str | None = None
+    ip: str | None = None
+    ip_network: str | None = None  # the IP aggregated to the configured prefix: what families and reports use
+    dynamic: bool = True
+    cimd: bool = False
+    disabled: bool = False
+    live: dict[str, int] = field(default_factory=dict)
+    total_credentials: int = 0
+    last_used: float | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class LoopStep:
+    """One turn of a loop: this client's refresh token was revoked, then its family registered again."""
+
+    client_id: str
+    registered_at: float | None
+    last_token_at: float | None
+    revoked_at: float
+    next_client_id: str
+    next_registered_at: float
+    verdict: str
+
+    @property
+    def gap(self) -> float:
+        """Seconds from the revocation to the next registration."""
+        return max(0.0, self.next_registered_at - self.revoked_at)
+
+
+@dataclass
+class LoopEvidence:
+    """A family suspected of a re-auth loop, with its steps (newest first, at most loops.max_evidence)."""
+
+    family: str
+    name: str | None
+    cycles: int
+    steps: list[LoopStep]
+    median_gap: float
+    first_revoked_at: float
+    last_revoked_at: float
+
+
+@dataclass(slots=True)
+class FloodMember:
+    client_id: str
+    registered_at: float
+    verdict: str
+
+
+@dataclass
+class FloodEvidence:
+    """Never-used registrations packed into a short time, in one family or from one IP prefix."""
+
+    scope: str  # "family" or "ip"
+    key: str  # the family id, or the masked IP prefix
+    name: str | None
+    family: str | None
+    registrations: int
+    first_at: float
+    last_at: float
+    members: list[FloodMember] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return max(0.0, self.last_at - self.first_at)
+
+
+class Verdict(StrEnum):
+    LIVE = "live"
+    YOUNG = "young"
+    ORPHAN = "orphan"
+    ABANDONED = "abandoned"
+    IDLE = "idle"
+    PROTECTED = "protected"
+
+
+VERDICTS = tuple(Verdict)
+INTERVAL_SAMPLES = 64
+
+
+@dataclass(slots=True)
+class Classified:
+    """A client with its family and verdict."""
+
+    row: ClientRow
+    family: str
+    verdict: Verdict
+    reason: str
+
+
+@dataclass(slots=True)
+class FamilyStats:
+    """What one family looks like; bounded in size whatever the number of members."""
+
+    id: str
+    name: str | None
+    normalized_name: str
+    members: int = 0
+    live: int = 0
+    orphans: int = 0
+    abandoned: int = 0
+    first_registered: float | None = None
+    last_registered: float | None = None
+    recent: int = 0
+    new: int = 0
+    tied: int = 0
+    newest_client_id: str | None = None
+    newest_live_client_id: str | None = None
+    newest_key: str | None = None
+    newest_live_key: str | None = None
+    _previous: float | None = None
+    _intervals: array[float] = field(default_factory=lambda: array("d"))
+    _seen_intervals: int = 0
+
+    def add(
+        self, row: ClientRow, verdict: Verdict, window_start: float, rng: random.Random, new_since: float | None = None
+    ) -> None:
+        self.members += 1
+        if self.newest_client_id is None:
+            self.newest_client_id, self.newest_key = row.client_id, row.key
+        if verdict is Verdict.LIVE:
+            self.live += 1
+            if self.newest_live_client_id is None:
+                self.newest_live_client_id, self.newest_live_key = row.client_id, row.key
+        elif verdict is Verdict.ORPHAN:
+            self.orphans += 1
+        elif verdict is Verdict.ABANDONED:
+            self.abandoned += 1
+        t = row.created_at
+        if t is None or row.problems:
+            return  # an unreadable row (a future time, say) must never make its siblings look superseded
+        if self.last_registered is None:
+            self.last_registered = t
+        self.first_registered = t
+        if t >= window_start:
+            self.recent += 1
+        if new_since is not None:
+            if t > new_since:
+                self.new += 1
+            elif t == new_since:
+                self.tied += 1
+        if self._previous is not None:
+            self._sample(self._previous - t, rng)
+        self._previous = t
+
+    def _sample(self, interval: float, rng: random.Random) -> None:
+        # Reservoir sampling keeps the median honest for huge families in fixed memory.
+        self._seen_intervals += 1
+        if len(self._intervals) < INTERVAL_SAMPLES:
+            self._intervals.append(interval)
+        else:
+            slot = rng.randrange(self._seen_intervals)
+            if slot < INTERVAL_SAMPLES:
+                self._intervals[slot] = interval
+
+    @property
+    def median_interval(self) -> float | None:
+        """Median seconds between consecutive registrations (None below two members)."""
+        return statistics.median(self._intervals) if self._intervals else None
+
+    @property
+    def survivor(self) -> str | None:
+        """The member a merge keeps: the newest live one, else the newest."""
+        return self.newest_live_client_id or self.newest_client_id
+
+    @property
+    def survivor_key(self) -> str | None:
+        """The survivor's key (what credential rows reference)."""
+        return self.newest_live_key if self.newest_live_client_id else self.newest_key
+
+
+@dataclass
+class Snapshot:
+    """The result of one scan: counts and families, no per-client data."""
+
+    profile: str
+    database: str
+    started_at: float
+    finished_at: float = 0.0
+    clients: int = 0
+    by_verdict: Counter[str] = field(default_factory=Counter)
+    by_reason: Counter[tuple[str, str]] = field(default_factory=Counter)
+    families: dict[str, FamilyStats] = field(default_factory=dict)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    problem_count: int = 0
+    churn_window: float = 86400.0
+    churn_min_registrations: int = 5
+    new_registrations: int = 0
+    newest_registration: float = 0.0
+    newest_by_family: Counter[str] = field(default_factory=Counter)
+    # Filled by reaper.loops after the stream: family id -> suspected re-auth loop, and registration floods.
+    loops: dict[str, LoopEvidence] = field(default_factory=dict)
+    floods: list[FloodEvidence] = field(default_factory=list)
+    loop_detection: str = "off"  # "on", or why not
+    loop_window: float = 900.0
+
+    @property
+    def duration(self) -> float:
+        return max(0.0, self.finished_at - self.started_at)
+
+    def churning(self) -> list[FamilyStats]:
+        """Families with at least churn_min_registrations in the churn window, most first."""
+        fams = [f for f in self.families.values() if f.recent >= self.churn_min_registrations]
+        return sorted(fams, key=lambda f: (-f.recent, -f.members, f.id))
+
+    def top_families(self, k: int) -> list[FamilyStats]:
+        """The k largest families with more than one member, by orphans then members."""
+        fams = [f for f in self.families.values() if f.members > 1]
+        return sorted(fams, key=lambda f: (-f.orphans, -f.members, f.id))[:k]

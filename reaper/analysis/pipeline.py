@@ -1,0 +1,116 @@
+"""The read-only pipeline: scan source -> classify (and loop detection) -> Snapshot (S1: nothing here writes).
+
+A scan source is whatever a backend gives for one scan (a SQL query's rows, a key-value store's entries): this
+module only sees ClientRows, so nothing here assumes SQL.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+from reaper.analysis.accesslog import annotate, read_logs
+from reaper.analysis.classify import Classifier
+from reaper.analysis.fingerprint import ip_prefix
+from reaper.analysis.loops import LoopDetector, RevokedIndex
+from reaper.analysis.model import Classified, ClientRow, Snapshot
+from reaper.config import Config
+
+Progress = Callable[[int, int], None]
+
+
+class ScanSource(Protocol):
+    """One scan of one store, as the pipeline needs it."""
+
+    profile_name: str
+    description: str  # the store, for reports (never a password)
+    has_ips: bool  # whether rows can carry a registrant IP
+
+    def count(self) -> int:
+        """How many clients `rows()` will yield (for progress)."""
+        ...
+
+    def revoked(self, since: float) -> RevokedIndex | None:
+        """Clients whose refresh token was revoked since `since` (None: the profile has no loop map)."""
+        ...
+
+    def rows(self) -> Iterator[ClientRow]:
+        """Every client with its credential facts, newest first."""
+        ...
+
+
+def with_ips(rows: Iterator[ClientRow], config: Config) -> Iterator[ClientRow]:
+    """Fill IPs from the access log where the store has none, and aggregate each to its network."""
+    ip = config.ip
+    if ip.access_log:
+        rows = annotate(rows, read_logs(ip.access_log, ip.registration_path, ip.format), ip.window)
+    v4, v6 = config.classify.ip_prefix_v4, config.classify.ip_prefix_v6
+    for row in rows:
+        if row.ip:
+            row.ip_network = ip_prefix(row.ip, v4, v6)
+        yield row
+
+
+def _detector(config: Config, source: ScanSource, now: float, snapshot: Snapshot) -> LoopDetector | None:
+    settings = config.loops
+    snapshot.loop_window = settings.window
+    if not settings.enabled:
+        snapshot.loop_detection = "disabled (loops.enabled = false)"
+        return None
+    revoked = source.revoked(now - settings.lookback)
+    if revoked is None:
+        snapshot.loop_detection = f"floods only: profile '{source.profile_name}' has no loop map"
+        revoked = RevokedIndex()
+    else:
+        snapshot.loop_detection = "on"
+    return LoopDetector(settings, revoked, now, snapshot.families)
+
+
+@contextmanager
+def classified(
+    config: Config,
+    source: ScanSource,
+    now: float,
+    progress: Progress | None = None,
+    new_since: float | None = None,
+    seen_at_watermark: dict[str, int] | None = None,
+) -> Iterator[tuple[Iterator[Classified], Snapshot]]:
+    """Stream classified clients; the Snapshot is complete once the stream is exhausted."""
+    snapshot = Snapshot(
+        profile=source.profile_name,
+        database=source.description,
+        started_at=now,
+        churn_window=config.classify.churn_window,
+        churn_min_registrations=config.classify.churn_min_registrations,
+    )
+    total = source.count() if progress else 0
+    detector = _detector(config, source, now, snapshot)
+    rows = source.rows()
+    if source.has_ips or config.ip.access_log:
+        rows = with_ips(rows, config)
+    stream = Classifier(config.classify, snapshot, now, new_since, seen_at_watermark).run(rows)
+    observe = detector.observe if detector is not None else None
+
+    def counted() -> Generator[Classified, None, None]:
+        for n, item in enumerate(stream, 1):
+            if progress and n % 1000 == 0:
+                progress(n, total)
+            if observe is not None:
+                observe(item)
+            yield item
+        if progress:
+            progress(snapshot.clients, total)
+        if detector is not None:
+            detector.finish(snapshot)
+        snapshot.finished_at = time.time()
+
+    outer = counted()
+    try:
+        yield outer, snapshot
+    finally:
+        # Close the generators (and so the store's cursor) while the source is still open, even when the
+        # consumer stopped early (a broken pipe, a stop request).
+        outer.close()
+        stream.close()

@@ -1,0 +1,128 @@
+"""The SQL backend: an auth server's own database on PostgreSQL, MySQL/MariaDB or SQLite."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
+
+from reaper.backends.base import Actor, Candidate
+from reaper.backends.sql.actor import SqlActor, SqlStatements
+from reaper.backends.sql.lock import RunLock, lock_name
+from reaper.backends.sql.scan import SqlScan
+from reaper.config import Config
+from reaper.db import DatabaseImpl, check_connection, check_schema, describe_error, make_engine, parse_url, redact
+from reaper.errors import ConfigError, DatabaseError
+from reaper.ledger import Ledger
+from reaper.profiles import BoundProfile
+
+
+class SqlBackend:
+    """Scans read-only (S1); acts, locks and keeps the ledger on a read-write engine opened only when needed."""
+
+    def __init__(self, config: Config, profile: BoundProfile):
+        if not config.database_url:
+            raise ConfigError(
+                "database_url is not set (use --database-url, DCR_REAPER_DATABASE_URL or the config file)"
+            )
+        self.config = config
+        self.profile = profile
+        self.url = parse_url(config.database_url)
+        self.impl = DatabaseImpl.for_url(self.url)
+        self.description = redact(self.url)
+        self._engines: dict[str, Engine] = {}
+
+    # -- engines -------------------------------------------------------------------------------------------
+
+    def _engine(self, role: str) -> Engine:
+        if role not in self._engines:
+            assert self.config.database_url
+            if role == "read":
+                self._engines[role] = make_engine(self.config.database_url, readonly=True)
+            elif role == "write":
+                self._engines[role] = make_engine(self.config.database_url, readonly=False)
+            elif role == "ping":
+                self._engines[role] = make_engine(
+                    self.config.database_url,
+                    readonly=True,
+                    connect_timeout=self.config.service.database_timeout,
+                    poolclass=NullPool,
+                )
+            else:  # the ledger's own database
+                assert self.config.ledger.url
+                self._engines[role] = make_engine(self.config.ledger.url, readonly=False)
+        return self._engines[role]
+
+    @property
+    def read_engine(self) -> Engine:
+        return self._engine("read")
+
+    @property
+    def write_engine(self) -> Engine:
+        return self._engine("write")
+
+    def close(self) -> None:
+        for engine in self._engines.values():
+            engine.dispose()
+        self._engines.clear()
+
+    # -- the seam ------------------------------------------------------------------------------------------
+
+    def check(self) -> list[str]:
+        engine = self.read_engine
+        check_connection(engine)
+        if not self.impl.supported_by(self.profile.profile.database):
+            raise ConfigError(
+                f"profile '{self.profile.name}' supports {', '.join(self.profile.profile.database)}, "
+                f"not {engine.dialect.name}"
+            )
+        try:
+            return check_schema(engine, self.profile.profile)
+        except DBAPIError as exc:
+            raise DatabaseError(f"reading the schema of {self.description}: {describe_error(exc, self.url)}") from None
+
+    @contextmanager
+    def scan(self, now: float) -> Iterator[SqlScan]:
+        engine = self.read_engine
+        now_dt = datetime.fromtimestamp(now, UTC)
+        try:
+            with engine.connect() as conn:
+                self.impl.prepare_scan(conn, self.config.scan.work_mem_mb)
+                yield SqlScan(
+                    conn,
+                    self.profile,
+                    self.impl,
+                    now_dt,
+                    self.config.classify.clock_skew,
+                    self.config.scan.batch_size,
+                    self.description,
+                )
+                conn.rollback()
+        except DBAPIError as exc:
+            raise DatabaseError(f"scan of {self.description} failed: {describe_error(exc, self.url)}") from None
+
+    def lock(self) -> RunLock:
+        engine = self.write_engine
+        return RunLock(engine, lock_name(engine, self.config.ledger.prefix))
+
+    def ledger(self) -> Ledger:
+        if self.config.ledger.url:
+            return Ledger(self._engine("ledger"), self.config.ledger)
+        return Ledger(self.write_engine, self.config.ledger, shared=True)
+
+    def actor(self) -> Actor:
+        return SqlActor(self.profile, self.write_engine, self.ledger(), self.config.policy)
+
+    def statements(self, batch: Sequence[Candidate]) -> list[str]:
+        engine = self.read_engine
+        review = SqlStatements(self.profile, engine, self.config.policy)
+        return review.review(batch, datetime.now(UTC), engine.dialect)
+
+    def ping(self) -> None:
+        with self._engine("ping").connect() as conn:
+            conn.execute(sa.text("SELECT 1"))

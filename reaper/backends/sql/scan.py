@@ -1,0 +1,460 @@
+"""The SQL scan: one set-based, streamed query that yields each client with its credential facts, and the
+token-side query loop detection needs."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Generator, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql.expression import FromClause
+
+from reaper.analysis.loops import RevokedIndex
+from reaper.analysis.model import ClientRow
+from reaper.db import Compiler, DatabaseImpl, Owner, now_param, table_clause, untyped
+from reaper.profiles import FIELDS, BoundProfile, ClientMap, CredentialMap, TenantMap, credential_columns, profile_reads
+
+
+def to_epoch(value: Any, encoding: str | None) -> float | None:
+    """Seconds since the epoch from a stored time, whatever its encoding."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return float(value.timestamp())
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        return to_epoch(parsed, encoding)
+    number = float(value)
+    return number / 1000 if encoding == "epoch_ms" else number
+
+
+def live_condition(cred: CredentialMap, compiler: Compiler) -> Any:
+    """SQL for 'this row is a live credential' (a consent alone never keeps a client alive)."""
+    if cred.live is not None:
+        return compiler.compile(cred.live)
+    return sa.false() if cred.kind == "consent" else sa.true()
+
+
+def credential_compiler(
+    profile: BoundProfile, cred: CredentialMap, table: FromClause, now: datetime, impl: DatabaseImpl
+) -> Compiler:
+    """A compiler for one credential table's conditions, knowing the row's own client (`equals_client`)."""
+    owner = Owner(cred.ref, profile.client.table, cred.client_column or profile.client.key)
+    return Compiler(table, now, profile.options, impl, owner)
+
+
+def tenant_filter(table: FromClause, tenant: TenantMap | None, options: dict[str, Any]) -> list[Any]:
+    """Rows of one tenant only (Hydra's nid, Keycloak's realm) when the option is set."""
+    if not tenant or options.get(tenant.option) in (None, ""):
+        return []
+    value = options[tenant.option]
+    if tenant.via is not None:
+        via = table_clause(tenant.via.table, {tenant.via.key, tenant.via.column}).alias("tenant_via")
+        ids = sa.select(via.c[tenant.via.key]).where(via.c[tenant.via.column] == untyped(value))
+        return [table.c[tenant.column].in_(ids.scalar_subquery())]
+    return [table.c[tenant.column] == untyped(value)]
+
+
+def credential_filter(
+    profile: BoundProfile, cred: CredentialMap, table: FromClause, now: datetime, impl: DatabaseImpl
+) -> list[Any]:
+    """The rows of a credential table that count: its tenant, without its excluded rows."""
+    where = tenant_filter(table, cred.tenant, profile.options)
+    if cred.exclude is not None:
+        where.append(sa.not_(credential_compiler(profile, cred, table, now, impl).compile(cred.exclude)))
+    return where
+
+
+def _flag(cond_sql: Any) -> Any:
+    return sa.case((cond_sql, 1), else_=0)
+
+
+def _data_columns(cm: ClientMap) -> list[str]:
+    return sorted({f.column for _, f in cm.fields() if f.column})
+
+
+def build_query(profile: BoundProfile, impl: DatabaseImpl, now: datetime) -> sa.Select[Any]:
+    """The scan query: clients LEFT JOIN per-credential aggregates, newest first."""
+    cm = profile.client
+    reads = profile_reads(profile.profile)
+    client = table_clause(cm.table, reads[cm.table]).alias("c")
+    comp = Compiler(client, now, profile.options, impl)
+    cols: list[Any] = [client.c[cm.key].label("k"), client.c[cm.client_id].label("client_id")]
+    cols += [client.c[name].label(f"f_{i}") for i, name in enumerate(_data_columns(cm))]
+    for flag, cond in cm.flags():
+        cols.append(_flag(comp.compile(cond)).label(f"is_{flag}"))
+    query_from: Any = client
+    for i, cred in enumerate(profile.scan_credentials):
+        t = table_clause(cred.table, credential_columns(cred)).alias(f"t{i}")
+        live = live_condition(cred, credential_compiler(profile, cred, t, now, impl))
+        aggs = [t.c[cred.ref].label("ref"), sa.func.sum(_flag(live)).label("live"), sa.func.count().label("total")]
+        if cred.issued_at and cred.issued_at.column:
+            aggs.append(sa.func.max(t.c[cred.issued_at.column]).label("last"))
+        where = credential_filter(profile, cred, t, now, impl)
+        sub = sa.select(*aggs).where(*where).group_by(t.c[cred.ref]).subquery(f"a{i}")
+        query_from = query_from.outerjoin(sub, sub.c.ref == client.c[cred.client_column or cm.key])
+        cols += [sub.c.live.label(f"live_{i}"), sub.c.total.label(f"total_{i}")]
+        if "last" in sub.c:
+            cols.append(sub.c.last.label(f"last_{i}"))
+    looked_up: dict[str, Any] = {}
+    for name, f in cm.fields():
+        if f.rows is not None:
+            rt = table_clause(f.rows.table, {f.rows.ref, f.rows.column}).alias(f"r_{name}")
+            agg = impl.group_concat(rt.c[f.rows.column])
+            rsel = sa.select(rt.c[f.rows.ref].label("ref"), agg.label("vals")).group_by(rt.c[f.rows.ref])
+            subq = rsel.subquery(f"rows_{name}")
+            query_from = query_from.outerjoin(subq, subq.c.ref == client.c[cm.key])
+            cols.append(subq.c.vals.label(f"rows_{name}"))
+        if f.lookup is not None:
+            lookup = f.lookup
+            lt = table_clause(lookup.table, reads[lookup.table]).alias(f"l_{name}")
+            pick = sa.func.min if lookup.pick == "min" else sa.func.max
+            keys = list(lookup.on)
+            on_cols = (lt.c[k].label(f"o{j}") for j, k in enumerate(keys))
+            lsel = sa.select(*on_cols, pick(lt.c[lookup.column]).label("v"))
+            if lookup.where is not None:
+                lsel = lsel.where(Compiler(lt, now, profile.options, impl).compile(lookup.where))
+            lsub = lsel.group_by(*(lt.c[k] for k in keys)).subquery(f"lookup_{name}")
+            on = sa.and_(*(lsub.c[f"o{j}"] == client.c[lookup.on[k]] for j, k in enumerate(keys)))
+            query_from = query_from.outerjoin(lsub, on)
+            looked_up[name] = lsub.c.v
+            cols.append(lsub.c.v.label(f"lk_{name}"))
+    tenant = tenant_filter(client, cm.tenant, profile.options)
+    query = sa.select(*cols).select_from(query_from).where(*tenant)
+    created: Any = None
+    if "created_at" in looked_up:
+        created = looked_up["created_at"]
+    elif cm.created_at is not None and cm.created_at.column:
+        created = client.c[cm.created_at.column]
+    if created is not None:
+        return query.order_by(created.is_(None), created.desc(), client.c[cm.key].desc())
+    return query.order_by(client.c[cm.key].desc())
+
+
+def _split(value: Any, fmt: str | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if value.__class__ is list:
+        items = tuple(value)
+        for v in items:
+            if v.__class__ is not str:
+                return tuple(str(v) for v in items if v is not None)
+        return items
+    if isinstance(value, list | tuple):
+        return tuple(str(v) for v in value if v is not None)
+    text = str(value)
+    if fmt == "json":
+        parsed = orjson.loads(text)
+        if isinstance(parsed, str):
+            return (parsed,)
+        if not isinstance(parsed, list):
+            raise ValueError("expected a JSON array")
+        return tuple(str(v) for v in parsed if v is not None)
+    if fmt == "comma":
+        return tuple(p.strip() for p in text.split(",") if p.strip())
+    if fmt == "rows":
+        return tuple(p for p in text.split("\n") if p)
+    return tuple(text.split())
+
+
+class RowDecoder:
+    """Turns one raw result row into a ClientRow; bad data becomes a problem, never an exception.
+
+    Column positions and decoding steps are worked out once, so the per-row work is plain indexing.
+    """
+
+    def __init__(self, profile: BoundProfile, now: datetime, skew: float, keys: list[str]):
+        cm = profile.client
+        self.now = now.timestamp()
+        self.skew = skew
+        pos = {k: i for i, k in enumerate(keys)}
+        col_pos = {name: pos[f"f_{i}"] for i, name in enumerate(_data_columns(cm))}
+        self.created: tuple[int, str, str | None] | None = None
+        self.unknown_age_ok = False
+        if cm.created_at is not None and cm.created_at.lookup is not None:
+            lk = cm.created_at.lookup
+            self.created = (pos["lk_created_at"], f"{lk.table}.{lk.column}", cm.created_at.encoding)
+        elif cm.created_at is not None and cm.created_at.column:
+            self.created = (col_pos[cm.created_at.column], cm.created_at.column, cm.created_at.encoding)
+        if cm.created_at is not None:
+            self.unknown_age_ok = cm.created_at.null == "unknown"
+        # Plain fields: (attribute, position, column, list format). JSON fields grouped by column, so each
+        # document is parsed once: (position, column, [(attribute, path parts, list format)]).
+        self.plain: list[tuple[str, int, str, str | None]] = []
+        groups: dict[int, tuple[int, str, list[tuple[str, tuple[str, ...], str | None]]]] = {}
+        for name in FIELDS:
+            f = getattr(cm, name)
+            if f is None:
+                continue
+            if f.rows is not None:
+                self.plain.append((name, pos[f"rows_{name}"], f.rows.table, "rows"))
+            elif f.lookup is not None:
+                self.plain.append((name, pos[f"lk_{name}"], f"{f.lookup.table}.{f.lookup.column}", f.format))
+            elif f.json_path:
+                at = col_pos[f.column or ""]
+                groups.setdefault(at, (at, f.column or "", []))[2].append(
+                    (name, tuple(f.json_path.split(".")), f.format)
+                )
+            else:
+                self.plain.append((name, col_pos[f.column or ""], f.column or "", f.format))
+        self.json_groups = list(groups.values())
+        self.flags: list[tuple[str, int | None]] = [
+            (flag, pos.get(f"is_{flag}")) for flag in ("dynamic", "cimd", "disabled")
+        ]
+        self.creds = []
+        for i, cred in enumerate(profile.scan_credentials):
+            enc = cred.issued_at.encoding if cred.issued_at else None
+            self.creds.append((cred.kind, pos[f"live_{i}"], pos[f"total_{i}"], pos.get(f"last_{i}"), enc))
+        self.key_pos, self.id_pos = pos["k"], pos["client_id"]
+
+    def decode(self, row: Any) -> ClientRow:
+        problems: list[str] = []
+        created = None
+        if self.created is not None:
+            at, column, encoding = self.created
+            raw = row[at]
+            if encoding == "epoch" and raw.__class__ in (int, float):
+                created = float(raw)
+            else:
+                try:
+                    created = to_epoch(raw, encoding)
+                except (TypeError, ValueError):
+                    problems.append(f"{column}: unreadable time {str(raw)[:40]!r}")
+            if created is None and not problems and not self.unknown_age_ok:
+                problems.append(f"{column}: no registration time (NULL)")
+            elif created is not None and created > self.now + self.skew:
+                problems.append(f"{column}: registration time is in the future")
+        out = ClientRow(str(row[self.key_pos]), str(row[self.id_pos]), created, problems=problems)
+        for name, at, column, fmt in self.plain:
+            self._set(out, name, row[at], column, fmt, problems)
+        for at, column, fields in self.json_groups:
+            doc = _parse_json(row[at], column, problems)
+            for name, path, fmt in fields:
+                value = doc
+                for part in path:
+                    value = value.get(part) if value.__class__ is dict else None
+                self._set(out, name, value, column, fmt, problems)
+        for flag, flag_at in self.flags:
+            if flag_at is not None:
+                setattr(out, flag, bool(row[flag_at]))
+        last = None
+        for kind, live_at, total_at, last_at, enc in self.creds:
+            live = row[live_at]
+            if live:
+                out.live[kind] = out.live.get(kind, 0) + int(live)
+            total = row[total_at]
+            if total:
+                out.total_credentials += int(total)
+            if last_at is not None:
+                raw_last = row[last_at]
+                if raw_last is None:
+                    continue
+                t: float | None
+                if enc == "epoch" and raw_last.__class__ in (int, float):
+                    t = float(raw_last)
+                else:
+                    try:
+                        t = to_epoch(raw_last, enc)
+                    except (TypeError, ValueError):
+                        t = None
+                if t is not None and (last is None or t > last):
+                    last = t
+        out.last_used = last
+        return out
+
+    @staticmethod
+    def _set(out: ClientRow, name: str, value: Any, column: str, fmt: str | None, problems: list[str]) -> None:
+        if name == "redirect_uris":
+            try:
+                out.redirect_uris = _split(value, fmt)
+            except (ValueError, TypeError):
+                problems.append(f"{column}: redirect URIs unreadable")
+        elif value is not None:
+            setattr(out, name, value if value.__class__ is str else str(value))
+
+
+def _parse_json(raw: Any, column: str, problems: list[str]) -> Any:
+    if raw is None or isinstance(raw, dict | list):
+        return raw
+    try:
+        return orjson.loads(raw)
+    except (ValueError, TypeError):
+        problems.append(f"{column}: malformed JSON")
+        return None
+
+
+def close_streamed(result: Any) -> None:
+    """Close a streamed result; when the connection died under it, close the driver's cursor all the same."""
+    cursor = getattr(result, "cursor", None)
+    try:
+        result.close()
+    finally:
+        # SQLAlchemy logs (and swallows) a failed close; psycopg then still counts its server-side cursor as
+        # open. A second close sees the broken connection and only marks the cursor closed.
+        if cursor is not None and not getattr(cursor, "closed", True):
+            try:
+                cursor.close()
+            except Exception:  # noqa: BLE001 - nothing more to free on a dead connection
+                _forget_server_cursor(cursor)
+
+
+def _forget_server_cursor(cursor: Any) -> None:
+    """Mark a psycopg server-side cursor closed on our side only (its connection is gone, and with it the
+    cursor on the server)."""
+    for base in type(cursor).__mro__[1:]:
+        if base.__name__ == "Cursor" and base.__module__.startswith("psycopg"):
+            try:
+                getattr(base, "close")(cursor)  # noqa: B009 - the base class's own close
+            except Exception:  # noqa: BLE001
+                pass
+            return
+
+
+_DONE = object()
+
+
+def _prefetched(result: Any, batch: int) -> Iterator[list[Any]]:
+    """Batches of rows, read one batch ahead by a helper thread; errors re-raised here."""
+    box: queue.Queue[Any] = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                rows = result.fetchmany(batch)
+                if not rows:
+                    break
+                box.put(rows)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            box.put(exc)
+        box.put(_DONE)
+
+    thread = threading.Thread(target=reader, name="scan-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = box.get()
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a reader waiting on a full queue
+            try:
+                box.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
+
+
+def revoked_query(profile: BoundProfile, impl: DatabaseImpl, now: datetime, since: float | None) -> sa.Select[Any]:
+    """Clients with a refresh token revoked since `since` and no live row left in the loop map's credential
+    table, with the time of their latest revocation: one grouped pass over that table, no join."""
+    lmap = profile.profile.loops
+    assert lmap is not None and lmap.revoked_at.column
+    cred = profile.profile.credential(lmap.credential)
+    reads = profile_reads(profile.profile)
+    t: Any = table_clause(cred.table, reads[cred.table]).alias("lt")
+    comp = credential_compiler(profile, cred, t, now, impl)
+    revoked_at = t.c[lmap.revoked_at.column]
+    revoked = comp.compile(lmap.revoked)
+    if since is not None:
+        value = now_param(datetime.fromtimestamp(since, UTC), lmap.revoked_at.encoding)
+        value = int(value) if lmap.revoked_at.encoding == "epoch" else value  # integer columns compare to integers
+        revoked = sa.and_(revoked, revoked_at >= value)
+    live = live_condition(cred, comp)
+    where = credential_filter(profile, cred, t, now, impl)
+    # Only rows that matter: recent revocations, and live rows (one live row clears its client).
+    where.append(sa.or_(revoked, live))
+    latest = sa.func.max(sa.case((revoked, revoked_at), else_=None))
+    return (
+        sa.select(t.c[cred.ref].label("ref"), latest)
+        .where(*where)
+        .group_by(t.c[cred.ref])
+        .having(sa.func.sum(sa.case((live, 1), else_=0)) == 0)
+        # Ordering by an aggregate needs every input row before the first result, so a streamed (server-side)
+        # cursor's fast-start planning cannot pick a slow index walk over the whole table.
+        .order_by(latest)
+    )
+
+
+class SqlScan:
+    """A ScanSource over one read-only connection: count, the revoked index, and the rows themselves."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        profile: BoundProfile,
+        impl: DatabaseImpl,
+        now: datetime,
+        skew: float,
+        batch: int,
+        description: str,
+    ):
+        self.conn = conn
+        self.profile = profile
+        self.impl = impl
+        self.now = now
+        self.skew = skew
+        self.batch = batch
+        self.profile_name = profile.name
+        self.description = description
+        self.has_ips = profile.client.ip is not None
+
+    def count(self) -> int:
+        cm = self.profile.client
+        t = table_clause(cm.table, {cm.key} | ({cm.tenant.column} if cm.tenant else set()))
+        q = sa.select(sa.func.count()).select_from(t).where(*tenant_filter(t, cm.tenant, self.profile.options))
+        return int(self.conn.execute(q).scalar_one())
+
+    def revoked(self, since: float) -> RevokedIndex | None:
+        lmap = self.profile.profile.loops
+        if lmap is None:
+            return None
+        query = revoked_query(self.profile, self.impl, self.now, since)
+        encoding = lmap.revoked_at.encoding
+        conn, impl = self.conn, self.impl
+
+        def pairs() -> Iterator[tuple[str, float]]:
+            # Per statement: Connection.execution_options() would change the connection the scan goes on to use.
+            result = conn.execute(query, execution_options=impl.stream_options(5000))
+            try:
+                for ref, raw_at in result:
+                    try:
+                        at = to_epoch(raw_at, encoding)
+                    except (TypeError, ValueError):
+                        at = None
+                    if at is not None and ref is not None:
+                        yield str(ref), at
+            finally:
+                close_streamed(result)
+
+        return RevokedIndex(pairs())
+
+    def rows(self) -> Generator[ClientRow, None, None]:
+        """Stream every client, newest first, with its credential facts.
+
+        A reader thread fetches the next batch while this one decodes and classifies the last, so the database's
+        work and ours overlap.
+        """
+        query = build_query(self.profile, self.impl, self.now)
+        result = self.conn.execution_options(**self.impl.stream_options(self.batch)).execute(query)
+        decode = RowDecoder(self.profile, self.now, self.skew, list(result.keys())).decode
+        try:
+            for rows in _prefetched(result, self.batch):
+                for row in rows:
+                    yield decode(row)
+        finally:
+            close_streamed(result)

@@ -1,0 +1,128 @@
+"""The verbs, over a Config (as alembic's `command` module): what the CLI, the service and the tests call.
+
+Each verb opens the backend the configuration names, or uses the one it is given (and then leaves it open).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from reaper.analysis.model import Classified, Snapshot
+from reaper.analysis.pipeline import Progress
+from reaper.analysis.pipeline import classified as classify_source
+from reaper.backends import Backend, RunLock, open_backend
+from reaper.config import Config
+from reaper.errors import SchemaError
+from reaper.reaping import runner
+from reaper.reaping.plan import Plan, RunResult, check_actions, choose
+from reaper.reaping.restore import RestoreResult, restore_from_ledger
+
+
+@contextmanager
+def _backend(config: Config, given: Backend | None) -> Iterator[Backend]:
+    if given is not None:
+        yield given
+        return
+    backend = open_backend(config)
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+def check(config: Config, backend: Backend | None = None) -> str:
+    """Validate the config and the profile against the live store; raise SchemaError listing every mismatch."""
+    with _backend(config, backend) as b:
+        problems = b.check()
+        if problems:
+            raise SchemaError(problems)
+        return b.description
+
+
+@contextmanager
+def classified(
+    config: Config,
+    backend: Backend | None = None,
+    progress: Progress | None = None,
+    now: float | None = None,
+    new_since: float | None = None,
+    seen_at_watermark: dict[str, int] | None = None,
+) -> Iterator[tuple[Iterator[Classified], Snapshot]]:
+    """Scan read-only and stream classified clients; the Snapshot is complete once the stream is exhausted."""
+    with _backend(config, backend) as b:
+        problems = b.check()
+        if problems:
+            raise SchemaError(problems)
+        started = time.time() if now is None else now
+        with (
+            b.scan(started) as source,
+            classify_source(config, source, started, progress, new_since, seen_at_watermark) as result,
+        ):
+            yield result
+
+
+def report(config: Config, progress: Progress | None = None, backend: Backend | None = None) -> Snapshot:
+    """Scan and classify everything; return only the Snapshot."""
+    with classified(config, backend, progress) as (stream, snapshot):
+        for _ in stream:
+            pass
+    return snapshot
+
+
+def plan(
+    config: Config, backend: Backend | None = None, progress: Progress | None = None, now: float | None = None
+) -> Plan:
+    """Scan read-only (S1) and choose what to act on; the caps are evaluated here (S4)."""
+    with _backend(config, backend) as b:
+        check_actions(config, b.profile)
+        started = time.time() if now is None else now
+        with classified(config, b, progress, now=started) as (stream, snapshot):
+            return choose(config, stream, snapshot, started)
+
+
+def apply(
+    config: Config,
+    the_plan: Plan,
+    force: bool = False,
+    stop: threading.Event | None = None,
+    progress: Progress | None = None,
+    held_lock: RunLock | None = None,
+    backend: Backend | None = None,
+) -> RunResult:
+    """Execute a plan under the run lock (S6), in batches, tombstoning everything (S5)."""
+    with _backend(config, backend) as b:
+        return runner.apply(config, b, the_plan, force, stop, progress, held_lock)
+
+
+def reap(
+    config: Config,
+    do_apply: bool = False,
+    force: bool = False,
+    stop: threading.Event | None = None,
+    progress: Progress | None = None,
+) -> RunResult:
+    """Plan (always) and, with do_apply, execute. Dry-run is the default."""
+    with _backend(config, None) as b:
+        the_plan = plan(config, b, progress)
+        if not do_apply:
+            return RunResult(the_plan, applied=False)
+        return runner.apply(config, b, the_plan, force, stop)
+
+
+def statements(config: Config, the_plan: Plan, backend: Backend | None = None) -> list[list[str]]:
+    """Per batch, the statements a reap of this plan would run (nothing is written)."""
+    with _backend(config, backend) as b:
+        size = config.policy.batch_size
+        cands = the_plan.candidates
+        return [b.statements(cands[i : i + size]) for i in range(0, len(cands), size)]
+
+
+def restore(
+    config: Config, run_id: str | None = None, client_id: str | None = None, backend: Backend | None = None
+) -> RestoreResult:
+    """Restore every open tombstone of a run, or of one client (by client_id or key)."""
+    with _backend(config, backend) as b:
+        return restore_from_ledger(b, run_id, client_id)

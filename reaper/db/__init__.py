@@ -1,0 +1,22 @@
+"""SQL plumbing: URLs, engines, per-database implementations, the condition compiler and the schema check."""
+
+from reaper.db.compiler import Compiler, Owner, now_param, table_clause, untyped
+from reaper.db.engine import check_connection, make_engine
+from reaper.db.impl import DatabaseImpl
+from reaper.db.schema import check_schema
+from reaper.db.url import describe_error, parse_url, redact
+
+__all__ = [
+    "Compiler",
+    "DatabaseImpl",
+    "Owner",
+    "check_connection",
+    "check_schema",
+    "describe_error",
+    "make_engine",
+    "now_param",
+    "parse_url",
+    "redact",
+    "table_clause",
+    "untyped",
+]

@@ -1,0 +1,93 @@
+"""Render a reap plan and a run result for people (table) and machines (JSON)."""
+
+from __future__ import annotations
+
+import json
+from typing import IO, Any
+
+from reaper.output.text import clean, iso, short_time
+from reaper.reaping.plan import Plan, RunResult
+
+
+def plan_record(result: RunResult) -> dict[str, Any]:
+    p = result.plan
+    return {
+        "applied": result.applied,
+        "run_id": result.run_id,
+        "clients_scanned": p.total_clients,
+        "planned": len(p.candidates),
+        "planned_by_action": dict(p.by_action),
+        "survivors_kept": p.kept_survivors,
+        "cap_problem": p.cap_problem,
+        "acted": [{"action": a, "reason": r, "clients": n} for (a, r), n in sorted(result.acted.items())],
+        "skipped": dict(result.skipped),
+        "restored_late": len(result.restored_late),
+        "stopped": result.stopped,
+        "duration_seconds": round(result.duration, 3),
+        "candidates": [
+            {
+                "client_id": c.client_id,
+                "name": c.name,
+                "family": c.family,
+                "verdict": c.verdict,
+                "reason": c.reason,
+                "action": c.action,
+                "registered_at": iso(c.created_at),
+                "canonical_client_id": c.canonical,
+            }
+            for c in p.candidates
+        ],
+    }
+
+
+def render_run(result: RunResult, fmt: str, out: IO[str], max_rows: int = 50) -> None:
+    """Write the plan (dry-run) or what was done (--apply)."""
+    if fmt == "json":
+        out.write(json.dumps(plan_record(result), ensure_ascii=False, indent=1) + "\n")
+        return
+    p: Plan = result.plan
+    actions = ", ".join(f"{a} {n}" for a, n in sorted(p.by_action.items())) or "nothing"
+    lines = [
+        f"{'APPLIED' if result.applied else 'DRY RUN (nothing written; add --apply to act)'}: "
+        f"{len(p.candidates)} of {p.total_clients} clients planned ({actions}); "
+        f"{p.kept_survivors} family survivors kept",
+    ]
+    if p.cap_problem:
+        lines.append(f"CAP: {p.cap_problem}")
+    if result.applied:
+        done = ", ".join(f"{a}/{r} {n}" for (a, r), n in sorted(result.acted.items())) or "nothing"
+        lines.append(
+            f"run {result.run_id}: acted on {result.total_acted} ({done}) in {result.batches} batches, "
+            f"{result.duration:.2f}s"
+        )
+        if result.skipped:
+            lines.append(
+                "skipped (live or changed since the scan): " + ", ".join(f"{k} {n}" for k, n in result.skipped.items())
+            )
+        if result.restored_late:
+            lines.append(f"restored at once (a credential arrived after the delete): {len(result.restored_late)}")
+        if result.stopped:
+            lines.append("stopped between batches on request; the next run finishes the job")
+    shown = p.candidates if max_rows == 0 else p.candidates[:max_rows]
+    if shown:
+        lines.append("")
+        headers = ["client_id", "name", "family", "verdict", "action", "registered", "canonical"]
+        rows = [
+            [
+                clean(c.client_id, 36),
+                clean(c.name, 40) or "(no name)",
+                c.family,
+                c.verdict,
+                c.action,
+                short_time(c.created_at),
+                clean(c.canonical, 36) if c.canonical else "",
+            ]
+            for c in shown
+        ]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+        lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        if len(shown) < len(p.candidates):
+            lines.append(f"... and {len(p.candidates) - len(shown)} more (--format json lists all)")
+    out.write("\n".join(lines) + "\n")

@@ -1,0 +1,296 @@
+"""Render a classified scan as a human table, JSON, CSV or Markdown. Never prints a secret (S8)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Iterator
+from typing import IO
+
+from reaper.analysis.model import VERDICTS, Classified, Snapshot, Verdict
+from reaper.output.records import (
+    CLIENT_FIELDS,
+    Filters,
+    client_record,
+    family_record,
+    flood_record,
+    loop_record,
+    loops_sorted,
+    summary_record,
+)
+from reaper.output.text import clean, duration_text, iso, short_time
+
+LOOP_STEPS_IN_TABLE = 10
+ACTIONABLE = (Verdict.ORPHAN, Verdict.ABANDONED)
+
+
+def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return [fmt(headers).rstrip(), "  ".join("-" * w for w in widths), *(fmt(r).rstrip() for r in rows)]
+
+
+def _md(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    def esc(c: str) -> str:
+        return c.replace("|", "\\|")
+
+    align = ["---:" if i in right else "---" for i in range(len(headers))]
+    return [
+        "| " + " | ".join(headers) + " |",
+        "| " + " | ".join(align) + " |",
+        *("| " + " | ".join(esc(c) for c in r) + " |" for r in rows),
+    ]
+
+
+def _sections(
+    snap: Snapshot, listed: list[Classified], matched: int, top_k: int, title: str
+) -> list[tuple[str, list[str], list[list[str]], set[int]]]:
+    verdict_rows = []
+    for v in VERDICTS:
+        reasons = sorted((r, n) for (vv, r), n in snap.by_reason.items() if vv == v)
+        verdict_rows.append([str(v), str(snap.by_verdict.get(v, 0)), ", ".join(f"{r} {n}" for r, n in reasons)])
+    fams = snap.top_families(top_k)
+    fam_rows = [
+        [
+            f.id,
+            clean(f.name, 40) or "(no name)",
+            str(f.members),
+            str(f.live),
+            str(f.orphans),
+            str(f.recent),
+            short_time(f.first_registered),
+            short_time(f.last_registered),
+            duration_text(f.median_interval),
+            "yes" if f.recent >= snap.churn_min_registrations else "",
+            clean(f.survivor, 36),
+        ]
+        for f in fams
+    ]
+    client_rows = [
+        [
+            clean(c.row.client_id, 36),
+            clean(c.row.name, 40) or "(no name)",
+            c.family,
+            str(c.verdict),
+            c.reason,
+            short_time(c.row.created_at),
+            short_time(c.row.last_used),
+        ]
+        for c in listed
+    ]
+    shown = f"{len(listed)} of {matched}" if len(listed) < matched else str(matched)
+    sections = [
+        ("Clients by verdict", ["verdict", "clients", "reasons"], verdict_rows, {1}),
+        (
+            f"Families with more than one member (top {top_k}; churning = "
+            f"≥ {snap.churn_min_registrations} registrations in {duration_text(snap.churn_window)})",
+            [
+                "family",
+                "name",
+                "members",
+                "live",
+                "orphans",
+                "recent",
+                "first registered",
+                "last registered",
+                "median gap",
+                "churning",
+                "canonical client",
+            ],
+            fam_rows,
+            {2, 3, 4, 5},
+        ),
+        (
+            f"{title}: {shown}",
+            ["client_id", "name", "family", "verdict", "reason", "registered", "last token"],
+            client_rows,
+            set(),
+        ),
+    ]
+    sections[2:2] = _loop_sections(snap)  # after the families, before the client listing
+    if snap.problem_count:
+        probs = [[clean(cid, 36), clean(p, 80)] for cid, p in snap.problems[:50]]
+        sections.append(
+            (
+                f"Rows with problems (skipped, never reaped): {snap.problem_count}",
+                ["client_id", "problem"],
+                probs,
+                set(),
+            )
+        )
+    return sections
+
+
+def _loop_sections(snap: Snapshot) -> list[tuple[str, list[str], list[list[str]], set[int]]]:
+    """Suspected re-auth loops, their evidence, and floods; nothing when there are none."""
+    out: list[tuple[str, list[str], list[list[str]], set[int]]] = []
+    if snap.loops:
+        loops = loops_sorted(snap)
+        out.append(
+            (
+                f"Suspected re-auth loops: {len(loops)} (a refresh token revoked, then a new registration in the "
+                f"family within {duration_text(snap.loop_window)})",
+                ["family", "name", "cycles", "median revoked→re-registered", "first revoked", "last revoked"],
+                [
+                    [
+                        lp.family,
+                        clean(lp.name, 40) or "(no name)",
+                        str(lp.cycles),
+                        duration_text(lp.median_gap),
+                        short_time(lp.first_revoked_at),
+                        short_time(lp.last_revoked_at),
+                    ]
+                    for lp in loops
+                ],
+                {2},
+            )
+        )
+        rows = [
+            [
+                lp.family,
+                clean(st.client_id, 36),
+                short_time(st.registered_at),
+                short_time(st.last_token_at),
+                short_time(st.revoked_at),
+                clean(st.next_client_id, 36),
+                duration_text(st.gap),
+                st.verdict,
+            ]
+            for lp in loops
+            for st in lp.steps[:LOOP_STEPS_IN_TABLE]
+        ]
+        out.append(
+            (
+                f"Re-auth loop evidence (newest first, up to {LOOP_STEPS_IN_TABLE} per family)",
+                [
+                    "family",
+                    "client_id",
+                    "registered",
+                    "last token",
+                    "refresh revoked",
+                    "next registration",
+                    "gap",
+                    "verdict",
+                ],
+                rows,
+                set(),
+            )
+        )
+    if snap.floods:
+        out.append(
+            (
+                f"Registration floods: {len(snap.floods)} (never-used registrations packed into seconds)",
+                [
+                    "scope",
+                    "family / IP prefix",
+                    "name",
+                    "registrations",
+                    "first",
+                    "last",
+                    "within",
+                    "sample client_ids",
+                ],
+                [
+                    [
+                        f.scope,
+                        clean(f.key, 43),
+                        clean(f.name, 40) or "(no name)",
+                        str(f.registrations),
+                        short_time(f.first_at),
+                        short_time(f.last_at),
+                        duration_text(f.seconds),
+                        ", ".join(clean(m.client_id, 24) for m in f.members[:3]),
+                    ]
+                    for f in snap.floods
+                ],
+                {3},
+            )
+        )
+    return out
+
+
+def _collect(
+    stream: Iterable[Classified], filters: Filters, snap: Snapshot, limit: int
+) -> tuple[list[Classified], int]:
+    listed: list[Classified] = []
+    matched = 0
+    for item in stream:
+        if filters.match(item, snap.families):
+            matched += 1
+            if limit == 0 or len(listed) < limit:
+                listed.append(item)
+    return listed, matched
+
+
+def render_report(
+    fmt: str,
+    stream: Iterator[Classified],
+    snap: Snapshot,
+    out: IO[str],
+    filters: Filters,
+    top_k: int = 10,
+    max_rows: int = 50,
+    show_ips: bool = False,
+) -> None:
+    """Write the report in one format; client rows stream for json and csv."""
+    if fmt == "json":
+        _render_json(stream, snap, out, filters, show_ips)
+    elif fmt == "csv":
+        _render_csv(stream, snap, out, filters, show_ips)
+    elif fmt in ("table", "markdown"):
+        default = not filters.verdicts and not filters.family
+        use = Filters(frozenset(ACTIONABLE)) if default else filters
+        listed, matched = _collect(stream, use, snap, max_rows)
+        title = "Clients a reap would act on (orphan, abandoned)" if default else "Clients"
+        header = (
+            f"dcr-reaper report · profile {snap.profile} · {snap.database} · {iso(snap.started_at)} · "
+            f"{snap.clients} clients, {len(snap.families)} families, scanned in {snap.duration:.2f}s"
+        )
+        lines = [f"# {header}" if fmt == "markdown" else header, ""]
+        for heading, headers, rows, right in _sections(snap, listed, matched, top_k, title):
+            lines.append(f"## {heading}" if fmt == "markdown" else heading)
+            lines.append("")
+            lines += (_md if fmt == "markdown" else _table)(headers, rows, right)
+            lines.append("")
+        out.write("\n".join(lines))
+    else:
+        raise ValueError(f"unknown format {fmt}")
+
+
+def _render_json(stream: Iterable[Classified], snap: Snapshot, out: IO[str], filters: Filters, show_ips: bool) -> None:
+    out.write('{"clients": [')
+    first = True
+    for item in stream:
+        if filters.match(item, snap.families):
+            out.write(("\n  " if first else ",\n  ") + json.dumps(client_record(item, show_ips), ensure_ascii=False))
+            first = False
+    out.write("\n],\n")
+    families = sorted(snap.families.values(), key=lambda f: (-f.members, f.id))
+    tail = {
+        "summary": summary_record(snap),
+        "families": [family_record(f, snap) for f in families if f.members > 1],
+        "loops": [loop_record(lp) for lp in loops_sorted(snap)],
+        "floods": [flood_record(f) for f in snap.floods],
+        "problems": [{"client_id": cid, "problem": p} for cid, p in snap.problems],
+    }
+    body = json.dumps(tail, ensure_ascii=False, indent=1)
+    out.write(body[1:].lstrip("\n"))
+    out.write("\n")
+
+
+def _render_csv(stream: Iterable[Classified], snap: Snapshot, out: IO[str], filters: Filters, show_ips: bool) -> None:
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CLIENT_FIELDS)
+    for item in stream:
+        if filters.match(item, snap.families):
+            rec = client_record(item, show_ips)
+            rec["name"] = clean(rec["name"], 256)
+            rec["redirect_uris"] = " ".join(clean(u, 256) for u in rec["redirect_uris"])
+            rec["problems"] = "; ".join(rec["problems"])
+            rec["client_id"] = clean(rec["client_id"], 256)
+            writer.writerow([rec[k] for k in CLIENT_FIELDS])

@@ -1,0 +1,42 @@
+"""Text for people: printable bounded strings, times and durations (shared by every output format)."""
+
+from __future__ import annotations
+
+import unicodedata
+from datetime import UTC, datetime
+
+
+def clean(text: str | None, limit: int | None = 60) -> str:
+    """Printable, bounded text: control and format characters escaped, long text cut with a count."""
+    if text is None:
+        return ""
+    out = []
+    for ch in text[: (limit * 4 if limit else None)]:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"):
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    shown = "".join(out)
+    if limit and (len(shown) > limit or len(text) > limit * 4):
+        return shown[: limit - 1] + f"…(+{len(text) - limit + 1})"
+    return shown
+
+
+def iso(ts: float | None) -> str | None:
+    """ISO 8601 UTC, seconds precision."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def short_time(ts: float | None) -> str:
+    return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def duration_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"

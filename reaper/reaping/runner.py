@@ -1,0 +1,130 @@
+"""The runner: applies a plan through any backend, written once.
+
+It owns what every store shares: the caps (S4), the run lock (S6), the run record, stop requests and a lost lock
+checked between batches, pauses a stop interrupts, and the late-token sweep. The backend's actor owns the rest:
+the re-check, the act and its tombstones (S2, S5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+from reaper.backends.base import Actor, Backend, RunLock
+from reaper.config import Config
+from reaper.errors import CapExceeded, LockHeld, ReaperError
+from reaper.reaping.plan import Plan, RunResult
+
+log = logging.getLogger("reaper.reaping")
+Progress = Callable[[int, int], None]
+
+
+def pause(seconds: float, stop: threading.Event | None) -> None:
+    """Sleep, but wake at once when a stop is requested."""
+    if stop is None:
+        time.sleep(seconds)
+    else:
+        stop.wait(seconds)
+
+
+@contextlib.contextmanager
+def holding(backend: Backend, held: RunLock | None = None) -> Iterator[RunLock]:
+    """The run lock: one already held (the service keeps its lock across runs), else taken for this block."""
+    if held is not None:
+        yield held
+        return
+    lock = backend.lock()
+    if not lock.try_acquire():
+        raise LockHeld(f"another dcr-reaper holds the lock '{lock.name}': {lock.holder()}; doing nothing")
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def _sweep(actor: Actor, keys: Sequence[str], reason: str) -> list[str]:
+    """Restore the latest tombstone of each key a credential now references (issued after the act)."""
+    late = actor.live_now(keys)
+    if not late:
+        return []
+    latest = {t.client_key: t for t in actor.ledger.open_tombstones(keys=list(late))}
+    actor.restore(list(latest.values()))
+    log.info("restored %d client(s): %s", len(latest), reason)
+    return list(latest)
+
+
+def apply(
+    config: Config,
+    backend: Backend,
+    the_plan: Plan,
+    force: bool = False,
+    stop: threading.Event | None = None,
+    progress: Progress | None = None,
+    held_lock: RunLock | None = None,
+) -> RunResult:
+    """Execute a plan under the run lock (S6), in batches, tombstoning everything (S5)."""
+    started = time.monotonic()
+    if the_plan.cap_problem and not force:
+        raise CapExceeded(f"{the_plan.cap_problem}; nothing reaped (raise the cap or pass --force)")
+    result = RunResult(the_plan, applied=True)
+    pol = config.policy
+    with holding(backend, held_lock) as lock:
+        ledger = backend.ledger()
+        ledger.create()
+        actor = backend.actor()
+        try:
+            actor.recover()
+            run_id = ledger.start_run("reap", backend.profile.name, len(the_plan.candidates))
+            result.run_id = run_id
+            status, message = "ok", ""
+            done_keys: list[str] = []
+            cands = the_plan.candidates
+            size = pol.batch_size
+            try:
+                for i in range(0, len(cands), size):
+                    if stop is not None and stop.is_set():
+                        result.stopped = True
+                        status, message = "stopped", "stopped on request between batches"
+                        break
+                    if not lock.alive():
+                        result.stopped = True
+                        status, message = "stopped", "lost the lock between batches"
+                        break
+                    batch = cands[i : i + size]
+                    outcome = actor.act(batch, run_id)
+                    result.skipped.update(outcome.skipped)
+                    if not outcome.done and outcome.skipped.get("locked_by_auth_server"):
+                        continue  # the auth server holds a row of this batch: the next run gets it (S7)
+                    result.batches += 1
+                    for c in outcome.done:
+                        result.acted[(c.action, c.reason)] += 1
+                    deleted = [c.key for c in outcome.done if c.action in ("delete", "merge")]
+                    done_keys += deleted
+                    if deleted:
+                        result.restored_late += _sweep(actor, deleted, "late credential after delete")
+                    if progress:
+                        progress(min(i + size, len(cands)), len(cands))
+                    if pol.pause and i + size < len(cands):
+                        pause(pol.pause, stop)
+                if done_keys and pol.late_token_sweep:
+                    pause(pol.late_token_sweep, stop)  # on a stop request: sweep at once
+                    left = [k for k in done_keys if k not in result.restored_late]
+                    result.restored_late += _sweep(actor, left, "late credential after run")
+            except BaseException as exc:
+                status, message = "failed", f"{type(exc).__name__}: {exc}"
+                raise
+            finally:
+                acted = result.total_acted - len(result.restored_late)
+                try:
+                    ledger.finish_run(run_id, status, acted, message)
+                except ReaperError as exc:
+                    log.warning("could not record the end of run %s: %s", run_id, exc)
+                except Exception as exc:  # noqa: BLE001 - the run's own error matters more
+                    log.warning("could not record the end of run %s: %s", run_id, exc)
+        finally:
+            actor.close()
+    result.duration = time.monotonic() - started
+    return result

@@ -1,0 +1,245 @@
+"""`dcr-reaper serve`: scheduled scans (and optional reaps) on APScheduler, with /metrics, /healthz, /readyz.
+
+One replica leads: the one holding the store's run lock (S6). A standby keeps serving metrics with dcr_leader 0
+and tries the lock on every tick, so it takes over within one interval when the leader dies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from reaper import commands
+from reaper.backends import Backend, RunLock, open_backend
+from reaper.config import Config
+from reaper.errors import ReaperError
+from reaper.reaping import runner
+from reaper.service.http import application, serve_http
+from reaper.service.metrics import ReaperMetrics
+
+log = logging.getLogger("reaper.service")
+
+
+def log_event(event: str, **fields: Any) -> None:
+    """One structured (JSON) log line."""
+    log.info(json.dumps({"event": event, **fields}, default=str, sort_keys=True))
+
+
+class Service:
+    """The scheduled scanner; `start()` runs it in the background, `stop()` shuts it down within the grace."""
+
+    def __init__(self, config: Config, backend: Backend | None = None):
+        self.config = config
+        self.s = config.service
+        self.backend = backend or open_backend(config)
+        self.metrics = ReaperMetrics(self.s.top_families)
+        self.stop_event = threading.Event()
+        self.scheduler = BackgroundScheduler(timezone="UTC")
+        self.lock: RunLock | None = None
+        self._last_error: str | None = None
+        self._watermark: float | None = None
+        self._at_watermark: dict[str, int] = {}  # per family: registrations seen exactly at the watermark
+        self._busy = threading.Lock()
+        self.httpd: WSGIServer | None = None
+
+    # -- one tick ---------------------------------------------------------------------------------------
+
+    def _ensure_leader(self) -> bool:
+        if self.lock is not None:
+            try:
+                if self.lock.alive():
+                    return True
+            except Exception:  # noqa: BLE001 - a lock connection in any bad state is a lost lock
+                pass
+            log_event("leadership_lost")
+            lock, self.lock = self.lock, None
+            lock.discard()
+        lock = self.backend.lock()
+        try:
+            got = lock.try_acquire()
+        except Exception:
+            lock.discard()  # connected but failed before the answer: close what it opened
+            raise
+        if got:
+            self.lock = lock
+            log_event("leadership_acquired")
+            return True
+        return False
+
+    def tick(self) -> None:
+        """Scan (and reap, when enabled) if this replica leads; never raises."""
+        if self.stop_event.is_set() or not self._busy.acquire(blocking=False):
+            return
+        try:
+            try:
+                leader = self._ensure_leader()
+            except Exception as exc:  # noqa: BLE001 - the database may be down; stay up and retry
+                self.metrics.leader = 0
+                self._fail("lock", exc)
+                return
+            self.metrics.leader = int(leader)
+            if not leader:
+                return
+            self._scan()
+            if self.s.reap and not self.stop_event.is_set() and self._last_error is None:
+                self._reap()
+        finally:
+            self.backend.close()  # no idle connections to the auth database between ticks (the lock keeps its own)
+            self._busy.release()
+
+    def _scan(self) -> None:
+        started = time.time()
+        try:
+            with commands.classified(
+                self.config, self.backend, new_since=self._watermark, seen_at_watermark=self._at_watermark
+            ) as (stream, snapshot):
+                for _ in stream:
+                    if self.stop_event.is_set():
+                        raise ReaperError("stopped during scan")
+        except Exception as exc:  # noqa: BLE001
+            self._fail("scan", exc)
+            return
+        first = self._watermark is None
+        if snapshot.newest_registration and snapshot.newest_registration >= (self._watermark or 0.0):
+            self._watermark = snapshot.newest_registration
+            self._at_watermark = dict(snapshot.newest_by_family)
+        elif self._watermark is None:
+            self._watermark = started
+        self.metrics.record_scan(snapshot, first)
+        self._last_error = None
+        log_event(
+            "scan",
+            clients=snapshot.clients,
+            families=len(snapshot.families),
+            by_verdict={str(k): v for k, v in snapshot.by_verdict.items()},
+            new_registrations=snapshot.new_registrations if not first else None,
+            problems=snapshot.problem_count,
+            duration_seconds=round(snapshot.duration, 3),
+        )
+
+    def _reap(self) -> None:
+        try:
+            the_plan = commands.plan(self.config, self.backend)
+            if the_plan.cap_problem:
+                log_event("reap_refused", reason=the_plan.cap_problem, planned=len(the_plan.candidates))
+                return
+            result = runner.apply(self.config, self.backend, the_plan, stop=self.stop_event, held_lock=self.lock)
+        except Exception as exc:  # noqa: BLE001
+            self._fail("reap", exc)
+            return
+        self.metrics.record_reaped(result.acted)
+        log_event(
+            "reap",
+            run_id=result.run_id,
+            planned=len(the_plan.candidates),
+            acted=result.total_acted,
+            skipped=sum(result.skipped.values()),
+            restored_late=len(result.restored_late),
+            stopped=result.stopped,
+            duration_seconds=round(result.duration, 3),
+        )
+
+    def _fail(self, stage: str, exc: BaseException) -> None:
+        self.metrics.record_failure()
+        self._last_error = f"{stage}: {exc}"
+        log_event(f"{stage}_failed", error=str(exc)[:500])
+
+    # -- HTTP ------------------------------------------------------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        """Ready when the database answers and (as leader) the last scan succeeded recently."""
+        try:
+            self.backend.ping()
+        except Exception as exc:  # noqa: BLE001
+            return False, f"database unreachable: {str(exc).splitlines()[0][:200] if str(exc) else exc!r}"
+        if not self.metrics.leader:
+            return True, "standby: database answers"
+        max_age = self.s.ready_max_age or 3 * self.s.scan_interval
+        age = time.time() - self.metrics.last_success
+        if self.metrics.last_success == 0:
+            return False, "no successful scan yet"
+        if age > max_age or self._last_error:
+            return False, f"last successful scan {age:.0f}s ago; last error: {self._last_error}"
+        return True, f"leader: last successful scan {age:.0f}s ago"
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.httpd, _ = serve_http(self.s.bind_address, self.s.port, application(self.metrics.registry, self.ready))
+        trigger = (
+            CronTrigger.from_crontab(self.s.scan_cron, timezone="UTC")
+            if self.s.scan_cron
+            else IntervalTrigger(seconds=self.s.scan_interval)
+        )
+        self.scheduler.add_job(
+            self.tick,
+            trigger,
+            id="tick",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+            next_run_time=datetime.now(UTC),
+        )
+        self.scheduler.start()
+        log_event(
+            "started",
+            listen=f"{self.s.bind_address}:{self.port}",
+            reap=self.s.reap,
+            interval=self.s.scan_interval,
+            cron=self.s.scan_cron,
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1]) if self.httpd else self.s.port
+
+    def stop(self) -> bool:
+        """Stop scheduling, let the current batch finish (up to the grace), release the lock. True if clean."""
+        self.stop_event.set()
+        self.scheduler.shutdown(wait=False)
+        clean = self._busy.acquire(timeout=self.s.grace)
+        if clean:
+            self._busy.release()
+        if self.lock is not None and clean:
+            lock, self.lock = self.lock, None
+            lock.discard()
+        # Not clean: a reap batch is still running in the scheduler's thread. Keep the lock (S6) so no other
+        # replica starts acting meanwhile; it goes with the connection when the process exits.
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()  # shutdown() only stops the loop; this closes the listening socket
+        if clean:
+            self.backend.close()
+        log_event("stopped", clean=clean)
+        return clean
+
+
+def serve(config: Config) -> int:
+    """Run until SIGTERM or SIGINT; exit 0 after a clean stop."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # The service logs one JSON line per event; failures reach it as exceptions, not driver log records.
+    logging.getLogger("sqlalchemy").setLevel(logging.CRITICAL)
+    service = Service(config)
+    done = threading.Event()
+
+    def _signal(signum: int, _frame: Any) -> None:
+        log_event("signal", signal=signal.Signals(signum).name)
+        done.set()
+
+    signal.signal(signal.SIGTERM, _signal)
+    signal.signal(signal.SIGINT, _signal)
+    service.start()
+    done.wait()
+    service.stop()
+    return 0
