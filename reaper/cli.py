@@ -21,7 +21,8 @@ from reaper.errors import CapExceeded, ConfigError, ReaperError
 
 EXIT_CODES = (
     "Exit codes: 0 ok, 1 runtime or database error, 2 usage or configuration error, 3 schema mismatch, "
-    "4 another reaper holds the lock, 5 the plan exceeds a cap (nothing reaped)."
+    "4 another reaper holds the lock, 5 the plan exceeds a cap (nothing reaped), "
+    "6 the reaper's clock and the database's disagree (nothing acted on)."
 )
 ERROR = "dcr-reaper: error: "
 
@@ -195,8 +196,12 @@ def report(
 @source_options
 def check(config: Config) -> None:
     """Validate the config and the profile against the live schema; list every mismatch."""
-    description = commands.check(config)
+    description, findings = commands.check(config)
     click.echo(f"ok: profile '{config.profile}' matches {description}")
+    for f in findings:
+        click.echo(f"{f.level}: {f.message}")
+        if f.fix:
+            click.echo(f"  fix: {f.fix}")
 
 
 @cli.group(invoke_without_command=True)

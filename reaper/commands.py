@@ -6,7 +6,6 @@ Each verb opens the backend the configuration names, or uses the one it is given
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -14,6 +13,7 @@ from reaper.analysis.model import Classified, Snapshot
 from reaper.analysis.pipeline import Progress
 from reaper.analysis.pipeline import classified as classify_source
 from reaper.backends import Backend, RunLock, open_backend
+from reaper.backends.base import Finding, errors
 from reaper.config import Config
 from reaper.errors import SchemaError
 from reaper.reaping import runner
@@ -33,13 +33,18 @@ def _backend(config: Config, given: Backend | None) -> Iterator[Backend]:
         backend.close()
 
 
-def check(config: Config, backend: Backend | None = None) -> str:
-    """Validate the config and the profile against the live store; raise SchemaError listing every mismatch."""
+def _checked(b: Backend) -> list[Finding]:
+    findings = b.check()
+    problems = errors(findings)
+    if problems:
+        raise SchemaError(problems)
+    return findings
+
+
+def check(config: Config, backend: Backend | None = None) -> tuple[str, list[Finding]]:
+    """The preflight: raise SchemaError listing every mismatch; else the store and the findings to act on."""
     with _backend(config, backend) as b:
-        problems = b.check()
-        if problems:
-            raise SchemaError(problems)
-        return b.description
+        return b.description, _checked(b)
 
 
 @contextmanager
@@ -53,13 +58,10 @@ def classified(
 ) -> Iterator[tuple[Iterator[Classified], Snapshot]]:
     """Scan read-only and stream classified clients; the Snapshot is complete once the stream is exhausted."""
     with _backend(config, backend) as b:
-        problems = b.check()
-        if problems:
-            raise SchemaError(problems)
-        started = time.time() if now is None else now
+        _checked(b)
         with (
-            b.scan(started) as source,
-            classify_source(config, source, started, progress, new_since, seen_at_watermark) as result,
+            b.scan(now) as source,
+            classify_source(config, source, progress, new_since, seen_at_watermark) as result,
         ):
             yield result
 
@@ -78,9 +80,8 @@ def plan(
     """Scan read-only (S1) and choose what to act on; the caps are evaluated here (S4)."""
     with _backend(config, backend) as b:
         check_actions(config, b.profile)
-        started = time.time() if now is None else now
-        with classified(config, b, progress, now=started) as (stream, snapshot):
-            return choose(config, stream, snapshot, started)
+        with classified(config, b, progress, now=now) as (stream, snapshot):
+            return choose(config, stream, snapshot, snapshot.started_at)
 
 
 def apply(

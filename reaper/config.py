@@ -58,7 +58,14 @@ class ClassifyConfig(_Section):
     abandoned_after: Duration = Field(86400.0, description="a client with no token ever is abandoned after this")
     churn_window: Duration = Field(86400.0, description="window for 'registrations in the last ...'")
     churn_min_registrations: int = Field(5, ge=2, description="a family with this many in the window churns")
-    clock_skew: Duration = Field(300.0, description="timestamps this far in the future are tolerated")
+    clock_skew: Duration = Field(
+        300.0, description="timestamps this far in the future are tolerated; a larger clock skew stops any action"
+    )
+    stale_after: Duration | None = Field(
+        None,
+        description="off by default: a member live only through credentials that never expire, with no credential "
+        "activity for this long and a newer sibling, counts as superseded (orphan, reason stale)",
+    )
     family_components: tuple[str, ...] = Field(FAMILY_COMPONENTS, description="what a family fingerprint uses")
     allow_client_ids: tuple[str, ...] = Field((), description="client_ids that are always protected")
     allow_names: tuple[str, ...] = Field((), description="glob patterns of client names always protected")

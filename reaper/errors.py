@@ -39,6 +39,12 @@ class CapExceeded(ReaperError):
     exit_code = 5
 
 
+class ClockSkew(ReaperError):
+    """The reaper's clock and the store's disagree by more than classify.clock_skew: nothing acted on (exit 6)."""
+
+    exit_code = 6
+
+
 class RestoreConflict(ReaperError):
     """A row to restore already exists (exit 1): nothing was restored."""
 

@@ -133,17 +133,21 @@ def test_read_logs_keeps_successful_registration_posts_only(tmp_path: Path):
     assert got == [Request(T0 - 100, "198.51.100.1"), Request(T0, "203.0.113.7")]
 
 
-def test_annotate_streams_newest_first_and_keeps_profile_ips():
+def test_annotate_takes_rows_in_any_order_and_keeps_profile_ips():
     rows = [
-        ClientRow("k3", "c3", T0 + 30),
-        ClientRow("k2", "c2", T0 + 1),
         ClientRow("k1", "c1", T0),
-        ClientRow("k0", "c0", T0 - 50, ip="192.0.2.200"),
+        ClientRow("k3", "c3", T0 + 30),
         ClientRow("kn", "cn", None),
+        ClientRow("k0", "c0", T0 - 50, ip="192.0.2.200"),
+        ClientRow("k2", "c2", T0 + 1),
     ]
-    out = list(annotate(iter(rows), reqs((30.2, "203.0.113.3"), (0.5, "203.0.113.1"), (-50, "192.0.2.1")), 2))
-    assert [r.key for r in out] == ["k3", "k2", "k1", "k0", "kn"]
-    assert [r.ip for r in out] == ["203.0.113.3", None, None, "192.0.2.200", None]
+    times = sorted(r.created_at for r in rows if r.created_at is not None)
+    requests = reqs((30.2, "203.0.113.3"), (0.5, "203.0.113.1"), (-50, "192.0.2.1"))
+    out = list(annotate(iter(rows), requests, times, 2))
+    assert [r.key for r in out] == ["k1", "k3", "kn", "k0", "k2"]  # streamed, in the order they came
+    # k3: one request, near no other registration. k1 and k2: one request between two registrations 1 s apart
+    # (ambiguous). k0 keeps the IP its row holds; kn has no time.
+    assert {r.key: r.ip for r in out} == {"k1": None, "k3": "203.0.113.3", "kn": None, "k0": "192.0.2.200", "k2": None}
 
 
 def test_the_scan_takes_ips_from_the_log_and_families_split_by_network(sqlite_db, tmp_path: Path):

@@ -184,34 +184,25 @@ def read_logs(patterns: Sequence[str], registration_path: str, fmt: LogFormat = 
 # --- feeding the scan -----------------------------------------------------------------------------------
 
 
-def annotate(rows: Iterable[Any], requests: Sequence[Request], window: float) -> Iterator[Any]:
-    """Set `ip` on scanned rows (newest first) that have none, from the log.
+def annotate(
+    rows: Iterable[Any], requests: Sequence[Request], registrations: Sequence[float], window: float
+) -> Iterator[Any]:
+    """Set `ip` on scanned rows (in any order) that have none, from the log, by the rule above.
 
-    Rows are held back in clusters whose registration times are chained within 2 x window: no request can be
-    near two clusters, so each cluster is matched on its own and memory stays bounded by the largest burst.
+    `registrations` is every registration time of the scan, sorted: the rule asks whether a request lies near
+    one registration only, which is a count over all of them, whatever order the rows come in.
     """
-    times = [r.at for r in requests]
-    cluster: list[Any] = []
+    req_times = [r.at for r in requests]
     for row in rows:
         t = row.created_at
-        if cluster and (t is None or cluster[-1].created_at - t > 2 * window):
-            yield from _settle(cluster, requests, times, window)
-            cluster = []
-        if t is None:
-            yield row
-        else:
-            cluster.append(row)
-    yield from _settle(cluster, requests, times, window)
-
-
-def _settle(cluster: list[Any], requests: Sequence[Request], times: list[float], window: float) -> list[Any]:
-    if not cluster:
-        return cluster
-    # Newest first: cluster[0] is the newest registration, cluster[-1] the oldest.
-    lo = bisect.bisect_left(times, cluster[-1].created_at - window)
-    hi = bisect.bisect_right(times, cluster[0].created_at + window)
-    matches = match_registrations(((i, r.created_at) for i, r in enumerate(cluster)), requests[lo:hi], window)
-    for i, row in enumerate(cluster):
-        if row.ip is None and matches[i].ip is not None:
-            row.ip = matches[i].ip
-    return cluster
+        if row.ip is None and t is not None:
+            lo = bisect.bisect_left(req_times, t - window)
+            hi = bisect.bisect_right(req_times, t + window)
+            if hi - lo == 1:
+                req = requests[lo]
+                near = bisect.bisect_right(registrations, req.at + window) - bisect.bisect_left(
+                    registrations, req.at - window
+                )
+                if near == 1:
+                    row.ip = req.ip
+        yield row

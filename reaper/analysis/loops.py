@@ -11,16 +11,18 @@ Where a refresh token's revocation shows is profile data (a loop map, docs/profi
 
 from __future__ import annotations
 
-import itertools
+import heapq
+import math
 import statistics
 from array import array
 from bisect import bisect_left
-from collections import Counter, deque
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from reaper.analysis.fingerprint import ip_prefix
 from reaper.analysis.model import (
     Classified,
+    ClientRow,
     FamilyStats,
     FloodEvidence,
     FloodMember,
@@ -40,7 +42,8 @@ class RevokedIndex:
     other's revocation time, and a loop step also needs a family sibling registered right after it.
     """
 
-    def __init__(self, pairs: Iterable[tuple[str, float]] = ()):
+    def __init__(self, pairs: Iterable[tuple[str, float]] = (), evidence: str = "replay"):
+        self.evidence = evidence
         hashes, times = array("q"), array("d")
         for key, at in pairs:
             hashes.append(hash(key))
@@ -61,36 +64,49 @@ class RevokedIndex:
 # -- the pass over classified clients ----------------------------------------------------------------------
 
 
-class _Burst:
-    """Never-used registrations of one flood key inside the sliding window; remembers the biggest burst."""
+@dataclass(slots=True)
+class _Member:
+    """A registration within the lookback, as the newest-members heap keeps it (for evidence rows)."""
 
-    __slots__ = ("window", "best", "best_first", "best_last", "best_members", "keep", "name", "family")
+    registered_at: float
+    client_id: str
+    last_used: float | None
+    verdict: str
+    revoked_at: float  # NaN: not a loop candidate
 
-    def __init__(self, keep: int, name: str | None, family: str | None):
-        self.window: deque[FloodMember] = deque()
-        self.best = 0
-        self.best_first = self.best_last = 0.0
-        self.best_members: list[FloodMember] = []
-        self.keep = keep
-        self.name = name
-        self.family = family
+    def __lt__(self, other: _Member) -> bool:
+        return (self.registered_at, self.client_id) < (other.registered_at, other.client_id)
 
-    def add(self, member: FloodMember, span: float) -> None:
-        w = self.window
-        w.append(member)  # newest first: every new member is the oldest yet
-        while w[0].registered_at - member.registered_at > span:
-            w.popleft()
-        if len(w) > self.best:
-            self.best = len(w)
-            self.best_last, self.best_first = w[0].registered_at, member.registered_at
-            self.best_members = list(itertools.islice(w, self.keep))
+
+@dataclass(slots=True)
+class _Family:
+    """One family's registrations within the lookback: every time and candidate revocation in flat arrays (16
+    bytes each), the newest few in full for the evidence."""
+
+    times: array[float] = field(default_factory=lambda: array("d"))
+    revoked: array[float] = field(default_factory=lambda: array("d"))
+    newest: list[_Member] = field(default_factory=list)  # a min-heap of the newest `keep`
+
+
+@dataclass(slots=True)
+class _Unused:
+    """Never-used registrations of one flood key (a family or an IP prefix)."""
+
+    name: str | None
+    family: str | None
+    times: array[float] = field(default_factory=lambda: array("d"))
+    members: list[FloodMember] | None = field(default_factory=list)  # None once over the global budget
+
+
+MAX_FLOOD_MEMBERS = 100_000  # never-used registrations kept in full, over all keys; beyond, only their times
 
 
 class LoopDetector:
-    """Watches the classified stream (newest first); `finish()` writes loops and floods into the Snapshot.
+    """Watches the classified stream, in any order; `finish()` writes loops and floods into the Snapshot.
 
-    Memory: the revoked index (16 bytes a candidate), one (time, client_id) per family with several members
-    registered within the lookback, never-used registrations inside the flood window, and the evidence rows.
+    Memory: the revoked index (16 bytes a candidate); per family, 16 bytes per registration within the lookback
+    and the newest 2 x loops.max_evidence in full; 8 bytes per never-used registration (in full up to
+    MAX_FLOOD_MEMBERS). The order of consecutive registrations is worked out at the end.
     """
 
     def __init__(self, settings: LoopsConfig, revoked: RevokedIndex, now: float, families: dict[str, FamilyStats]):
@@ -98,109 +114,116 @@ class LoopDetector:
         self.revoked = revoked
         self.since = now - settings.lookback
         self.families = families
-        # family -> the member seen last, i.e. the next newer sibling of whatever comes next
-        self.newer: dict[str, tuple[float, str]] = {}
-        self.steps: dict[str, list[LoopStep]] = {}
-        self.cycles: Counter[str] = Counter()
-        self.unused: dict[tuple[str, str], FloodMember | _Burst] = {}
+        self.keep = 2 * settings.max_evidence + 2
+        self.lookback: dict[str, _Family] = {}
+        self.unused: dict[tuple[str, str], _Unused] = {}
+        self.flood_members = 0
 
     def observe(self, item: Classified) -> None:
         row = item.row
         t = row.created_at
         if t is None or t < self.since or row.problems:
             return
-        fam = item.family
-        prev = self.newer.get(fam)
-        if prev is None:
-            # A family's newest member is not remembered (most families have one member): FamilyStats has it.
-            stats = self.families.get(fam)
-            if (
-                stats is not None
-                and stats.members >= 2
-                and stats.newest_client_id != row.client_id
-                and stats.last_registered is not None
-            ):
-                prev = (stats.last_registered, stats.newest_client_id or "")
-        if prev is not None:
-            if self.revoked and not row.live and row.total_credentials:
-                revoked_at = self.revoked.get(row.key)
-                if revoked_at is not None and revoked_at - SLACK <= prev[0] <= revoked_at + self.s.window:
-                    self._step(item, revoked_at, prev)
-            self.newer[fam] = (t, row.client_id)
+        fam = self.lookback.get(item.family)
+        if fam is None:
+            fam = self.lookback[item.family] = _Family()
+        revoked_at = math.nan
+        if self.revoked and row.total_credentials:
+            at = self.revoked.get(row.key)
+            if at is not None and self._eligible(row, at):
+                revoked_at = at
+        fam.times.append(t)
+        fam.revoked.append(revoked_at)
+        member = _Member(t, row.client_id, row.last_used, str(item.verdict), revoked_at)
+        if len(fam.newest) < self.keep:
+            heapq.heappush(fam.newest, member)
+        elif fam.newest[0] < member:
+            heapq.heapreplace(fam.newest, member)
         if not row.total_credentials:
-            member = FloodMember(row.client_id, t, str(item.verdict))
-            self._unused(("family", fam), member, row.name, fam)
+            self._unused(("family", item.family), FloodMember(row.client_id, t, str(item.verdict)), row.name)
             if row.ip:
                 # The scan aggregates to the configured prefix (classify.ip_prefix_v4/v6); rows built
                 # elsewhere fall back to the default prefixes.
-                prefix = getattr(row, "ip_network", None) or ip_prefix(row.ip)
+                prefix = row.ip_network or ip_prefix(row.ip)
                 if prefix:
-                    self._unused(("ip", prefix), member, row.name, None)
+                    self._unused(("ip", prefix), FloodMember(row.client_id, t, str(item.verdict)), row.name)
 
-    def _step(self, item: Classified, revoked_at: float, nxt: tuple[float, str]) -> None:
-        fam = item.family
-        self.cycles[fam] += 1
-        steps = self.steps.setdefault(fam, [])
-        if len(steps) < self.s.max_evidence:
-            row = item.row
-            steps.append(
-                LoopStep(
-                    row.client_id,
-                    row.created_at,
-                    row.last_used,
-                    revoked_at,
-                    nxt[1],
-                    nxt[0],
-                    str(item.verdict),
-                )
-            )
+    def _eligible(self, row: ClientRow, revoked_at: float) -> bool:
+        """What the client itself must show for a loop step: replay evidence, no live credential left;
+        rotation evidence, nothing issued to it after its last rotation (the successor went unused)."""
+        if self.revoked.evidence == "rotation":
+            return row.last_used is None or row.last_used <= revoked_at + SLACK
+        return not row.live
 
-    def _unused(self, key: tuple[str, str], member: FloodMember, name: str | None, family: str | None) -> None:
-        cur = self.unused.get(key)
-        span = self.s.flood_window
-        if cur is None:
-            self.unused[key] = member
-        elif isinstance(cur, FloodMember):
-            if cur.registered_at - member.registered_at > span:
-                self.unused[key] = member  # too far apart: start over, nothing to remember
+    def _is_step(self, revoked_at: float, next_registered: float) -> bool:
+        """The family registered again after the revocation (replay evidence: within loops.window)."""
+        if math.isnan(revoked_at) or next_registered < revoked_at - SLACK:
+            return False
+        return self.revoked.evidence == "rotation" or next_registered <= revoked_at + self.s.window
+
+    def _unused(self, key: tuple[str, str], member: FloodMember, name: str | None) -> None:
+        entry = self.unused.get(key)
+        if entry is None:
+            entry = self.unused[key] = _Unused(name, key[1] if key[0] == "family" else None)
+        entry.times.append(member.registered_at)
+        if entry.members is not None:
+            if self.flood_members < MAX_FLOOD_MEMBERS:
+                entry.members.append(member)
+                self.flood_members += 1
             else:
-                burst = _Burst(self.s.max_evidence, name, family)
-                burst.add(cur, span)
-                burst.add(member, span)
-                self.unused[key] = burst
-        else:
-            cur.add(member, span)
+                entry.members = None  # over budget: the count stays exact, the evidence names no clients
+
+    def _loop(self, fid: str, fam: _Family, snapshot: Snapshot) -> LoopEvidence | None:
+        order = sorted(range(len(fam.times)), key=fam.times.__getitem__)
+        found = [
+            (fam.revoked[a], fam.times[b])
+            for a, b in zip(order, order[1:], strict=False)
+            if self._is_step(fam.revoked[a], fam.times[b])
+        ]
+        if len(found) < self.s.min_cycles:
+            return None
+        newest = sorted(fam.newest)  # the newest registrations, consecutive: their steps are the evidence
+        steps = [
+            LoopStep(a.client_id, a.registered_at, a.last_used, a.revoked_at, b.client_id, b.registered_at, a.verdict)
+            for a, b in zip(newest, newest[1:], strict=False)
+            if self._is_step(a.revoked_at, b.registered_at)
+        ]
+        stats = snapshot.families.get(fid)
+        return LoopEvidence(
+            fid,
+            stats.name if stats else None,
+            len(found),
+            steps[::-1][: self.s.max_evidence],  # newest first
+            statistics.median(max(0.0, nxt - rev) for rev, nxt in found),
+            min(rev for rev, _ in found),
+            max(rev for rev, _ in found),
+        )
+
+    def _flood(self, key: tuple[str, str], entry: _Unused) -> FloodEvidence | None:
+        times = sorted(entry.times)
+        if len(times) < self.s.flood_registrations:
+            return None
+        best, first, last, lo = 0, 0.0, 0.0, 0
+        for hi, t in enumerate(times):
+            while t - times[lo] > self.s.flood_window:
+                lo += 1
+            if hi - lo + 1 > best:
+                best, first, last = hi - lo + 1, times[lo], t
+        if best < self.s.flood_registrations:
+            return None
+        members = sorted(
+            (m for m in entry.members or () if first <= m.registered_at <= last),
+            key=lambda m: (-m.registered_at, m.client_id),
+        )[: self.s.max_evidence]
+        return FloodEvidence(key[0], key[1], entry.name, entry.family, best, first, last, members)
 
     def finish(self, snapshot: Snapshot) -> None:
         """Families with enough loop steps become suspected loops; bursts big enough become floods."""
-        for fam, cycles in self.cycles.items():
-            if cycles < self.s.min_cycles:
+        for fid, fam in self.lookback.items():
+            if len(fam.times) < 2:
                 continue
-            steps = self.steps[fam]
-            stats = snapshot.families.get(fam)
-            snapshot.loops[fam] = LoopEvidence(
-                fam,
-                stats.name if stats else None,
-                cycles,
-                steps,
-                statistics.median(s.gap for s in steps),
-                min(s.revoked_at for s in steps),
-                max(s.revoked_at for s in steps),
-            )
-        floods = []
-        for (scope, key), cur in self.unused.items():
-            if isinstance(cur, _Burst) and cur.best >= self.s.flood_registrations:
-                # An IP key is already a prefix (ip_prefix), never an address.
-                floods.append(
-                    FloodEvidence(
-                        scope,
-                        key,
-                        cur.name,
-                        cur.family,
-                        cur.best,
-                        cur.best_first,
-                        cur.best_last,
-                        cur.best_members,
-                    )
-                )
+            loop = self._loop(fid, fam, snapshot)
+            if loop is not None:
+                snapshot.loops[fid] = loop
+        floods = [f for key, entry in self.unused.items() if (f := self._flood(key, entry)) is not None]
         snapshot.floods = sorted(floods, key=lambda f: (-f.registrations, f.scope, f.key))

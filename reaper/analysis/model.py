@@ -32,6 +32,7 @@ class ClientRow:
     cimd: bool = False
     disabled: bool = False
     live: dict[str, int] = field(default_factory=dict)
+    live_forever_only: bool = False  # live only through credentials that never expire (NULL or 0 = forever)
     total_credentials: int = 0
     last_used: float | None = None
     problems: list[str] = field(default_factory=list)
@@ -103,7 +104,7 @@ class Verdict(StrEnum):
 
 
 VERDICTS = tuple(Verdict)
-INTERVAL_SAMPLES = 64
+TIME_SAMPLES = 512
 
 
 @dataclass(slots=True)
@@ -116,9 +117,21 @@ class Classified:
     reason: str
 
 
+Rank = tuple[float, float, str]  # (registered, last credential activity, key): the newest member is the greatest
+
+
+def rank_of(row: ClientRow) -> Rank | None:
+    """Where a member stands in its family: by registration time, a tie broken by the newest credential activity,
+    then by key. None for a row whose time cannot be trusted (it never makes a sibling look superseded)."""
+    if row.created_at is None or row.problems:
+        return None
+    return (row.created_at, row.last_used if row.last_used is not None else float("-inf"), row.key)
+
+
 @dataclass(slots=True)
 class FamilyStats:
-    """What one family looks like; bounded in size whatever the number of members."""
+    """What one family looks like; bounded in size whatever the number of members, and independent of the
+    order its members arrive in."""
 
     id: str
     name: str | None
@@ -136,30 +149,37 @@ class FamilyStats:
     newest_live_client_id: str | None = None
     newest_key: str | None = None
     newest_live_key: str | None = None
-    _previous: float | None = None
-    _intervals: array[float] = field(default_factory=lambda: array("d"))
-    _seen_intervals: int = 0
+    newest_rank: Rank | None = None
+    newest_live_rank: Rank | None = None
+    _times: array[float] = field(default_factory=lambda: array("d"))
+    _seen_times: int = 0
 
     def add(
         self, row: ClientRow, verdict: Verdict, window_start: float, rng: random.Random, new_since: float | None = None
     ) -> None:
         self.members += 1
-        if self.newest_client_id is None:
-            self.newest_client_id, self.newest_key = row.client_id, row.key
-        if verdict is Verdict.LIVE:
-            self.live += 1
-            if self.newest_live_client_id is None:
-                self.newest_live_client_id, self.newest_live_key = row.client_id, row.key
-        elif verdict is Verdict.ORPHAN:
+        if verdict is Verdict.ORPHAN:
             self.orphans += 1
         elif verdict is Verdict.ABANDONED:
             self.abandoned += 1
-        t = row.created_at
-        if t is None or row.problems:
+        rank = rank_of(row)
+        if verdict is Verdict.LIVE:
+            self.live += 1
+            if self.newest_live_client_id is None or (rank is not None and (self.newest_live_rank or ()) < rank):
+                self.newest_live_client_id, self.newest_live_key, self.newest_live_rank = row.client_id, row.key, rank
+        if rank is None:
+            if self.newest_client_id is None:
+                self.newest_client_id, self.newest_key = row.client_id, row.key
             return  # an unreadable row (a future time, say) must never make its siblings look superseded
-        if self.last_registered is None:
+        if self.newest_rank is None or self.newest_rank < rank:
+            self.newest_client_id, self.newest_key, self.newest_rank = row.client_id, row.key, rank
+            self.name = row.name  # a family shows its newest member's name, as stored
+        t = row.created_at
+        assert t is not None
+        if self.last_registered is None or t > self.last_registered:
             self.last_registered = t
-        self.first_registered = t
+        if self.first_registered is None or t < self.first_registered:
+            self.first_registered = t
         if t >= window_start:
             self.recent += 1
         if new_since is not None:
@@ -167,24 +187,30 @@ class FamilyStats:
                 self.new += 1
             elif t == new_since:
                 self.tied += 1
-        if self._previous is not None:
-            self._sample(self._previous - t, rng)
-        self._previous = t
+        self._sample(t, rng)
 
-    def _sample(self, interval: float, rng: random.Random) -> None:
-        # Reservoir sampling keeps the median honest for huge families in fixed memory.
-        self._seen_intervals += 1
-        if len(self._intervals) < INTERVAL_SAMPLES:
-            self._intervals.append(interval)
+    def _sample(self, t: float, rng: random.Random) -> None:
+        # Registration times, all of them up to TIME_SAMPLES, a reservoir sample beyond: the median interval is
+        # exact for families that size and an estimate for bigger ones, in fixed memory.
+        self._seen_times += 1
+        if len(self._times) < TIME_SAMPLES:
+            self._times.append(t)
         else:
-            slot = rng.randrange(self._seen_intervals)
-            if slot < INTERVAL_SAMPLES:
-                self._intervals[slot] = interval
+            slot = rng.randrange(self._seen_times)
+            if slot < TIME_SAMPLES:
+                self._times[slot] = t
 
     @property
     def median_interval(self) -> float | None:
         """Median seconds between consecutive registrations (None below two members)."""
-        return statistics.median(self._intervals) if self._intervals else None
+        if len(self._times) < 2:
+            return None
+        times = sorted(self._times)
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        median = statistics.median(gaps)
+        if self._seen_times > len(times):  # a sample: its gaps are wider by the sampling ratio
+            median *= (len(times) - 1) / (self._seen_times - 1)
+        return median
 
     @property
     def survivor(self) -> str | None:
@@ -221,6 +247,10 @@ class Snapshot:
     floods: list[FloodEvidence] = field(default_factory=list)
     loop_detection: str = "off"  # "on", or why not
     loop_window: float = 900.0
+    loop_evidence: str = ""  # "replay" or "rotation": what the profile's loop map reads (docs/loops.md)
+    clock_skew: float = 0.0  # the store's clock minus the reaper's, at the scan's start
+    live_forever_only: int = 0  # live clients whose every live credential never expires
+    forever_fix: str = ""  # what the operator can set about it (the profile's options), for reports
 
     @property
     def duration(self) -> float:
@@ -230,6 +260,20 @@ class Snapshot:
         """Families with at least churn_min_registrations in the churn window, most first."""
         fams = [f for f in self.families.values() if f.recent >= self.churn_min_registrations]
         return sorted(fams, key=lambda f: (-f.recent, -f.members, f.id))
+
+    def loop_rule(self) -> str:
+        """What made a family a suspected loop, in words, for reports."""
+        if self.loop_evidence == "rotation":
+            return (
+                "again and again a member's refresh token was rotated, the new one was never used, and the "
+                "family registered a new client"
+            )
+        window = self.loop_window
+        shown = f"{window / 60:.0f} minutes" if window >= 60 else f"{window:.0f} seconds"
+        return (
+            "again and again a member's refresh token was revoked, it kept no live credential, and the family "
+            f"registered a new client within {shown}"
+        )
 
     def top_families(self, k: int) -> list[FamilyStats]:
         """The k largest families with more than one member, by orphans then members."""

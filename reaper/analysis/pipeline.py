@@ -7,7 +7,7 @@ module only sees ClientRows, so nothing here assumes SQL.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -27,6 +27,8 @@ class ScanSource(Protocol):
     profile_name: str
     description: str  # the store, for reports (never a password)
     has_ips: bool  # whether rows can carry a registrant IP
+    now: float  # the store's clock when the scan began, epoch seconds: what verdicts are judged by (S9)
+    forever_fix: str  # the profile options that give never-expiring credentials a lifetime ("" if none)
 
     def count(self) -> int:
         """How many clients `rows()` will yield (for progress)."""
@@ -37,15 +39,20 @@ class ScanSource(Protocol):
         ...
 
     def rows(self) -> Iterator[ClientRow]:
-        """Every client with its credential facts, newest first."""
+        """Every client with its credential facts, in whatever order the store gives them."""
+        ...
+
+    def registration_times(self) -> Iterable[float]:
+        """Every client's registration time (for matching an access log; read only when one is configured)."""
         ...
 
 
-def with_ips(rows: Iterator[ClientRow], config: Config) -> Iterator[ClientRow]:
+def with_ips(rows: Iterator[ClientRow], config: Config, source: ScanSource) -> Iterator[ClientRow]:
     """Fill IPs from the access log where the store has none, and aggregate each to its network."""
     ip = config.ip
     if ip.access_log:
-        rows = annotate(rows, read_logs(ip.access_log, ip.registration_path, ip.format), ip.window)
+        requests = read_logs(ip.access_log, ip.registration_path, ip.format)
+        rows = annotate(rows, requests, sorted(source.registration_times()), ip.window)
     v4, v6 = config.classify.ip_prefix_v4, config.classify.ip_prefix_v6
     for row in rows:
         if row.ip:
@@ -65,6 +72,7 @@ def _detector(config: Config, source: ScanSource, now: float, snapshot: Snapshot
         revoked = RevokedIndex()
     else:
         snapshot.loop_detection = "on"
+        snapshot.loop_evidence = revoked.evidence
     return LoopDetector(settings, revoked, now, snapshot.families)
 
 
@@ -72,24 +80,27 @@ def _detector(config: Config, source: ScanSource, now: float, snapshot: Snapshot
 def classified(
     config: Config,
     source: ScanSource,
-    now: float,
     progress: Progress | None = None,
     new_since: float | None = None,
     seen_at_watermark: dict[str, int] | None = None,
 ) -> Iterator[tuple[Iterator[Classified], Snapshot]]:
     """Stream classified clients; the Snapshot is complete once the stream is exhausted."""
+    now = source.now
+    began = time.monotonic()
     snapshot = Snapshot(
         profile=source.profile_name,
         database=source.description,
         started_at=now,
         churn_window=config.classify.churn_window,
         churn_min_registrations=config.classify.churn_min_registrations,
+        clock_skew=now - time.time(),
+        forever_fix=source.forever_fix,
     )
     total = source.count() if progress else 0
     detector = _detector(config, source, now, snapshot)
     rows = source.rows()
     if source.has_ips or config.ip.access_log:
-        rows = with_ips(rows, config)
+        rows = with_ips(rows, config, source)
     stream = Classifier(config.classify, snapshot, now, new_since, seen_at_watermark).run(rows)
     observe = detector.observe if detector is not None else None
 
@@ -104,7 +115,7 @@ def classified(
             progress(snapshot.clients, total)
         if detector is not None:
             detector.finish(snapshot)
-        snapshot.finished_at = time.time()
+        snapshot.finished_at = now + (time.monotonic() - began)
 
     outer = counted()
     try:

@@ -12,11 +12,26 @@ from collections import Counter
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from reaper.analysis.pipeline import ScanSource
 from reaper.ledger import Ledger, Tombstone
 from reaper.profiles import BoundProfile
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One thing `check` found: an error (the profile cannot work), a warning (a decision for the operator) or
+    information (what was resolved)."""
+
+    level: Literal["error", "warning", "info"]
+    code: str  # stable, for scripts: schema, encoding, unmapped_table, index, refresh_lifetime, clock, ledger, ...
+    message: str
+    fix: str = ""  # the exact change that resolves it, where there is one
+
+
+def errors(findings: Sequence[Finding]) -> list[str]:
+    return [f.message for f in findings if f.level == "error"]
 
 
 @dataclass(slots=True)
@@ -95,12 +110,17 @@ class Backend(Protocol):
     profile: BoundProfile
     description: str  # for reports and messages: never a password
 
-    def check(self) -> list[str]:
-        """Every mismatch between the profile and the store (empty: it matches)."""
+    def check(self) -> list[Finding]:
+        """The preflight: every mismatch between the profile and the store (errors) and what the operator must
+        decide (warnings). Resolves what the live store settles (column spellings, optional tables)."""
         ...
 
-    def scan(self, now: float) -> AbstractContextManager[ScanSource]:
-        """A read-only scan (S1)."""
+    def scan(self, now: float | None = None) -> AbstractContextManager[ScanSource]:
+        """A read-only scan (S1), judged at `now` (default: the store's own clock, S9)."""
+        ...
+
+    def now(self) -> float:
+        """The store's clock, epoch seconds (S9)."""
         ...
 
     def lock(self) -> RunLock: ...

@@ -1,6 +1,6 @@
 """SQL plumbing: URLs, engines, per-database implementations, the condition compiler and the schema check."""
 
-from reaper.db.compiler import Compiler, Owner, now_param, table_clause, untyped
+from reaper.db.compiler import Compiler, Owner, exists_where, now_param, table_clause, untyped
 from reaper.db.engine import check_connection, make_engine
 from reaper.db.impl import DatabaseImpl
 from reaper.db.schema import check_schema
@@ -13,6 +13,7 @@ __all__ = [
     "check_connection",
     "check_schema",
     "describe_error",
+    "exists_where",
     "make_engine",
     "now_param",
     "parse_url",

@@ -21,6 +21,11 @@ def untyped(value: Any) -> BindParameter[Any]:
     return sa.bindparam(None, value, type_=sa.types.NullType())
 
 
+def exists_where(*where: Any) -> ColumnElement[bool]:
+    """EXISTS (SELECT 1 ... WHERE ...): never `SELECT *`, which a role granted only some columns may not run."""
+    return sa.select(sa.literal(1)).where(*where).exists()
+
+
 def table_clause(name: str, columns: set[str]) -> TableClause:
     """An untyped table clause for a physical name, `schema.table` allowed."""
     schema, _, bare = name.rpartition(".")
@@ -65,12 +70,14 @@ class Compiler:
         options: dict[str, Any],
         impl: DatabaseImpl,
         owner: Owner | None = None,
+        strict: bool = False,
     ):
         self.t = table
         self.now = now
         self.options = options
         self.impl = impl
         self.owner = owner
+        self.strict = strict  # read "never expires" (NULL or 0 meaning forever) as expired
 
     def col(self, name: str) -> ColumnElement[Any]:
         return self.t.c[name]
@@ -149,7 +156,7 @@ class Compiler:
         op = cond.expires_at
         col = self.col(op.column)
         alive = col > now_param(self.now, op.encoding)
-        return sa.or_(col.is_(None), alive) if op.null == "never" else alive
+        return sa.or_(col.is_(None), alive) if op.null == "never" and not self.strict else alive
 
     @compile.register
     def _(self, cond: c.Lifetime) -> ColumnElement[bool]:
@@ -163,17 +170,21 @@ class Compiler:
             else:
                 alive = self.impl.add_seconds(start, secs) > now_param(self.now, enc)
             extra = []
-            if op.zero == "never":
+            if op.zero == "never" and not self.strict:
                 extra.append(secs == 0)
-            if op.null == "never":
+            if op.null == "never" and not self.strict:
                 extra.append(secs.is_(None))
             return sa.or_(alive, *extra) if extra else alive
         seconds = self.options.get(op.seconds_option) if op.seconds_option is not None else op.seconds
         if seconds is None:
-            return sa.true() if op.null == "never" else sa.false()
+            return sa.true() if op.null == "never" and not self.strict else sa.false()
         if seconds == 0:
-            return sa.true() if op.zero == "never" else sa.false()
+            return sa.true() if op.zero == "never" and not self.strict else sa.false()
         return cast(ColumnElement[bool], start > _shift(self.now, float(seconds), enc))
+
+    @compile.register
+    def _(self, cond: c.After) -> ColumnElement[bool]:
+        return self.col(cond.after.column) > self.col(cond.after.than)
 
     @compile.register
     def _(self, cond: c.EqualsClient) -> ColumnElement[bool]:
@@ -184,7 +195,7 @@ class Compiler:
             raise TypeError("equals_client only applies to credential conditions")
         op, own = cond.equals_client, self.owner
         client = table_clause(own.client_table, {own.client_ref_column, op.client_column}).alias()
-        return sa.exists().where(
+        return exists_where(
             client.c[own.client_ref_column] == self.col(own.ref),
             client.c[op.client_column] == self.col(op.column),
         )
@@ -196,5 +207,5 @@ class Compiler:
         other = table_clause(op.table, cols).alias()
         where = [other.c[theirs] == self.col(ours) for theirs, ours in op.on.items()]
         if op.where is not None:
-            where.append(Compiler(other, self.now, self.options, self.impl).compile(op.where))
-        return sa.exists().where(*where)
+            where.append(Compiler(other, self.now, self.options, self.impl, strict=self.strict).compile(op.where))
+        return exists_where(*where)

@@ -9,10 +9,13 @@ database names.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
+import psycopg
 import sqlalchemy as sa
+from psycopg.types import datetime as psycopg_datetime
 from sqlalchemy.dialects import mysql
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import URL, Connection, Engine
@@ -93,6 +96,14 @@ class DatabaseImpl:
         """connect() arguments for the lock's own connection."""
         return {}
 
+    def now_query(self) -> str:
+        """SQL giving the database server's clock as epoch seconds (a transaction's start, where it has one)."""
+        raise NotImplementedError
+
+    def now(self, conn: Connection) -> float:
+        """The database's "now", in epoch seconds: what liveness is judged by (S9)."""
+        return float(conn.execute(sa.text(self.now_query())).scalar_one())
+
     # -- statements ----------------------------------------------------------------------------------------
 
     def add_seconds(self, ts: ColumnElement[Any], seconds: ColumnElement[Any]) -> ColumnElement[Any]:
@@ -102,6 +113,10 @@ class DatabaseImpl:
     def group_concat(self, column: ColumnElement[Any]) -> ColumnElement[Any]:
         """Newline-joined values of a grouped column."""
         return sa.func.aggregate_strings(column, "\n")
+
+    def prefix(self, column: ColumnElement[Any], length: int) -> ColumnElement[Any]:
+        """At most `length` characters of a column, as text (the scan's bound on what a field may cost)."""
+        return sa.func.substr(sa.cast(column, sa.Text), 1, length)
 
     def stream_options(self, batch: int) -> dict[str, Any]:
         """Execution options that stream rows instead of buffering the whole result."""
@@ -178,17 +193,28 @@ class PostgresImpl(DatabaseImpl):
 
     def connect_args(self, url: URL, readonly: bool, connect_timeout: float | None) -> dict[str, Any]:
         args: dict[str, Any] = {}
+        # Every session in UTC, so timestamps without a zone are read and compared as UTC (S9);
         # default_transaction_read_only makes the server itself refuse writes (S1).
-        if readonly:
-            extra = url.query.get("options")
-            opts = "-c default_transaction_read_only=on"
-            args["options"] = f"{extra} {opts}" if isinstance(extra, str) and extra else opts
+        opts = "-c TimeZone=UTC" + (" -c default_transaction_read_only=on" if readonly else "")
+        extra = url.query.get("options")
+        args["options"] = f"{extra} {opts}" if isinstance(extra, str) and extra else opts
         if connect_timeout is not None:
             args["connect_timeout"] = max(1, int(connect_timeout))
         return args
 
     def lock_connect_args(self, application_name: str) -> dict[str, Any]:
-        return {"application_name": application_name[:63]}
+        return {"application_name": application_name[:63], "options": "-c TimeZone=UTC"}
+
+    def now_query(self) -> str:
+        return "SELECT EXTRACT(EPOCH FROM now())::float8"
+
+    def prepare_engine(self, engine: Engine, readonly: bool) -> None:
+        @sa.event.listens_for(engine, "connect")
+        def _infinite_times(dbapi_conn: Any, _record: Any) -> None:
+            # 'infinity' is a valid timestamp in PostgreSQL but no Python datetime: read it as the last one
+            # representable, so a row holding it is judged (a time in the future), not a failed scan.
+            for name, loader in (("timestamp", _TimestampLoader), ("timestamptz", _TimestamptzLoader)):
+                dbapi_conn.adapters.register_loader(name, loader)
 
     def in_(self, column: Any, values: list[Any]) -> ColumnElement[bool]:
         # One array parameter instead of hundreds of placeholders: the statement text stays the same from
@@ -279,6 +305,9 @@ class MySQLImpl(DatabaseImpl):
             conn.execute(sa.delete(table).where(match))
         return rows
 
+    def now_query(self) -> str:
+        return "SELECT UNIX_TIMESTAMP(NOW(6))"
+
     def on_connect_statements(self, readonly: bool) -> list[str]:
         # UTC sessions: TIMESTAMP columns are read and compared in UTC, like the scan's `now`. A long
         # GROUP_CONCAT limit: values kept as rows (Keycloak's redirect URIs) are not cut at 1024 bytes.
@@ -340,6 +369,9 @@ class SQLiteImpl(DatabaseImpl):
             database=f"file:{Path(url.database).resolve()}", query={**url.query, "mode": "ro", "uri": "true"}
         )
 
+    def now_query(self) -> str:
+        return "SELECT (julianday('now') - 2440587.5) * 86400.0"  # the host's clock: SQLite has no server
+
     def on_connect_statements(self, readonly: bool) -> list[str]:
         # query_only makes SQLite refuse every write on this connection (S1).
         stmts = ["PRAGMA busy_timeout = 5000"]
@@ -347,6 +379,13 @@ class SQLiteImpl(DatabaseImpl):
 
     def prepare_engine(self, engine: Engine, readonly: bool) -> None:
         if readonly:
+
+            @sa.event.listens_for(engine, "connect")
+            def _lenient_text(dbapi_conn: Any, _record: Any) -> None:
+                # SQLite stores whatever bytes it is given: a row that is not UTF-8 must become one problem
+                # row (the scan sees lone surrogates), not a failed scan.
+                dbapi_conn.text_factory = lenient_text
+
             return
 
         @sa.event.listens_for(engine, "connect")
@@ -362,6 +401,11 @@ class SQLiteImpl(DatabaseImpl):
 
     def stream_options(self, batch: int) -> dict[str, Any]:
         return {"yield_per": batch}
+
+    def prefix(self, column: ColumnElement[Any], length: int) -> ColumnElement[Any]:
+        # SQLite's substr() stops at an embedded NUL; the file is local, so the value is read whole and the
+        # scan cuts it in Python.
+        return column
 
     def lock_rows(self, query: sa.Select[Any]) -> sa.Select[Any]:
         return query  # SQLite has no row locks; BEGIN IMMEDIATE takes the write lock for the batch
@@ -384,8 +428,30 @@ class SQLiteImpl(DatabaseImpl):
         return True
 
 
+def lenient_text(raw: bytes) -> str:
+    """Stored bytes as text; bytes that are not UTF-8 become lone surrogates (reversible), never an error."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
 def typed_values(column: Any, values: list[Any]) -> list[Any]:
     """Keys as the column's Python type: integers for integer key columns, text otherwise."""
     if isinstance(column.type, sa.Integer):
         return [int(v) for v in values]
     return list(values)
+
+
+class _TimestampLoader(psycopg_datetime.TimestampLoader):
+    def load(self, data: Any) -> datetime:
+        try:
+            return super().load(data)
+        except psycopg.DataError:
+            return datetime.min if bytes(data).startswith(b"-") else datetime.max
+
+
+class _TimestamptzLoader(psycopg_datetime.TimestamptzLoader):
+    def load(self, data: Any) -> datetime:
+        try:
+            return super().load(data)
+        except psycopg.DataError:
+            edge = datetime.min if bytes(data).startswith(b"-") else datetime.max
+            return edge.replace(tzinfo=UTC)

@@ -7,17 +7,17 @@ to a bug report for the client's vendor. Never a secret or a token (never scanne
 
 from __future__ import annotations
 
+import heapq
 import html
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import IO
 
 from reaper import __version__
 from reaper.analysis.fingerprint import ip_prefix
 from reaper.analysis.model import VERDICTS, Classified, FamilyStats, FloodEvidence, LoopEvidence, LoopStep, Snapshot
 from reaper.output.records import Filters, loops_sorted
-from reaper.output.text import clean, duration_text, iso, short_time
+from reaper.output.text import clean, duration_text, format_time, iso, short_time
 
 VERDICT_COLORS = {
     "live": "#1a9850",
@@ -55,10 +55,10 @@ def e(text: object) -> str:
 
 
 class _Collector:
-    """Keeps a bounded number of registrations per family while the stream goes by (newest first)."""
+    """Keeps the newest registrations of each family (a bounded number) while the stream goes by, in any order."""
 
     def __init__(self) -> None:
-        self.points: dict[str, list[Point]] = {}
+        self.heaps: dict[str, list[tuple[float, str, Point]]] = {}
         self.kept = 0
         self.truncated: set[str] = set()
 
@@ -66,12 +66,9 @@ class _Collector:
         row = item.row
         if row.created_at is None or row.problems:
             return
-        pts = self.points.get(item.family)
-        if pts is not None and len(pts) >= PER_FAMILY_POINTS:
-            self.truncated.add(item.family)
-            return
-        if self.kept >= MAX_POINTS and (pts is None or len(pts) < 2):
-            self.truncated.add(item.family)
+        heap = self.heaps.get(item.family)
+        if heap is None and self.kept >= MAX_POINTS:
+            self.truncated.add(item.family)  # a new family past the overall bound: not charted
             return
         point = Point(
             row.client_id,
@@ -79,13 +76,23 @@ class _Collector:
             row.last_used,
             str(item.verdict),
             item.reason,
-            (getattr(row, "ip_network", None) or ip_prefix(row.ip)) if row.ip else "",
+            (row.ip_network or ip_prefix(row.ip)) if row.ip else "",
         )
-        if pts is None:
-            self.points[item.family] = [point]
+        entry = (row.created_at, row.client_id, point)
+        if heap is None:
+            self.heaps[item.family] = [entry]
+            self.kept += 1
+        elif len(heap) < PER_FAMILY_POINTS:
+            heapq.heappush(heap, entry)
+            self.kept += 1
         else:
-            pts.append(point)
-        self.kept += 1
+            self.truncated.add(item.family)
+            if heap[0][:2] < entry[:2]:
+                heapq.heapreplace(heap, entry)
+
+    def points(self, family: str) -> list[Point]:
+        """The family's kept registrations, newest first."""
+        return [p for _, _, p in sorted(self.heaps.get(family, ()), key=lambda e: e[:2], reverse=True)]
 
 
 def _families_to_show(snap: Snapshot, filters: Filters, top_k: int) -> list[FamilyStats]:
@@ -113,7 +120,7 @@ def _ticks(t0: float, t1: float, n: int = 6) -> list[float]:
 
 def _tick_label(ts: float, span: float) -> str:
     fmt = "%H:%M:%S" if span < 600 else "%m-%d %H:%M"
-    return datetime.fromtimestamp(ts, UTC).strftime(fmt)
+    return format_time(ts, fmt)
 
 
 def timeline_svg(points: list[Point], steps: list[LoopStep], title: str) -> str:
@@ -256,11 +263,8 @@ def _loops_section(snap: Snapshot) -> str:
     ]
     return (
         f"<h2>Suspected re-auth loops: {len(snap.loops)}</h2>"
-        '<p class="note">A family is suspected when, again and again, a member\'s refresh '
-        "token was revoked (rotation, replay or revocation), it kept no live credential, and the family "
-        f"registered a new client within {e(duration_text(snap.loop_window))}: the client software lost its "
-        "refresh token "
-        "and authenticated from scratch.</p>"
+        f'<p class="note">A family is suspected when {e(snap.loop_rule())}: the client software lost its '
+        "refresh token and authenticated from scratch.</p>"
         + _table(
             ["family", "name", "cycles", "median revoked → re-registered", "first revoked", "last revoked"],
             rows,
@@ -410,9 +414,7 @@ def render_html(
         body.append('<p class="note">No family churns, loops or floods.</p>')
     for fam in fams:
         body.append(
-            _family_section(
-                fam, snap, collector.points.get(fam.id, []), fam.id in collector.truncated, filters, max_rows
-            )
+            _family_section(fam, snap, collector.points(fam.id), fam.id in collector.truncated, filters, max_rows)
         )
     body.append(
         '<p class="note">Client secrets and tokens are never read by dcr-reaper; registrant IPs appear only '

@@ -142,6 +142,9 @@ def summary_record(snap: Snapshot) -> dict[str, Any]:
         "problems": snap.problem_count,
         "churn_window_seconds": snap.churn_window,
         "loop_detection": snap.loop_detection,
+        "loop_evidence": snap.loop_evidence or None,
+        "live_only_by_never_expiring_credentials": snap.live_forever_only,
+        "clock_skew_seconds": round(snap.clock_skew, 3),
         "suspected_loops": len(snap.loops),
         "floods": len(snap.floods),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import heapq
 import json
 from collections.abc import Iterable, Iterator
 from typing import IO
@@ -133,8 +134,7 @@ def _loop_sections(snap: Snapshot) -> list[tuple[str, list[str], list[list[str]]
         loops = loops_sorted(snap)
         out.append(
             (
-                f"Suspected re-auth loops: {len(loops)} (a refresh token revoked, then a new registration in the "
-                f"family within {duration_text(snap.loop_window)})",
+                f"Suspected re-auth loops: {len(loops)} ({snap.loop_rule()})",
                 ["family", "name", "cycles", "median revoked→re-registered", "first revoked", "last revoked"],
                 [
                     [
@@ -217,13 +217,25 @@ def _loop_sections(snap: Snapshot) -> list[tuple[str, list[str], list[list[str]]
 def _collect(
     stream: Iterable[Classified], filters: Filters, snap: Snapshot, limit: int
 ) -> tuple[list[Classified], int]:
+    """The newest `limit` matching clients (all when 0), newest first, and how many matched."""
+    heap: list[tuple[tuple[float, str], int, Classified]] = []
     listed: list[Classified] = []
     matched = 0
     for item in stream:
         if filters.match(item, snap.families):
             matched += 1
-            if limit == 0 or len(listed) < limit:
+            order = (item.row.created_at if item.row.created_at is not None else float("-inf"), item.row.key)
+            if limit == 0:
                 listed.append(item)
+            elif len(heap) < limit:
+                heapq.heappush(heap, (order, matched, item))
+            elif heap[0][0] < order:
+                heapq.heapreplace(heap, (order, matched, item))
+    if limit:
+        listed = [item for _, _, item in heap]
+    listed.sort(
+        key=lambda i: (i.row.created_at if i.row.created_at is not None else float("-inf"), i.row.key), reverse=True
+    )
     return listed, matched
 
 
@@ -252,6 +264,9 @@ def render_report(
             f"{snap.clients} clients, {len(snap.families)} families, scanned in {snap.duration:.2f}s"
         )
         lines = [f"# {header}" if fmt == "markdown" else header, ""]
+        notes = notices(snap)
+        if notes:
+            lines += [f"> {n}" if fmt == "markdown" else f"NOTE: {n}" for n in notes] + [""]
         for heading, headers, rows, right in _sections(snap, listed, matched, top_k, title):
             lines.append(f"## {heading}" if fmt == "markdown" else heading)
             lines.append("")
@@ -260,6 +275,23 @@ def render_report(
         out.write("\n".join(lines))
     else:
         raise ValueError(f"unknown format {fmt}")
+
+
+def notices(snap: Snapshot) -> list[str]:
+    """What the operator must decide, from this scan: never-expiring credentials, a clock that disagrees."""
+    out = []
+    if snap.live_forever_only:
+        fix = f"set {snap.forever_fix} to the server's refresh-token lifetime, or " if snap.forever_fix else "set "
+        out.append(
+            f"{snap.live_forever_only} client(s) are live only because their credentials never expire; "
+            f"{fix}classify.stale_after to reap superseded ones that stopped refreshing"
+        )
+    if abs(snap.clock_skew) >= 60:
+        out.append(
+            f"the database's clock and this host's differ by {snap.clock_skew:+.0f}s: verdicts use the database's; "
+            "a reap refuses to act beyond classify.clock_skew"
+        )
+    return out
 
 
 def _render_json(stream: Iterable[Classified], snap: Snapshot, out: IO[str], filters: Filters, show_ips: bool) -> None:

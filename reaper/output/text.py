@@ -22,15 +22,23 @@ def clean(text: str | None, limit: int | None = 60) -> str:
     return shown
 
 
+OUT_OF_RANGE = "out of range"
+
+
+def format_time(ts: float, fmt: str) -> str:
+    try:
+        return datetime.fromtimestamp(ts, UTC).strftime(fmt)
+    except (OverflowError, ValueError, OSError):  # before year 1 or after 9999: stored, but no calendar date
+        return OUT_OF_RANGE
+
+
 def iso(ts: float | None) -> str | None:
-    """ISO 8601 UTC, seconds precision."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """ISO 8601 UTC, seconds precision ("out of range" for a time no calendar can show)."""
+    return None if ts is None else format_time(ts, "%Y-%m-%dT%H:%M:%SZ")
 
 
 def short_time(ts: float | None) -> str:
-    return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
+    return "-" if ts is None else format_time(ts, "%Y-%m-%d %H:%M")
 
 
 def duration_text(seconds: float | None) -> str:

@@ -90,6 +90,11 @@ class LifetimeOperand(_Model):
         return self
 
 
+class AfterOperand(_Model):
+    column: str
+    than: str = Field(description="another column of the same row")
+
+
 class ClientOperand(_Model):
     column: str = Field(description="this credential row's column")
     client_column: str = Field(description="a column of the row's own client")
@@ -130,6 +135,10 @@ class ConditionBase(_Model):
     def columns(self) -> set[str]:
         """Columns of the row's own table that the condition reads."""
         return {col for table, col in self.reads() if table is None}
+
+    def never_expires(self) -> bool:
+        """Whether this condition (not its children) can hold forever: NULL or 0 read as "never"."""
+        return False
 
     def walk(self) -> Iterator[ConditionBase]:
         """This condition and every condition nested in it, over any table."""
@@ -258,12 +267,25 @@ class ExpiresAt(_OnOperand):
 
     expires_at: ExpiryOperand
 
+    def never_expires(self) -> bool:
+        return self.expires_at.null == "never"
+
 
 class Lifetime(_OnOperand):
     """`start + seconds > now`."""
 
     _columns: ClassVar[tuple[str, ...]] = ("start", "seconds_column")
     lifetime: LifetimeOperand
+
+    def never_expires(self) -> bool:
+        return self.lifetime.zero == "never" or self.lifetime.null == "never"
+
+
+class After(_OnOperand):
+    """The column holds a later value than another column of the same row (NULL on either side: false)."""
+
+    _columns: ClassVar[tuple[str, ...]] = ("column", "than")
+    after: AfterOperand
 
 
 class EqualsClient(ConditionBase):
@@ -328,6 +350,7 @@ _KINDS: dict[str, type[ConditionBase]] = {
     "not_revoked": NotRevoked,
     "expires_at": ExpiresAt,
     "lifetime": Lifetime,
+    "after": After,
     "equals_client": EqualsClient,
     "exists": Exists,
 }
@@ -359,6 +382,7 @@ Condition = Annotated[
     | Annotated[NotRevoked, Tag("not_revoked")]
     | Annotated[ExpiresAt, Tag("expires_at")]
     | Annotated[Lifetime, Tag("lifetime")]
+    | Annotated[After, Tag("after")]
     | Annotated[EqualsClient, Tag("equals_client")]
     | Annotated[Exists, Tag("exists")],
     Discriminator(

@@ -49,8 +49,9 @@ class BoundProfile:
 
     @property
     def scan_credentials(self) -> tuple[CredentialMap, ...]:
-        """Every credential the scan reads, including those that reference another client column."""
-        return self.profile.credentials
+        """Every credential the scan reads, including those that reference another client column (records
+        prove nothing: they are not read)."""
+        return tuple(c for c in self.profile.credentials if c.kind != "record")
 
     @property
     def actions(self) -> tuple[str, ...]:

@@ -125,13 +125,16 @@ class CredentialMap(_Model):
     client_column: str | None = Field(
         None, description="the client column `ref` holds, when not the key (DOT device grants: client_id)"
     )
-    kind: Literal["token", "code", "consent", "session"] = "token"
+    kind: Literal["token", "code", "consent", "session", "record"] = Field(
+        "token", description="record: rows that belong to the client but prove nothing (kept in tombstones)"
+    )
     issued_at: FieldMap | None = Field(None, description="when the row was issued; feeds 'last token'")
     live: Condition | None = Field(
         None, description="when the row is a live credential; absent = always live (consents: never)"
     )
     exclude: Condition | None = Field(None, description="rows that never count (DOT's registration token)")
     tenant: TenantMap | None = None
+    optional: bool = Field(False, description="a table some releases lack: skipped where it does not exist")
     movable: bool = Field(False, description="a merge moves these rows to the survivor (consents)")
     unique_by: tuple[str, ...] = Field((), description="columns that identify a movable row besides the client")
 
@@ -172,6 +175,12 @@ class LoopMap(_Model):
     credential: str = Field(description="the profile credential (by name) whose rows carry refresh tokens")
     revoked: Condition = Field(description="true for a row whose refresh token is revoked")
     revoked_at: FieldMap = Field(description="when it was revoked: {column, encoding}")
+    evidence: Literal["replay", "rotation"] = Field(
+        "replay",
+        description="replay: the revocation is the failed refresh itself (the family re-registers within "
+        "loops.window); rotation: the revocation is a rotation whose successor was never used before the family "
+        "registered again",
+    )
 
     @model_validator(mode="after")
     def _has_column(self) -> LoopMap:
@@ -196,6 +205,9 @@ class Profile(_Model):
     delete: DeleteMap = DeleteMap()
     api: ApiMap | None = None
     loops: LoopMap | None = None
+    spellings: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict, description="column -> its spellings in other releases, resolved against the schema"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Profile:
@@ -229,6 +241,15 @@ class Profile(_Model):
 
     def credential(self, name: str) -> CredentialMap:
         return next(c for c in self.credentials if c.name == name)
+
+    def without(self, names: set[str]) -> Profile:
+        """The profile without these credentials (optional tables a database lacks)."""
+        if not names:
+            return self
+        loops = self.loops if self.loops is None or self.loops.credential not in names else None
+        delete = self.delete.model_copy(update={"children": tuple(c for c in self.delete.children if c not in names)})
+        creds = tuple(c for c in self.credentials if c.name not in names)
+        return self.model_copy(update={"credentials": creds, "delete": delete, "loops": loops})
 
     @property
     def keyed_credentials(self) -> tuple[CredentialMap, ...]:

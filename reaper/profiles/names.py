@@ -39,8 +39,10 @@ CONVENTIONS: dict[str, Rename] = {"as_is": _as_is, "snake_case": snake_case}
 class _Names:
     """The two renames every part of a profile goes through."""
 
-    def __init__(self, tables: dict[str, str], naming: str):
-        self.column = CONVENTIONS[naming]
+    def __init__(self, tables: dict[str, str], naming: str, columns: dict[str, str] | None = None):
+        convention = CONVENTIONS[naming]
+        overrides = columns or {}
+        self.column: Rename = lambda name: convention(overrides.get(name, name))
         self.tables = tables
 
     def table(self, name: str) -> str:
@@ -117,14 +119,18 @@ class _Names:
         )
 
 
-def resolve_names(profile: Profile, tables: dict[str, str], naming: str = "as_is") -> Profile:
-    """The profile with physical table and column names."""
-    names = _Names(tables, naming)
+def resolve_names(
+    profile: Profile, tables: dict[str, str], naming: str = "as_is", columns: dict[str, str] | None = None
+) -> Profile:
+    """The profile with physical table and column names (`columns`: spellings chosen for this database)."""
+    names = _Names(tables, naming, columns)
+    convention = CONVENTIONS[naming]
     return profile.model_copy(
         update={
             "client": names.client(profile.client),
             "credentials": tuple(names.credential(c) for c in profile.credentials),
             "delete": names.delete(profile.delete),
             "loops": names.loops(profile.loops),
+            "spellings": {names.column(k): tuple(convention(v) for v in vs) for k, vs in profile.spellings.items()},
         }
     )

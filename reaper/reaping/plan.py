@@ -79,6 +79,8 @@ def choose(config: Config, stream: Iterable[Classified], snap: Snapshot, now: fl
                 row.key, row.client_id, row.name, item.family, str(item.verdict), item.reason, action, row.created_at
             )
         )
+    # Newest first, as a family's members merge into its survivor (the newest orphan's consents move first).
+    raw.sort(key=lambda c: (-(c.created_at or 0.0), c.client_id))
     candidates, kept = [], 0
     for c in raw:
         fam = snap.families[c.family]

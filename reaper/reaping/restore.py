@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from reaper.backends.base import Backend
-from reaper.errors import ConfigError, ReaperError
+from reaper.backends.base import Backend, errors
+from reaper.errors import ConfigError, ReaperError, SchemaError
 from reaper.reaping.runner import holding
 
 
@@ -19,6 +19,9 @@ def restore_from_ledger(backend: Backend, run_id: str | None = None, client_id: 
     """Restore every open tombstone of a run, or the latest of one client (by client_id or key)."""
     if bool(run_id) == bool(client_id):
         raise ConfigError("restore needs exactly one of --run or --client")
+    problems = errors(backend.check())
+    if problems:
+        raise SchemaError(problems)
     with holding(backend):
         ledger = backend.ledger()
         if not ledger.exists():

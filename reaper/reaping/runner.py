@@ -13,9 +13,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from reaper.backends.base import Actor, Backend, RunLock
+from reaper.backends.base import Actor, Backend, RunLock, errors
 from reaper.config import Config
-from reaper.errors import CapExceeded, LockHeld, ReaperError
+from reaper.errors import CapExceeded, ClockSkew, LockHeld, ReaperError, SchemaError
 from reaper.reaping.plan import Plan, RunResult
 
 log = logging.getLogger("reaper.reaping")
@@ -56,6 +56,18 @@ def _sweep(actor: Actor, keys: Sequence[str], reason: str) -> list[str]:
     return list(latest)
 
 
+def check_clock(config: Config, backend: Backend) -> float:
+    """The store's clock minus ours; refuse to act when they disagree by more than classify.clock_skew (S9)."""
+    skew = backend.now() - time.time()
+    limit = config.classify.clock_skew
+    if abs(skew) > limit:
+        raise ClockSkew(
+            f"the clock of {backend.description} and this host's differ by {skew:+.0f}s, more than "
+            f"classify.clock_skew = {limit:.0f}s; nothing acted on (fix the host's time sync, e.g. NTP)"
+        )
+    return skew
+
+
 def apply(
     config: Config,
     backend: Backend,
@@ -71,6 +83,10 @@ def apply(
         raise CapExceeded(f"{the_plan.cap_problem}; nothing reaped (raise the cap or pass --force)")
     result = RunResult(the_plan, applied=True)
     pol = config.policy
+    problems = errors(backend.check())  # resolves the profile against the live store, too
+    if problems:
+        raise SchemaError(problems)
+    check_clock(config, backend)
     with holding(backend, held_lock) as lock:
         ledger = backend.ledger()
         ledger.create()

@@ -66,11 +66,11 @@ class KeycloakActor:
 
     def _live_keys(self, keys: list[str]) -> set[str]:
         """Of these client keys, those a live credential references now (read-only; the API has no such check)."""
-        now = datetime.now(UTC)
         impl = self.backend.impl
         found: set[str] = set()
         try:
             with self.backend.read_engine.connect() as conn:
+                now = datetime.fromtimestamp(impl.now(conn), UTC)
                 for cred in self.profile.credentials:
                     t = table_clause(cred.table, credential_columns(cred)).alias("cred")
                     comp = credential_compiler(self.profile, cred, t, now, impl)

@@ -6,6 +6,7 @@ Statements are built apart from running them, so `reap --sql` can print exactly 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,7 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from reaper.backends.base import BatchOutcome, Candidate
 from reaper.backends.sql.scan import credential_compiler, credential_filter, live_condition, tenant_filter
 from reaper.config import PolicyConfig
-from reaper.db import Compiler, DatabaseImpl, describe_error, now_param, redact
+from reaper.db import Compiler, DatabaseImpl, describe_error, exists_where, now_param, redact
 from reaper.errors import DatabaseError, RestoreConflict
 from reaper.ledger import Ledger, Tombstone, decode_row, encode_row
 from reaper.profiles import BoundProfile, CredentialMap
@@ -53,23 +54,34 @@ class SqlStatements:
     def key_col(self) -> Any:
         return self.client.c[self.profile.client.key]
 
-    def _compiler(self, cred: CredentialMap, table: sa.Table, now: datetime) -> Compiler:
-        return credential_compiler(self.profile, cred, table, now, self.impl)
+    def _compiler(self, cred: CredentialMap, table: sa.Table, now: datetime, strict: bool = False) -> Compiler:
+        return credential_compiler(self.profile, cred, table, now, self.impl, strict)
 
-    def live_exists(self, now: datetime) -> list[Any]:
+    def alive(self, cred: CredentialMap, table: sa.Table, now: datetime, idle_since: datetime | None) -> Any:
+        """A row that still works. For a stale candidate (idle_since set): a row that works without "never
+        expires", or one issued since idle_since (the client came back)."""
+        alive = live_condition(cred, self._compiler(cred, table, now, strict=idle_since is not None))
+        if idle_since is not None and cred.issued_at is not None and cred.issued_at.column:
+            recent = table.c[cred.issued_at.column] > now_param(idle_since, cred.issued_at.encoding)
+            alive = sa.or_(alive, recent)
+        return alive
+
+    def live_exists(self, now: datetime, idle_since: datetime | None = None) -> list[Any]:
         """One EXISTS per credential table: a live credential references the client."""
         out = []
         for cred, table in self.creds:
-            cond = [table.c[cred.ref] == self.key_col, live_condition(cred, self._compiler(cred, table, now))]
+            if cred.kind == "record":
+                continue
+            cond = [table.c[cred.ref] == self.key_col, self.alive(cred, table, now, idle_since)]
             cond += credential_filter(self.profile, cred, table, now, self.impl)
-            out.append(sa.exists().where(*cond))
+            out.append(exists_where(*cond))
         return out
 
-    def recheck(self, now: datetime) -> Any:
+    def recheck(self, now: datetime, idle_since: datetime | None = None) -> Any:
         """The authority (S2): still no live credential, old enough, not CIMD, dynamic."""
         cm = self.profile.client
         comp = Compiler(self.client, now, self.profile.options, self.impl)
-        cond = [sa.not_(e) for e in self.live_exists(now)]
+        cond = [sa.not_(e) for e in self.live_exists(now, idle_since)]
         cond += tenant_filter(self.client, cm.tenant, self.profile.options)  # Hydra's nid, Keycloak's realm
         if cm.created_at is not None and cm.created_at.column:
             min_created = now_param(now - timedelta(seconds=self.policy.min_age), cm.created_at.encoding)
@@ -80,56 +92,71 @@ class SqlStatements:
             cond.append(sa.case((comp.compile(cm.dynamic), 1), else_=0) == 1)
         return sa.and_(*cond)
 
-    def lock_clients(self, keys: list[str], now: datetime) -> sa.Select[Any]:
+    def lock_clients(self, keys: list[str], now: datetime, idle_since: datetime | None = None) -> sa.Select[Any]:
         """Lock the batch's clients that still pass the re-check (rows the auth server holds are skipped)."""
-        q = sa.select(self.client).where(self.impl.in_(self.key_col, keys), self.recheck(now))
+        q = sa.select(self.client).where(self.impl.in_(self.key_col, keys), self.recheck(now, idle_since))
         return self.impl.lock_rows(q)
 
-    def dead_children(self, cred: CredentialMap, table: sa.Table, keys: list[str], now: datetime) -> Any:
+    def dead_children(
+        self, cred: CredentialMap, table: sa.Table, keys: list[str], now: datetime, idle_since: datetime | None = None
+    ) -> Any:
         """A child table's rows of these clients that are not live credentials (a live one stays, and so does
         its client)."""
-        comp = self._compiler(cred, table, now)
-        dead = sa.case((live_condition(cred, comp), 1), else_=0) == 0
+        dead = sa.case((self.alive(cred, table, now, idle_since), 1), else_=0) == 0
         if cred.exclude is not None:
-            dead = sa.or_(dead, comp.compile(cred.exclude))
+            dead = sa.or_(dead, self._compiler(cred, table, now).compile(cred.exclude))
         return sa.and_(
             self.impl.in_(table.c[cred.ref], keys), dead, *tenant_filter(table, cred.tenant, self.profile.options)
         )
 
-    def client_delete(self, keys: list[str], now: datetime) -> Any:
+    def client_delete(self, keys: list[str], now: datetime, idle_since: datetime | None = None) -> Any:
         """The client goes only if nothing references it any more: a child row left behind is live, and so is
         any live row in a table not deleted from (S2)."""
         if self.profile.profile.delete.cascade:
-            remaining = self.live_exists(now)
+            remaining = self.live_exists(now, idle_since)
         else:
             child_names = {t.name for _, t in self.children}
             remaining = [
-                sa.exists().where(t.c[c.ref] == self.key_col, *tenant_filter(t, c.tenant, self.profile.options))
+                exists_where(t.c[c.ref] == self.key_col, *tenant_filter(t, c.tenant, self.profile.options))
                 for c, t in self.children
             ]
+            live_tables = [t.name for c, t in self.creds if c.kind != "record"]
             remaining += [
-                e for (c, t), e in zip(self.creds, self.live_exists(now), strict=True) if t.name not in child_names
+                e
+                for name, e in zip(live_tables, self.live_exists(now, idle_since), strict=True)
+                if name not in child_names
             ]
         return sa.and_(self.impl.in_(self.key_col, keys), *(sa.not_(e) for e in remaining))
 
-    def disable(self, keys: list[str], now: datetime) -> Any:
+    def disable(self, keys: list[str], now: datetime, idle_since: datetime | None = None) -> Any:
         values = self.profile.profile.delete.disable_set or {}
-        return sa.update(self.client).where(self.impl.in_(self.key_col, keys), self.recheck(now)).values(values)
+        where = self.recheck(now, idle_since)
+        return sa.update(self.client).where(self.impl.in_(self.key_col, keys), where).values(values)
 
-    def review(self, batch: Sequence[Candidate], now: datetime, dialect: Any) -> list[str]:
+    def review(
+        self, batch: Sequence[Candidate], now: datetime, dialect: Any, stale_after: float | None = None
+    ) -> list[str]:
         """The statements of one batch as SQL text with its values, for a DBA to read."""
-        keys = [c.key for c in batch]
-        deleting = [c.key for c in batch if c.action in ("delete", "merge")]
-        disabling = [c.key for c in batch if c.action == "disable"]
-        stmts: list[Any] = [self.lock_clients(keys, now)]
-        if disabling:
-            stmts.append(self.disable(disabling, now))
-        if deleting:
-            if self.profile.profile.delete.cascade:
-                stmts += [sa.select(t).where(self.impl.in_(t.c[c.ref], deleting)) for c, t in self.creds]
-            else:
-                stmts += [sa.delete(t).where(self.dead_children(c, t, deleting, now)) for c, t in self.children]
-            stmts.append(sa.delete(self.client).where(self.client_delete(deleting, now)))
+        stmts: list[Any] = []
+        for stale in (False, True):
+            group = [c for c in batch if (c.reason == "stale") == stale]
+            if not group or (stale and stale_after is None):
+                continue
+            idle = now - timedelta(seconds=stale_after) if stale and stale_after is not None else None
+            keys = [c.key for c in group]
+            deleting = [c.key for c in group if c.action in ("delete", "merge")]
+            disabling = [c.key for c in group if c.action == "disable"]
+            stmts.append(self.lock_clients(keys, now, idle))
+            if disabling:
+                stmts.append(self.disable(disabling, now, idle))
+            if deleting:
+                if self.profile.profile.delete.cascade:
+                    stmts += [sa.select(t).where(self.impl.in_(t.c[c.ref], deleting)) for c, t in self.creds]
+                else:
+                    stmts += [
+                        sa.delete(t).where(self.dead_children(c, t, deleting, now, idle)) for c, t in self.children
+                    ]
+                stmts.append(sa.delete(self.client).where(self.client_delete(deleting, now, idle)))
         return [
             str(s.compile(dialect=dialect, compile_kwargs={"literal_binds": True, "render_postcompile": True}))
             for s in stmts
@@ -139,11 +166,19 @@ class SqlStatements:
 class SqlActor:
     """Applies batches on a read-write engine, with tombstones in the ledger (S2, S5, S7), and restores."""
 
-    def __init__(self, profile: BoundProfile, engine: Engine, ledger: Ledger, policy: PolicyConfig):
+    def __init__(
+        self,
+        profile: BoundProfile,
+        engine: Engine,
+        ledger: Ledger,
+        policy: PolicyConfig,
+        stale_after: float | None = None,
+    ):
         self.profile = profile
         self.engine = engine
         self.ledger = ledger
         self.pol = policy
+        self.stale_after = stale_after
         self.impl = DatabaseImpl.for_engine(engine)
         self.sql = SqlStatements(profile, engine, policy)
 
@@ -156,14 +191,19 @@ class SqlActor:
     # -- one batch -------------------------------------------------------------------------------------------
 
     def _act(
-        self, conn: Connection, batch: list[Candidate], run_id: str, ledger_conn: Connection
+        self, conn: Connection, batch: list[Candidate], run_id: str, ledger_conn: Connection, stale: bool
     ) -> tuple[list[Candidate], list[Candidate]]:
         sql = self.sql
-        now = datetime.now(UTC)
+        now = datetime.fromtimestamp(self.impl.now(conn), UTC)  # the database's clock, in this transaction (S9)
+        # Stale candidates live only through credentials that never expire: re-checked with those read as
+        # expired, and with any credential issued since stale_after counting as the client coming back.
+        idle = now - timedelta(seconds=self.stale_after) if stale and self.stale_after is not None else None
+        if stale and idle is None:
+            return [], list(batch)  # stale_after switched off since the plan: nothing is stale
         self.impl.set_timeouts(conn, self.pol.lock_timeout, self.pol.statement_timeout)
         keys = [c.key for c in batch]
         key_name = self.profile.client.key
-        locked = {str(r[key_name]): r for r in (x._asdict() for x in conn.execute(sql.lock_clients(keys, now)))}
+        locked = {str(r[key_name]): r for r in (x._asdict() for x in conn.execute(sql.lock_clients(keys, now, idle)))}
         acting = [c for c in batch if c.key in locked]
         skipped = [c for c in batch if c.key not in locked]
         if not acting:
@@ -175,14 +215,14 @@ class SqlActor:
         deleting = [c for c in acting if c.action in ("delete", "merge")]
         disabling = [c for c in acting if c.action == "disable"]
         if disabling:
-            result = conn.execute(sql.disable([c.key for c in disabling], now))
+            result = conn.execute(sql.disable([c.key for c in disabling], now, idle))
             if result.rowcount != len(disabling):
                 raise _LateCredential({c.key for c in disabling})  # changed since we locked it: retry the batch
         if deleting:
             for c in deleting:
                 if c.action == "merge" and c.canonical_key:
                     payloads[c.key]["moved"] = self._move(conn, c)
-            self._delete(conn, [c.key for c in deleting], payloads, now)
+            self._delete(conn, [c.key for c in deleting], payloads, now, idle)
         state = "done" if ledger_conn is conn else "pending"
         self.ledger.add_tombstones(
             ledger_conn,
@@ -229,7 +269,14 @@ class SqlActor:
                 )
         return moved
 
-    def _delete(self, conn: Connection, keys: list[str], payloads: dict[str, dict[str, Any]], now: datetime) -> None:
+    def _delete(
+        self,
+        conn: Connection,
+        keys: list[str],
+        payloads: dict[str, dict[str, Any]],
+        now: datetime,
+        idle: datetime | None,
+    ) -> None:
         sql = self.sql
         ref_of = {t.name: c.ref for c, t in sql.creds}
         if self.profile.profile.delete.cascade:
@@ -239,16 +286,27 @@ class SqlActor:
                     payloads[str(r[cred.ref])]["children"].setdefault(table.name, []).append(encode_row(r))
         else:
             for cred, table in sql.children:
-                for r in self.impl.delete_returning(conn, table, sql.dead_children(cred, table, keys, now)):
+                for r in self.impl.delete_returning(conn, table, sql.dead_children(cred, table, keys, now, idle)):
                     payloads[str(r[ref_of[table.name]])]["children"].setdefault(table.name, []).append(encode_row(r))
         key_name = self.profile.client.key
-        gone = self.impl.delete_returning(conn, sql.client, sql.client_delete(keys, now))
+        gone = self.impl.delete_returning(conn, sql.client, sql.client_delete(keys, now, idle))
         late = set(keys) - {str(r[key_name]) for r in gone}
         if late:
             raise _LateCredential(late)
 
     def act(self, batch: Sequence[Candidate], run_id: str) -> BatchOutcome:
-        """Act on one batch in one short transaction; a late credential drops that client and retries."""
+        """Act on one batch in short transactions (stale candidates apart); a late credential drops that client
+        and retries."""
+        outcome = BatchOutcome()
+        for stale in (False, True):
+            group = [c for c in batch if (c.reason == "stale") == stale]
+            if group:
+                part = self._act_group(group, run_id, stale)
+                outcome.done += part.done
+                outcome.skipped.update(part.skipped)
+        return outcome
+
+    def _act_group(self, batch: list[Candidate], run_id: str, stale: bool) -> BatchOutcome:
         todo = list(batch)
         outcome = BatchOutcome()
         try:
@@ -256,10 +314,10 @@ class SqlActor:
                 try:
                     if self.ledger.shared:
                         with self.engine.begin() as conn:
-                            done, skip = self._act(conn, todo, run_id, conn)
+                            done, skip = self._act(conn, todo, run_id, conn, stale)
                     else:
                         with self.engine.begin() as conn, self.ledger.begin() as lconn:
-                            done, skip = self._act(conn, todo, run_id, lconn)
+                            done, skip = self._act(conn, todo, run_id, lconn, stale)
                             lconn.commit()  # pending tombstones are durable before the delete commits (S5)
                         if done:
                             self.ledger.set_state(run_id, [c.key for c in done], "done")
@@ -275,9 +333,7 @@ class SqlActor:
         except DBAPIError as exc:
             if self.impl.is_lock_timeout(exc):
                 # The auth server holds a row of this batch: leave the batch to the next run (S7).
-                outcome.done = []
-                outcome.skipped = type(outcome.skipped)({"locked_by_auth_server": len(batch)})
-                return outcome
+                return BatchOutcome(skipped=Counter({"locked_by_auth_server": len(batch)}))
             raise self._fail("reap", exc) from None
         raise DatabaseError("a batch kept changing under the reaper; giving up on it")
 
@@ -305,12 +361,14 @@ class SqlActor:
 
     def live_now(self, keys: Sequence[str]) -> list[str]:
         """Of these reaped client keys, those that a credential issued after the delete now references."""
-        now = datetime.now(UTC)
         found: set[str] = set()
         keys = list(keys)
         try:
             with self.engine.connect() as conn:
+                now = datetime.fromtimestamp(self.impl.now(conn), UTC)
                 for cred, table in self.sql.creds:
+                    if cred.kind == "record":
+                        continue
                     comp = self.sql._compiler(cred, table, now)
                     for i in range(0, len(keys), 500):
                         chunk = keys[i : i + 500]

@@ -11,12 +11,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
-from reaper.backends.base import Actor, Candidate
+from reaper.backends.base import Actor, Candidate, Finding
 from reaper.backends.sql.actor import SqlActor, SqlStatements
 from reaper.backends.sql.lock import RunLock, lock_name
+from reaper.backends.sql.preflight import preflight
 from reaper.backends.sql.scan import SqlScan
 from reaper.config import Config
-from reaper.db import DatabaseImpl, check_connection, check_schema, describe_error, make_engine, parse_url, redact
+from reaper.db import DatabaseImpl, check_connection, describe_error, make_engine, parse_url, redact
 from reaper.errors import ConfigError, DatabaseError
 from reaper.ledger import Ledger
 from reaper.profiles import BoundProfile
@@ -31,6 +32,7 @@ class SqlBackend:
                 "database_url is not set (use --database-url, DCR_REAPER_DATABASE_URL or the config file)"
             )
         self.config = config
+        self._bound = profile  # as configured; `profile` is resolved against the live schema by check()
         self.profile = profile
         self.url = parse_url(config.database_url)
         self.impl = DatabaseImpl.for_url(self.url)
@@ -73,31 +75,32 @@ class SqlBackend:
 
     # -- the seam ------------------------------------------------------------------------------------------
 
-    def check(self) -> list[str]:
+    def check(self) -> list[Finding]:
         engine = self.read_engine
         check_connection(engine)
-        if not self.impl.supported_by(self.profile.profile.database):
+        if not self.impl.supported_by(self._bound.profile.database):
             raise ConfigError(
-                f"profile '{self.profile.name}' supports {', '.join(self.profile.profile.database)}, "
+                f"profile '{self._bound.name}' supports {', '.join(self._bound.profile.database)}, "
                 f"not {engine.dialect.name}"
             )
         try:
-            return check_schema(engine, self.profile.profile)
+            self.profile, findings = preflight(self._bound, engine, self.config.ledger.prefix)
+            return findings
         except DBAPIError as exc:
             raise DatabaseError(f"reading the schema of {self.description}: {describe_error(exc, self.url)}") from None
 
     @contextmanager
-    def scan(self, now: float) -> Iterator[SqlScan]:
+    def scan(self, now: float | None = None) -> Iterator[SqlScan]:
         engine = self.read_engine
-        now_dt = datetime.fromtimestamp(now, UTC)
         try:
             with engine.connect() as conn:
                 self.impl.prepare_scan(conn, self.config.scan.work_mem_mb)
+                at = self.impl.now(conn) if now is None else now
                 yield SqlScan(
                     conn,
                     self.profile,
                     self.impl,
-                    now_dt,
+                    datetime.fromtimestamp(at, UTC),
                     self.config.classify.clock_skew,
                     self.config.scan.batch_size,
                     self.description,
@@ -105,6 +108,13 @@ class SqlBackend:
                 conn.rollback()
         except DBAPIError as exc:
             raise DatabaseError(f"scan of {self.description} failed: {describe_error(exc, self.url)}") from None
+
+    def now(self) -> float:
+        try:
+            with self.read_engine.connect() as conn:
+                return self.impl.now(conn)
+        except DBAPIError as exc:
+            raise DatabaseError(f"reading the clock of {self.description}: {describe_error(exc, self.url)}") from None
 
     def lock(self) -> RunLock:
         engine = self.write_engine
@@ -116,12 +126,15 @@ class SqlBackend:
         return Ledger(self.write_engine, self.config.ledger, shared=True)
 
     def actor(self) -> Actor:
-        return SqlActor(self.profile, self.write_engine, self.ledger(), self.config.policy)
+        return SqlActor(
+            self.profile, self.write_engine, self.ledger(), self.config.policy, self.config.classify.stale_after
+        )
 
     def statements(self, batch: Sequence[Candidate]) -> list[str]:
         engine = self.read_engine
         review = SqlStatements(self.profile, engine, self.config.policy)
-        return review.review(batch, datetime.now(UTC), engine.dialect)
+        now = datetime.fromtimestamp(self.now(), UTC)
+        return review.review(batch, now, engine.dialect, self.config.classify.stale_after)
 
     def ping(self) -> None:
         with self._engine("ping").connect() as conn:

@@ -9,48 +9,71 @@ from collections.abc import Generator, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.expression import FromClause
 
 from reaper.analysis.loops import RevokedIndex
 from reaper.analysis.model import ClientRow
+from reaper.backends.values import MAX_EPOCH, MIN_EPOCH, invalid_text, parse_json, parse_json_prefix, to_epoch
 from reaper.db import Compiler, DatabaseImpl, Owner, now_param, table_clause, untyped
 from reaper.profiles import FIELDS, BoundProfile, ClientMap, CredentialMap, TenantMap, credential_columns, profile_reads
+from reaper.profiles.conditions import Lifetime
+
+# What a field may cost, in characters read from the database: memory stays bounded whatever a row holds.
+CAPS = {"name": 1024, "redirect_uris": 8192, "json": 16384}
+SMALL_CAP = 256  # software_id, software_version, subject, ip
 
 
-def to_epoch(value: Any, encoding: str | None) -> float | None:
-    """Seconds since the epoch from a stored time, whatever its encoding."""
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        return float(value.timestamp())
-    if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
+def _cap(cm: ClientMap, column: str) -> int | None:
+    """The most characters the scan reads of a client column (None: read it whole, e.g. a time)."""
+    caps = []
+    for name, f in cm.fields():
+        if f.column != column:
+            continue
+        if name == "created_at":
             return None
-        return to_epoch(parsed, encoding)
-    number = float(value)
-    return number / 1000 if encoding == "epoch_ms" else number
+        caps.append(CAPS["json"] if f.json_path else CAPS.get(name, SMALL_CAP))
+    return max(caps) if caps else None
 
 
 def live_condition(cred: CredentialMap, compiler: Compiler) -> Any:
     """SQL for 'this row is a live credential' (a consent alone never keeps a client alive)."""
     if cred.live is not None:
         return compiler.compile(cred.live)
-    return sa.false() if cred.kind == "consent" else sa.true()
+    return sa.false() if cred.kind in ("consent", "record") else sa.true()
 
 
 def credential_compiler(
-    profile: BoundProfile, cred: CredentialMap, table: FromClause, now: datetime, impl: DatabaseImpl
+    profile: BoundProfile,
+    cred: CredentialMap,
+    table: FromClause,
+    now: datetime,
+    impl: DatabaseImpl,
+    strict: bool = False,
 ) -> Compiler:
     """A compiler for one credential table's conditions, knowing the row's own client (`equals_client`)."""
     owner = Owner(cred.ref, profile.client.table, cred.client_column or profile.client.key)
-    return Compiler(table, now, profile.options, impl, owner)
+    return Compiler(table, now, profile.options, impl, owner, strict)
+
+
+def forever_fix(profile: BoundProfile) -> str:
+    """The options that give the profile's never-expiring credentials a lifetime, where it has such options."""
+    names = sorted(
+        {
+            c.lifetime.seconds_option
+            for cred in profile.scan_credentials
+            if cred.live is not None
+            for c in cred.live.walk()
+            if isinstance(c, Lifetime) and c.never_expires() and c.lifetime.seconds_option
+        }
+    )
+    return " or ".join(f"options.{n}" for n in names if n)
+
+
+def can_live_forever(cred: CredentialMap) -> bool:
+    """Whether the credential's live condition reads NULL or 0 as "never expires" anywhere."""
+    return cred.live is not None and any(c.never_expires() for c in cred.live.walk())
 
 
 def tenant_filter(table: FromClause, tenant: TenantMap | None, options: dict[str, Any]) -> list[Any]:
@@ -90,7 +113,10 @@ def build_query(profile: BoundProfile, impl: DatabaseImpl, now: datetime) -> sa.
     client = table_clause(cm.table, reads[cm.table]).alias("c")
     comp = Compiler(client, now, profile.options, impl)
     cols: list[Any] = [client.c[cm.key].label("k"), client.c[cm.client_id].label("client_id")]
-    cols += [client.c[name].label(f"f_{i}") for i, name in enumerate(_data_columns(cm))]
+    for i, name in enumerate(_data_columns(cm)):
+        cap = _cap(cm, name)
+        col = client.c[name] if cap is None else impl.prefix(client.c[name], cap)
+        cols.append(col.label(f"f_{i}"))
     for flag, cond in cm.flags():
         cols.append(_flag(comp.compile(cond)).label(f"is_{flag}"))
     query_from: Any = client
@@ -98,12 +124,17 @@ def build_query(profile: BoundProfile, impl: DatabaseImpl, now: datetime) -> sa.
         t = table_clause(cred.table, credential_columns(cred)).alias(f"t{i}")
         live = live_condition(cred, credential_compiler(profile, cred, t, now, impl))
         aggs = [t.c[cred.ref].label("ref"), sa.func.sum(_flag(live)).label("live"), sa.func.count().label("total")]
+        if can_live_forever(cred):  # live counted again with "never expires" read as expired
+            strict = live_condition(cred, credential_compiler(profile, cred, t, now, impl, strict=True))
+            aggs.append(sa.func.sum(_flag(strict)).label("strict"))
         if cred.issued_at and cred.issued_at.column:
             aggs.append(sa.func.max(t.c[cred.issued_at.column]).label("last"))
         where = credential_filter(profile, cred, t, now, impl)
         sub = sa.select(*aggs).where(*where).group_by(t.c[cred.ref]).subquery(f"a{i}")
         query_from = query_from.outerjoin(sub, sub.c.ref == client.c[cred.client_column or cm.key])
         cols += [sub.c.live.label(f"live_{i}"), sub.c.total.label(f"total_{i}")]
+        if "strict" in sub.c:
+            cols.append(sub.c.strict.label(f"strict_{i}"))
         if "last" in sub.c:
             cols.append(sub.c.last.label(f"last_{i}"))
     looked_up: dict[str, Any] = {}
@@ -131,14 +162,8 @@ def build_query(profile: BoundProfile, impl: DatabaseImpl, now: datetime) -> sa.
             cols.append(lsub.c.v.label(f"lk_{name}"))
     tenant = tenant_filter(client, cm.tenant, profile.options)
     query = sa.select(*cols).select_from(query_from).where(*tenant)
-    created: Any = None
-    if "created_at" in looked_up:
-        created = looked_up["created_at"]
-    elif cm.created_at is not None and cm.created_at.column:
-        created = client.c[cm.created_at.column]
-    if created is not None:
-        return query.order_by(created.is_(None), created.desc(), client.c[cm.key].desc())
-    return query.order_by(client.c[cm.key].desc())
+    # No ORDER BY: a sort would keep the database busy before the first row; the classifier needs no order.
+    return query
 
 
 def _split(value: Any, fmt: str | None) -> tuple[str, ...]:
@@ -154,12 +179,19 @@ def _split(value: Any, fmt: str | None) -> tuple[str, ...]:
         return tuple(str(v) for v in value if v is not None)
     text = str(value)
     if fmt == "json":
-        parsed = orjson.loads(text)
+        try:
+            parsed = parse_json(text)
+        except ValueError:
+            if len(text) < CAPS["redirect_uris"]:
+                raise
+            parsed = parse_json_prefix(text)  # cut at the cap: the complete URIs before the cut
         if isinstance(parsed, str):
             return (parsed,)
         if not isinstance(parsed, list):
             raise ValueError("expected a JSON array")
         return tuple(str(v) for v in parsed if v is not None)
+    if len(text) >= CAPS["redirect_uris"]:
+        text = text[: max(text.rfind(" "), text.rfind(","), 0)]  # a URI cut at the cap would mislead
     if fmt == "comma":
         return tuple(p.strip() for p in text.split(",") if p.strip())
     if fmt == "rows":
@@ -214,7 +246,8 @@ class RowDecoder:
         self.creds = []
         for i, cred in enumerate(profile.scan_credentials):
             enc = cred.issued_at.encoding if cred.issued_at else None
-            self.creds.append((cred.kind, pos[f"live_{i}"], pos[f"total_{i}"], pos.get(f"last_{i}"), enc))
+            strict_at = pos.get(f"strict_{i}", pos[f"live_{i}"])  # no "never" rule: strict is live itself
+            self.creds.append((cred.kind, pos[f"live_{i}"], pos[f"total_{i}"], pos.get(f"last_{i}"), enc, strict_at))
         self.key_pos, self.id_pos = pos["k"], pos["client_id"]
 
     def decode(self, row: Any) -> ClientRow:
@@ -223,7 +256,7 @@ class RowDecoder:
         if self.created is not None:
             at, column, encoding = self.created
             raw = row[at]
-            if encoding == "epoch" and raw.__class__ in (int, float):
+            if encoding == "epoch" and raw.__class__ in (int, float) and MIN_EPOCH <= raw <= MAX_EPOCH:
                 created = float(raw)
             else:
                 try:
@@ -235,6 +268,8 @@ class RowDecoder:
             elif created is not None and created > self.now + self.skew:
                 problems.append(f"{column}: registration time is in the future")
         out = ClientRow(str(row[self.key_pos]), str(row[self.id_pos]), created, problems=problems)
+        if invalid_text(out.client_id) or invalid_text(out.key):
+            problems.append("client_id: not valid UTF-8")
         for name, at, column, fmt in self.plain:
             self._set(out, name, row[at], column, fmt, problems)
         for at, column, fields in self.json_groups:
@@ -248,10 +283,12 @@ class RowDecoder:
             if flag_at is not None:
                 setattr(out, flag, bool(row[flag_at]))
         last = None
-        for kind, live_at, total_at, last_at, enc in self.creds:
+        strict_live = 0
+        for kind, live_at, total_at, last_at, enc, strict_at in self.creds:
             live = row[live_at]
             if live:
                 out.live[kind] = out.live.get(kind, 0) + int(live)
+                strict_live += int(row[strict_at] or 0)
             total = row[total_at]
             if total:
                 out.total_credentials += int(total)
@@ -260,16 +297,18 @@ class RowDecoder:
                 if raw_last is None:
                     continue
                 t: float | None
-                if enc == "epoch" and raw_last.__class__ in (int, float):
+                if enc == "epoch" and raw_last.__class__ in (int, float) and MIN_EPOCH <= raw_last <= MAX_EPOCH:
                     t = float(raw_last)
                 else:
                     try:
                         t = to_epoch(raw_last, enc)
                     except (TypeError, ValueError):
+                        problems.append(f"{kind} issue time unreadable or out of range: {str(raw_last)[:40]!r}")
                         t = None
                 if t is not None and (last is None or t > last):
                     last = t
         out.last_used = last
+        out.live_forever_only = bool(out.live) and strict_live == 0
         return out
 
     @staticmethod
@@ -277,18 +316,28 @@ class RowDecoder:
         if name == "redirect_uris":
             try:
                 out.redirect_uris = _split(value, fmt)
+                if any(invalid_text(u) for u in out.redirect_uris):
+                    problems.append(f"{column}: redirect URIs are not valid UTF-8")
             except (ValueError, TypeError):
                 problems.append(f"{column}: redirect URIs unreadable")
         elif value is not None:
-            setattr(out, name, value if value.__class__ is str else str(value))
+            text = value if value.__class__ is str else str(value)
+            cap = CAPS.get(name, SMALL_CAP)
+            if len(text) > cap:
+                text = text[:cap]
+            if invalid_text(text):
+                problems.append(f"{column}: {name} is not valid UTF-8")
+            setattr(out, name, text)
 
 
 def _parse_json(raw: Any, column: str, problems: list[str]) -> Any:
     if raw is None or isinstance(raw, dict | list):
         return raw
     try:
-        return orjson.loads(raw)
+        return parse_json(raw)
     except (ValueError, TypeError):
+        if isinstance(raw, str) and len(raw) >= CAPS["json"]:
+            return parse_json_prefix(raw)  # cut at the cap: every member before the cut
         problems.append(f"{column}: malformed JSON")
         return None
 
@@ -379,15 +428,14 @@ def revoked_query(profile: BoundProfile, impl: DatabaseImpl, now: datetime, sinc
     # Only rows that matter: recent revocations, and live rows (one live row clears its client).
     where.append(sa.or_(revoked, live))
     latest = sa.func.max(sa.case((revoked, revoked_at), else_=None))
-    return (
-        sa.select(t.c[cred.ref].label("ref"), latest)
-        .where(*where)
-        .group_by(t.c[cred.ref])
-        .having(sa.func.sum(sa.case((live, 1), else_=0)) == 0)
-        # Ordering by an aggregate needs every input row before the first result, so a streamed (server-side)
-        # cursor's fast-start planning cannot pick a slow index walk over the whole table.
-        .order_by(latest)
-    )
+    query = sa.select(t.c[cred.ref].label("ref"), latest).where(*where).group_by(t.c[cred.ref])
+    if lmap.evidence == "replay":  # a live row clears its client; with rotation evidence the successor is live
+        query = query.having(sa.func.sum(sa.case((live, 1), else_=0)) == 0)
+    else:
+        query = query.having(latest.is_not(None))
+    # Ordering by an aggregate needs every input row before the first result, so a streamed (server-side)
+    # cursor's fast-start planning cannot pick a slow index walk over the whole table.
+    return query.order_by(latest)
 
 
 class SqlScan:
@@ -406,12 +454,14 @@ class SqlScan:
         self.conn = conn
         self.profile = profile
         self.impl = impl
-        self.now = now
+        self.at = now
         self.skew = skew
         self.batch = batch
         self.profile_name = profile.name
         self.description = description
         self.has_ips = profile.client.ip is not None
+        self.now = now.timestamp()
+        self.forever_fix = forever_fix(profile)
 
     def count(self) -> int:
         cm = self.profile.client
@@ -423,7 +473,7 @@ class SqlScan:
         lmap = self.profile.profile.loops
         if lmap is None:
             return None
-        query = revoked_query(self.profile, self.impl, self.now, since)
+        query = revoked_query(self.profile, self.impl, self.at, since)
         encoding = lmap.revoked_at.encoding
         conn, impl = self.conn, self.impl
 
@@ -441,17 +491,38 @@ class SqlScan:
             finally:
                 close_streamed(result)
 
-        return RevokedIndex(pairs())
+        return RevokedIndex(pairs(), lmap.evidence)
+
+    def registration_times(self) -> Iterator[float]:
+        cm = self.profile.client
+        if cm.created_at is None:
+            return
+        if cm.created_at.column is None:  # kept in another table: read it through the scan query itself
+            yield from (r.created_at for r in self.rows() if r.created_at is not None)
+            return
+        t = table_clause(cm.table, {cm.created_at.column} | ({cm.tenant.column} if cm.tenant else set()))
+        query = sa.select(t.c[cm.created_at.column]).where(*tenant_filter(t, cm.tenant, self.profile.options))
+        result = self.conn.execute(query, execution_options=self.impl.stream_options(self.batch))
+        try:
+            for (raw,) in result:
+                try:
+                    at = to_epoch(raw, cm.created_at.encoding)
+                except (TypeError, ValueError):
+                    continue
+                if at is not None:
+                    yield at
+        finally:
+            close_streamed(result)
 
     def rows(self) -> Generator[ClientRow, None, None]:
-        """Stream every client, newest first, with its credential facts.
+        """Stream every client, in the order the database reads them, with its credential facts.
 
         A reader thread fetches the next batch while this one decodes and classifies the last, so the database's
         work and ours overlap.
         """
-        query = build_query(self.profile, self.impl, self.now)
+        query = build_query(self.profile, self.impl, self.at)
         result = self.conn.execution_options(**self.impl.stream_options(self.batch)).execute(query)
-        decode = RowDecoder(self.profile, self.now, self.skew, list(result.keys())).decode
+        decode = RowDecoder(self.profile, self.at, self.skew, list(result.keys())).decode
         try:
             for rows in _prefetched(result, self.batch):
                 for row in rows:
