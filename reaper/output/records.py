@@ -7,7 +7,7 @@ from typing import Any
 
 from reaper.analysis.fingerprint import ip_prefix
 from reaper.analysis.model import VERDICTS, Classified, FamilyStats, FloodEvidence, LoopEvidence, Snapshot
-from reaper.output.text import iso
+from reaper.output.text import iso, utf8_safe
 
 CLIENT_FIELDS = (
     "client_id",
@@ -46,9 +46,10 @@ class Filters:
 def client_record(item: Classified, show_ips: bool = False) -> dict[str, Any]:
     """The public facts of one classified client (no secret, no token)."""
     row = item.row
+    safe = utf8_safe
     record = {
-        "client_id": row.client_id,
-        "name": row.name,
+        "client_id": safe(row.client_id),
+        "name": safe(row.name),
         "family": item.family,
         "verdict": str(item.verdict),
         "reason": item.reason,
@@ -56,8 +57,8 @@ def client_record(item: Classified, show_ips: bool = False) -> dict[str, Any]:
         "last_token_at": iso(row.last_used),
         "live_credentials": sum(row.live.values()),
         "credentials": row.total_credentials,
-        "redirect_uris": list(row.redirect_uris),
-        "software_id": row.software_id,
+        "redirect_uris": [safe(u) for u in row.redirect_uris],
+        "software_id": safe(row.software_id),
         "disabled": row.disabled,
         "problems": list(row.problems),
     }
@@ -69,7 +70,7 @@ def client_record(item: Classified, show_ips: bool = False) -> dict[str, Any]:
 def family_record(f: FamilyStats, snap: Snapshot) -> dict[str, Any]:
     return {
         "family": f.id,
-        "name": f.name,
+        "name": utf8_safe(f.name),
         "members": f.members,
         "live": f.live,
         "orphans": f.orphans,
@@ -79,7 +80,7 @@ def family_record(f: FamilyStats, snap: Snapshot) -> dict[str, Any]:
         "registrations_in_window": f.recent,
         "median_interval_seconds": f.median_interval,
         "churning": f.recent >= snap.churn_min_registrations,
-        "canonical_client_id": f.survivor,
+        "canonical_client_id": utf8_safe(f.survivor),
     }
 
 
@@ -87,7 +88,7 @@ def loop_record(loop: LoopEvidence) -> dict[str, Any]:
     """A suspected re-auth loop and its evidence rows (client_ids and times only)."""
     return {
         "family": loop.family,
-        "name": loop.name,
+        "name": utf8_safe(loop.name),
         "cycles": loop.cycles,
         "median_gap_seconds": loop.median_gap,
         "first_revoked": iso(loop.first_revoked_at),
@@ -113,7 +114,7 @@ def flood_record(flood: FloodEvidence) -> dict[str, Any]:
     return {
         "scope": flood.scope,
         "family" if flood.scope == "family" else "ip_prefix": flood.key,
-        "name": flood.name,
+        "name": utf8_safe(flood.name),
         "registrations": flood.registrations,
         "first_registered": iso(flood.first_at),
         "last_registered": iso(flood.last_at),

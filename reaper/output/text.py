@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from datetime import UTC, datetime
 
@@ -23,6 +24,15 @@ def clean(text: str | None, limit: int | None = 60) -> str:
 
 
 OUT_OF_RANGE = "out of range"
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def utf8_safe(text: str | None) -> str | None:
+    """Text any UTF-8 writer accepts: bytes that were not UTF-8 (lone surrogates after a lenient read) shown as
+    escapes (`\\xfc`); everything else exactly as stored."""
+    if text is None or text.isascii() or not _SURROGATES.search(text):
+        return text
+    return _SURROGATES.sub(lambda m: f"\\x{ord(m.group()) & 0xFF:02x}", text)
 
 
 def format_time(ts: float, fmt: str) -> str:

@@ -79,6 +79,7 @@ def apply(
 ) -> RunResult:
     """Execute a plan under the run lock (S6), in batches, tombstoning everything (S5)."""
     started = time.monotonic()
+    check_clock(config, backend)  # first: a clock that disagrees stops everything, --force included
     if the_plan.cap_problem and not force:
         raise CapExceeded(f"{the_plan.cap_problem}; nothing reaped (raise the cap or pass --force)")
     result = RunResult(the_plan, applied=True)
@@ -86,7 +87,6 @@ def apply(
     problems = errors(backend.check())  # resolves the profile against the live store, too
     if problems:
         raise SchemaError(problems)
-    check_clock(config, backend)
     with holding(backend, held_lock) as lock:
         ledger = backend.ledger()
         ledger.create()
