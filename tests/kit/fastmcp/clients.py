@@ -248,9 +248,14 @@ async def run_session(
     return result
 
 
-async def churning_session(mcp_url: str, i: int) -> SessionResult:
-    """Forgets its registration every time: a brand-new in-memory token store per session."""
-    return await run_session(mcp_url, kind="churn", name=f"churn-{i}", token_storage=MemoryStore())
+async def churning_session(
+    mcp_url: str, i: int, name: str | None = None, token_storage: AsyncKeyValue | None = None
+) -> SessionResult:
+    """Forgets its registration every time: a brand-new in-memory token store per session (pass one in to keep
+    a handle on what this session stored)."""
+    return await run_session(
+        mcp_url, kind="churn", name=name or f"churn-{i}", token_storage=token_storage or MemoryStore()
+    )
 
 
 async def wellbehaved_session(mcp_url: str, storage_dir: Path, name: str = "wellbehaved") -> SessionResult:
@@ -260,7 +265,11 @@ async def wellbehaved_session(mcp_url: str, storage_dir: Path, name: str = "well
 
 async def expire_stored_access_token(storage_dir: Path, mcp_url: str) -> None:
     """Make the stored access token look expired (an hour later), so the next session refreshes."""
-    store = filetree_token_storage(storage_dir)
+    await expire_access_token_in(filetree_token_storage(storage_dir), mcp_url)
+
+
+async def expire_access_token_in(store: AsyncKeyValue, mcp_url: str) -> None:
+    """The same, in any token storage (a churner's MemoryStore kept by the caller)."""
     await store.put(
         key=f"{mcp_url.rstrip('/')}/token_expiry",
         value={"expires_at": time.time() - 60},
@@ -270,7 +279,7 @@ async def expire_stored_access_token(storage_dir: Path, mcp_url: str) -> None:
 
 
 async def flood(
-    mcp_url: str, n: int = 25, *, mode: str = "helper", callback_timeout: float = 1.5
+    mcp_url: str, n: int = 25, *, mode: str = "helper", callback_timeout: float = 1.5, name: str | None = None
 ) -> list[SessionResult]:
     """`n` registrations within a few seconds, none of which ever completes a login.
 
@@ -286,7 +295,7 @@ async def flood(
             r = requests.post(
                 f"{base}/register",
                 json={
-                    "client_name": f"flood-{i}",
+                    "client_name": name or f"flood-{i}",
                     "redirect_uris": [f"http://localhost:{40000 + i}/callback"],
                     "grant_types": ["authorization_code", "refresh_token"],
                     "response_types": ["code"],
@@ -312,7 +321,7 @@ async def flood(
         return await run_session(
             mcp_url,
             kind="flood",
-            name=f"flood-{i}",
+            name=name or f"flood-{i}",
             token_storage=MemoryStore(),
             browser="abandon",
             callback_timeout=callback_timeout,

@@ -10,6 +10,11 @@ py-key-value `AsyncKeyValue` store:
 
 One trivial tool: `echo(text)`. Listens on 127.0.0.1:<--port> with the MCP endpoint at /mcp.
 
+--sim-clock runs the whole server on a simulated clock: `time.time()` and py-key-value's `now()` read the real
+clock plus an offset that `POST /_proving-ground/clock {"offset": seconds}` sets. A negative offset writes the
+store as it would have been written that long ago, with FastMCP's own lifetimes (15-minute transactions, ...),
+so a test can look at it "later" with the real clock, as the SQL proving ground's SimClock does.
+
     python proxy_server.py --port 8123 --upstream http://127.0.0.1:9000 --storage redis --redis-url redis://127.0.0.1:6379/12
 """
 
@@ -29,6 +34,41 @@ UPSTREAM_CLIENT_SECRET = "upstream-secret-for-the-proxy-0123456789abcdef"
 REQUIRED_SCOPES = ["read"]
 # Only used with --storage redis --encrypt (a proper Fernet key, as FastMCP's docs show for Redis).
 REDIS_FERNET_KEY = b"4Qp0c0lqGc3n3Rr0m2yW7d8qvB1n6kq6zYbX0t2m3kE="
+
+
+def install_sim_clock() -> dict[str, float]:
+    """Shift this process's clock by a settable offset; call before fastmcp or py-key-value are imported."""
+    import time
+    from datetime import datetime
+
+    real_time = time.time
+    state = {"offset": 0.0}
+
+    def sim_time() -> float:
+        return real_time() + state["offset"]
+
+    time.time = sim_time  # every `time.time()` call (FastMCP, the MCP SDK, JWT checks) reads the offset
+
+    import key_value.aio._utils.time_to_live as ttl
+
+    class SimDatetime(datetime):
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[no-untyped-def,override]
+            return datetime.fromtimestamp(sim_time(), tz)
+
+    ttl.datetime = SimDatetime  # py-key-value's now() and now_plus(): envelope created_at / expires_at
+    return state
+
+
+def add_clock_route(mcp, state: dict[str, float]) -> None:  # type: ignore[no-untyped-def]
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    @mcp.custom_route("/_proving-ground/clock", methods=["GET", "POST"])
+    async def clock(request: Request) -> JSONResponse:
+        if request.method == "POST":
+            state["offset"] = float((await request.json())["offset"])
+        return JSONResponse({"offset": state["offset"]})
 
 
 def build_storage(args: argparse.Namespace):  # -> AsyncKeyValue | None
@@ -95,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--home", help="fastmcp settings.home (where the default file tree lives)")
     p.add_argument("--consent", choices=["on", "off", "remember"], default="on")
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--sim-clock", action="store_true", help="a settable clock offset (POST /_proving-ground/clock)")
     args = p.parse_args(argv)
     if args.storage == "redis":
         db = int(args.redis_url.rsplit("/", 1)[-1])
@@ -103,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()))
     os.environ.setdefault("FASTMCP_LOG_LEVEL", args.log_level.upper())
+    clock = install_sim_clock() if args.sim_clock else None
     mcp = build_server(args)
+    if clock is not None:
+        add_clock_route(mcp, clock)
 
     import uvicorn
 

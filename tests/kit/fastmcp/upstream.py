@@ -5,6 +5,8 @@
 - authorization code + PKCE (S256 only, required on every authorization request);
 - the fixed test user is auto-approved: GET /authorize answers 302 straight to the redirect_uri;
 - refresh tokens with rotation (old pair revoked on use; replay of a rotated refresh token -> invalid_grant);
+  with `refresh_ttl`, token responses carry `refresh_expires_in` (as Keycloak's do), which FastMCP's proxy
+  adopts as its own refresh tokens' lifetime;
 - RFC 7662 introspection (the proxy's `IntrospectionTokenVerifier` validates upstream access tokens with it);
 - RFC 7009 revocation;
 - storage is in memory (dicts behind one lock); served by werkzeug on 127.0.0.1 in a background thread.
@@ -138,7 +140,7 @@ class Store:
         self.counters = {"authorize": 0, "code_exchange": 0, "refresh": 0, "introspect": 0, "revoke": 0}
 
 
-def create_app(store: Store, *, access_ttl: int) -> Flask:
+def create_app(store: Store, *, access_ttl: int, refresh_ttl: int | None = None) -> Flask:
     app = Flask("dcr-reaper-fastmcp-upstream")
     app.config.update(
         OAUTH2_REFRESH_TOKEN_GENERATOR=True,
@@ -164,6 +166,16 @@ def create_app(store: Store, *, access_ttl: int) -> Flask:
                 store.by_refresh[item.refresh_token] = item
 
     server = AuthorizationServer(app, query_client=query_client, save_token=save_token)
+    if refresh_ttl:
+        plain_generate_token = server.generate_token
+
+        def generate_token(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            token = dict(plain_generate_token(*args, **kwargs))
+            if token.get("refresh_token"):
+                token["refresh_expires_in"] = refresh_ttl
+            return token
+
+        server.generate_token = generate_token  # type: ignore[method-assign]
 
     class S256Only(CodeChallenge):
         SUPPORTED_CODE_CHALLENGE_METHOD = ["S256"]
@@ -334,12 +346,13 @@ class RunningUpstream:
         client_id: str = DEFAULT_CLIENT_ID,
         client_secret: str = DEFAULT_CLIENT_SECRET,
         access_ttl: int = 3600,
+        refresh_ttl: int | None = None,
     ) -> None:
         self.store = Store()
         self.client_id = client_id
         self.client_secret = client_secret
         self.store.clients[client_id] = UpstreamClient(client_id, client_secret, list(redirect_uris))
-        self.app = create_app(self.store, access_ttl=access_ttl)
+        self.app = create_app(self.store, access_ttl=access_ttl, refresh_ttl=refresh_ttl)
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
         self.httpd = make_server("127.0.0.1", port, self.app, threaded=True)
         self.url = f"http://127.0.0.1:{self.httpd.server_port}"
