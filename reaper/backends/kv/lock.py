@@ -72,9 +72,12 @@ class RedisLock:
 
     def release(self) -> None:
         self._stop_renewal()
-        if self._held:
-            self._held = False
-            self.client.eval(_RELEASE, 1, self.key, self.token)
+        try:
+            if self._held:
+                self._held = False
+                self.client.eval(_RELEASE, 1, self.key, self.token)
+        finally:
+            self.client.close()
 
     def discard(self) -> None:
         try:

@@ -252,7 +252,8 @@ class RedisKv:
         return self._call("restore", put)
 
     def lock_target(self) -> Any:
-        return self.client
+        """A client of its own for the lock: the backend's is closed between a service's ticks."""
+        return self._redis.Redis.from_url(self.url, socket_timeout=10, socket_connect_timeout=10)
 
     def default_ledger_url(self) -> str:
         base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "dcr-reaper"
@@ -338,11 +339,9 @@ class FileTreeKv:
         if not value:
             return None
         stem = raw.where.rsplit("/", 1)[-1][: -len(".json")]
-        body = stem[2 : stem.rfind("-")] if stem.startswith("S_") else stem
         for candidate in value.values():
-            if isinstance(candidate, str) and _sanitize_plain(candidate)[: len(body)] == body:
-                if self._keys.sanitize(candidate) == stem:
-                    return candidate
+            if isinstance(candidate, str) and candidate and self._keys.sanitize(candidate) == stem:
+                return candidate
         return None
 
     def fetch(self, collection: str, keys: Sequence[str], where: Sequence[str | None]) -> list[RawEntry | None]:

@@ -54,7 +54,7 @@ def install_sim_clock() -> dict[str, float]:
     class SimDatetime(datetime):
         @classmethod
         def now(cls, tz=None):  # type: ignore[no-untyped-def,override]
-            return datetime.fromtimestamp(sim_time(), tz)
+            return cls.fromtimestamp(sim_time(), tz)
 
     ttl.datetime = SimDatetime  # py-key-value's now() and now_plus(): envelope created_at / expires_at
     return state
