@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import time
 import uuid
@@ -482,3 +483,29 @@ def test_the_profile_refuses_a_sql_url_and_sql_profiles_refuse_redis(tmp_path: P
 def problems_of(config: Config, client_id: str) -> list[str]:
     with classified(config) as (stream, _snap):
         return [p for c in stream if c.row.client_id == client_id for p in c.row.problems]
+
+
+def test_the_cli_checks_reports_reaps_and_restores(kv: Kv):
+    old = kv.client("Claude Code", age=10 * HOUR)
+    kv.client("Claude Code", age=9 * HOUR)
+    url = kv.url if kv.kind == "redis" else str(kv.tmp / "home")
+    env = clean_env(
+        DCR_REAPER_PROFILE="fastmcp-oauth-proxy",
+        DCR_REAPER_DATABASE_URL=url,
+        DCR_REAPER_LEDGER__URL=f"sqlite:///{kv.tmp / 'ledger.sqlite'}",
+        DCR_REAPER_POLICY__MAX_FRACTION="1.0",
+        DCR_REAPER_CLASSIFY__ABANDONED_AFTER="1h",
+        DCR_REAPER_POLICY__LATE_TOKEN_SWEEP="0",
+        **({"DCR_REAPER_FASTMCP__JWT_SIGNING_KEY": SECRET} if kv.encrypt else {}),
+    )
+    check = run_cli(["check"], kv.tmp, env=env)
+    assert check.returncode == 0 and "ok: profile 'fastmcp-oauth-proxy'" in check.stdout, check.stderr
+    rep = run_cli(["report", "--format", "json"], kv.tmp, env=env)
+    assert rep.returncode == 0, rep.stderr
+    assert {c["client_id"] for c in json.loads(rep.stdout)["clients"]} >= {old}
+    reaped = run_cli(["reap", "--apply"], kv.tmp, env={**env, "DCR_REAPER_POLICY__MIN_AGE": "1h"})
+    assert reaped.returncode == 0, reaped.stderr
+    assert old not in verdicts(kv.config()), reaped.stdout
+    back = run_cli(["restore", "--client", old], kv.tmp, env=env)
+    assert back.returncode == 0, back.stderr
+    assert old in verdicts(kv.config())
