@@ -337,6 +337,19 @@ def test_report_writes_nothing_even_to_a_redis_that_refuses_every_write(tmp_path
         with pytest.raises(Exception, match="NOPERM|no permissions"):
             apply(reader, plan(reader))
         assert redis_state(admin) == before and gone
+        # serve leads with a user that may write only its lock key, as docs/fastmcp.md says.
+        r.execute_command(
+            "ACL", "SETUSER", "leader", "on", ">pw", "%R~*", "%RW~dcr-reaper:lock:*",
+            "+@read", "+@connection", "+set", "+eval", "+del",
+        )  # fmt: skip
+        service = Service(kv.config(database_url=f"redis://leader:pw@127.0.0.1:{server.port}/0"))
+        try:
+            service.tick()
+            assert service.metrics.leader == 1 and service.lock is not None and service.metrics.scans == 1
+        finally:
+            if service.lock is not None:
+                service.lock.release()
+        assert redis_state(admin) == before
     finally:
         server.stop()
 
