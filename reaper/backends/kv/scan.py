@@ -46,8 +46,9 @@ class Reader:
         self.now = now
         self.eval = Evaluator(now, profile.options)
 
-    def decoded(self, collection: str) -> Iterator[Entry]:
-        for raw in self.store.entries([collection]):
+    def decoded(self, collections: str | list[str]) -> Iterator[Entry]:
+        """The entries of these collections, decoded, collection after collection (one pass over Redis)."""
+        for raw in self.store.entries([collections] if isinstance(collections, str) else collections):
             entry = self.codec.decode(raw)
             if entry.value is not None:
                 entry.key = self.store.key_of(raw, entry.value)
@@ -59,34 +60,35 @@ class Reader:
         refs: dict[str, Refs] = {}
         unreadable = 0
         owners: dict[str, dict[str, str]] = {}  # credential name -> entry key -> client key (for `via`)
-        direct = [c for c in self.profile.scan_credentials if c.via is None]
-        vias = [c for c in self.profile.scan_credentials if c.via is not None]
-        wanted = {c.via for c in vias}
-        for cred in direct:
-            owned = owners.setdefault(cred.name, {}) if cred.name in wanted else None
-            for entry in self.decoded(cred.table):
+        creds = self.profile.scan_credentials
+        wanted = {c.via for c in creds if c.via is not None}
+        by_table: dict[str, list[CredentialMap]] = {}
+        # Credentials that reference the client first: a `via` credential needs their keys.
+        for cred in sorted(creds, key=lambda c: c.via is not None):
+            by_table.setdefault(cred.table, []).append(cred)
+        for entry in self.decoded(list(by_table)):
+            for cred in by_table[entry.raw.collection]:
                 if entry.value is None:
-                    unreadable += 1
+                    unreadable += cred.via is None  # a mapping that cannot be read keeps nothing alive
                     continue
                 ref = column(entry.doc, cred.ref)
-                if ref is None or (cred.exclude is not None and self.eval.holds(cred.exclude, entry.doc)):
+                if ref is None:
+                    continue
+                if cred.via is not None:
+                    client = owners.get(cred.via, {}).get(str(ref))
+                    if client is not None and keep_entries:
+                        refs.setdefault(client, Refs()).entries.append((cred.name, entry.raw))
+                    continue
+                if cred.exclude is not None and self.eval.holds(cred.exclude, entry.doc):
                     continue
                 r = refs.setdefault(str(ref), Refs())
                 if keep_entries:
                     r.entries.append((cred.name, entry.raw))
-                if owned is not None and entry.key is not None:
-                    owned[entry.key] = str(ref)
+                if cred.name in wanted and entry.key is not None:
+                    owners.setdefault(cred.name, {})[entry.key] = str(ref)
                 if entry.expired(self.now):
                     continue  # absent as far as py-key-value (and so the server) is concerned
                 self._count(cred, entry, r)
-        for cred in vias:
-            owned = owners.get(cred.via or "", {})
-            for entry in self.decoded(cred.table):
-                if entry.value is None:
-                    continue  # a mapping that cannot be read keeps nothing alive and is never deleted
-                client = owned.get(str(column(entry.doc, cred.ref)))
-                if client is not None and keep_entries:
-                    refs.setdefault(client, Refs()).entries.append((cred.name, entry.raw))
         return refs, unreadable
 
     def _count(self, cred: CredentialMap, entry: Entry, r: Refs) -> None:
