@@ -176,6 +176,36 @@ class KeycloakConfig(_Section):
     ca_file: str | None = Field(None, description="CA bundle for a private TLS certificate")
 
 
+class FastMcpConfig(_Section):
+    """FastMCP OAuthProxy's key material, to read its encrypted store (the `fastmcp-oauth-proxy` profile).
+
+    Give what the server was given: its `jwt_signing_key` (a string), or, when it has none, its upstream client
+    secret; or the Fernet key of the store itself. Each from the file named, or the environment
+    (DCR_REAPER_FASTMCP__JWT_SIGNING_KEY ...). Never logged, never printed.
+    """
+
+    jwt_signing_key: SecretStr | None = Field(None, description="OAuthProxy(jwt_signing_key=...), a string")
+    jwt_signing_key_file: str | None = Field(None, description="a file holding it (trailing newline ignored)")
+    upstream_client_secret: SecretStr | None = Field(None, description="when the server has no jwt_signing_key")
+    upstream_client_secret_file: str | None = Field(None, description="a file holding it")
+    storage_key: SecretStr | None = Field(
+        None, description="the store's Fernet key as is (a Redis store wrapped in FernetEncryptionWrapper)"
+    )
+    storage_key_file: str | None = Field(None, description="a file holding it")
+
+    def model_post_init(self, __context: Any) -> None:
+        given = [
+            name
+            for name in ("jwt_signing_key", "upstream_client_secret", "storage_key")
+            if getattr(self, name) is not None or getattr(self, f"{name}_file") is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(f"give one key source, not {' and '.join(given)}")
+        for name in ("jwt_signing_key", "upstream_client_secret", "storage_key"):
+            if getattr(self, name) is not None and getattr(self, f"{name}_file") is not None:
+                raise ValueError(f"give {name} or {name}_file, not both")
+
+
 class Config(_Section):
     """The whole configuration."""
 
@@ -192,6 +222,7 @@ class Config(_Section):
     service: ServiceConfig = ServiceConfig()
     ip: IpConfig = IpConfig()
     keycloak: KeycloakConfig = KeycloakConfig()
+    fastmcp: FastMcpConfig = FastMcpConfig()
 
 
 def _set_at(layer: dict[str, Any], loc: tuple[Any, ...]) -> tuple[str, ...] | None:

@@ -77,6 +77,9 @@ class DatabaseImpl:
     def check_url(self, url: URL) -> None:
         """Refuse a URL that cannot work, before connecting."""
 
+    def create_database(self, url: URL) -> None:
+        """Make the database of a reaper-owned store (a ledger) when it is a file that does not exist yet."""
+
     def prepare_url(self, url: URL, readonly: bool) -> URL:
         """The URL to connect with (SQLite opens read-only files through a `file:` URI)."""
         return url
@@ -360,6 +363,11 @@ class SQLiteImpl(DatabaseImpl):
             raise ConfigError("database_url: an in-memory SQLite database has nothing to scan")
         if not Path(path).is_file():
             raise DatabaseError(f"cannot open sqlite:///{path}: no such SQLite database file")
+
+    def create_database(self, url: URL) -> None:
+        if url.database and url.database != ":memory:" and not Path(url.database).exists():
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            Path(url.database).touch()
 
     def prepare_url(self, url: URL, readonly: bool) -> URL:
         if not readonly or not url.database:

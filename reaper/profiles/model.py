@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from reaper.profiles.conditions import Condition, ConditionBase, Encoding, EqualsClient
+from reaper.profiles.conditions import Condition, ConditionBase, Encoding, EqualsClient, Exists
 
 ListFormat = Literal["json", "space", "comma", "rows"]
 Action = Literal["delete", "disable", "merge"]
@@ -125,8 +125,15 @@ class CredentialMap(_Model):
     client_column: str | None = Field(
         None, description="the client column `ref` holds, when not the key (DOT device grants: client_id)"
     )
-    kind: Literal["token", "code", "consent", "session", "record"] = Field(
-        "token", description="record: rows that belong to the client but prove nothing (kept in tombstones)"
+    kind: Literal["token", "code", "consent", "session", "login", "record"] = Field(
+        "token",
+        description="what the rows are; a `login` (a login in progress) is live while it lasts but is no sign of "
+        "use; a `record` belongs to the client but proves nothing (kept in tombstones, never read by the scan)",
+    )
+    via: str | None = Field(
+        None,
+        description="key-value stores: `ref` holds the key of this other credential's entries, not the client's "
+        "(FastMCP's jti mappings point at an upstream token set); deleted with the client, never live",
     )
     issued_at: FieldMap | None = Field(None, description="when the row was issued; feeds 'last token'")
     live: Condition | None = Field(
@@ -151,6 +158,17 @@ class DeleteMap(_Model):
     cascade: bool = False
     actions: tuple[Action, ...] = Field(("delete", "merge"), description="SQL actions allowed ([] = none)")
     disable_set: dict[str, Any] | None = Field(None, description="{column: value} that disables a client")
+
+
+class StoreMap(_Model):
+    """What kind of store the profile reads: SQL tables (the default) or a key-value store's collections."""
+
+    kind: Literal["sql", "kv"] = "sql"
+    scheme: Literal["fastmcp"] | None = Field(
+        None,
+        description="kv: how the value encryption key and the file tree's directory derive from the server's key "
+        "material ('fastmcp': FastMCP's OAuthProxy)",
+    )
 
 
 class ApiMap(_Model):
@@ -208,6 +226,7 @@ class Profile(_Model):
     spellings: dict[str, tuple[str, ...]] = Field(
         default_factory=dict, description="column -> its spellings in other releases, resolved against the schema"
     )
+    store: StoreMap = StoreMap()
 
     @model_validator(mode="after")
     def _consistent(self) -> Profile:
@@ -222,14 +241,40 @@ class Profile(_Model):
             raise ValueError(f"naming_option '{self.naming_option}' is not one of the profile's options")
         if any(isinstance(c, EqualsClient) for cond in self.client_conditions() for c in cond.walk()):
             raise ValueError("equals_client only applies to credential conditions (live, exclude)")
+        self._check_store()
         if self.loops is not None:
-            keyed = [c.name for c in self.credentials if c.client_column is None]
+            keyed = [c.name for c in self.credentials if c.client_column is None and c.via is None]
             if self.loops.credential not in keyed:
                 raise ValueError(
                     f"loops.credential '{self.loops.credential}' is not one of its credentials keyed by the "
                     f"client's key ({', '.join(keyed)})"
                 )
         return self
+
+    def _check_store(self) -> None:
+        vias = [c for c in self.credentials if c.via is not None]
+        if self.store.kind == "sql":
+            if vias:
+                raise ValueError(f'credentials.via is for key-value stores ([store] kind = "kv"): {vias[0].name}')
+            if self.store.scheme is not None:
+                raise ValueError('store.scheme is for key-value stores ([store] kind = "kv")')
+            return
+        # A key-value profile: each condition reads one entry, nothing is renamed or moved, there is no SQL.
+        direct = {c.name for c in self.credentials if c.via is None and c.client_column is None}
+        for c in vias:
+            if c.via not in direct:
+                raise ValueError(f"credentials.{c.name}.via: '{c.via}' is not a credential that references the client")
+        conds = [*self.client_conditions(), *(x for c in self.credentials for x in c.conditions())]
+        if any(isinstance(x, EqualsClient | Exists) for cond in conds for x in cond.walk()):
+            raise ValueError("a key-value profile's conditions read one entry: no equals_client or exists")
+        if any(c.client_column is not None for c in self.credentials):
+            raise ValueError("a key-value profile's credentials reference the client's key (no client_column)")
+        if self.api is not None or self.loops is not None or self.delete.disable_set:
+            raise ValueError("a key-value profile has no [api], [loops] or delete.disable_set")
+        if set(self.delete.actions) - {"delete"}:
+            raise ValueError('a key-value profile can only delete (delete.actions = ["delete"])')
+        if any(f.rows is not None or f.lookup is not None for _, f in self.client.fields()):
+            raise ValueError("a key-value profile's client fields are fields of the client entry (no rows, lookup)")
 
     def client_conditions(self) -> Iterator[ConditionBase]:
         """Conditions over the client table and its lookups."""
@@ -254,7 +299,7 @@ class Profile(_Model):
     @property
     def keyed_credentials(self) -> tuple[CredentialMap, ...]:
         """Credentials that reference the client's key: what the SQL reaper re-checks and deletes."""
-        return tuple(c for c in self.credentials if c.client_column is None)
+        return tuple(c for c in self.credentials if c.client_column is None and c.via is None)
 
     @property
     def actions(self) -> tuple[str, ...]:

@@ -290,7 +290,7 @@ class RowDecoder:
                 out.live[kind] = out.live.get(kind, 0) + int(live)
                 strict_live += int(row[strict_at] or 0)
             total = row[total_at]
-            if total:
+            if total and kind != "login":  # a login in progress is no sign the client was ever used
                 out.total_credentials += int(total)
             if last_at is not None:
                 raw_last = row[last_at]
