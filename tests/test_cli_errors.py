@@ -17,17 +17,11 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from reaper_testkit import (
-    assert_errors,
-    clean_env,
-    create_mcp_schema,
-    mcp_profile,
-    run_cli,
-    sqlite_state,
-    stderr_lines,
-)
 from sqlalchemy.engine import make_url
 
+from kit.cli import assert_errors, clean_env, run_cli, stderr_lines
+from kit.databases import sqlite_state
+from kit.schemas.mcp_memory import create_mcp_schema, mcp_profile
 from reaper.demo import build_demo
 
 MCP = ["--profile", "mcp-memory-service"]

@@ -9,10 +9,10 @@ import time
 from html.parser import HTMLParser
 
 import pytest
-from authlib_app import create_schema, register, token
-from reaper_testkit import run_cli
 from sqlalchemy.orm import Session
 
+from kit.cli import run_cli
+from kit.schemas.authlib import create_schema, register, token
 from reaper.commands import classified
 from reaper.config import load_config
 from reaper.output import Filters, render

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from service_kit import promtool_check
 
+from kit.prometheus import promtool_check
 from reaper import __version__
 from reaper.analysis.fingerprint import normalize_name
 from reaper.analysis.model import VERDICTS, FamilyStats, Snapshot, Verdict

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from authlib_app import AuthorizationCode, Base, Client, Token
 from sqlalchemy.exc import DBAPIError, InternalError, OperationalError
 from sqlalchemy.orm import Session
 
+from kit.schemas.authlib import AuthorizationCode, Base, Client, Token
 from reaper.analysis.model import Verdict
 from reaper.backends.sql import SqlBackend, SqlScan
 from reaper.commands import classified, report

@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from reaper_testkit import create_mcp_schema, insert_client, insert_tokens, mcp_profile, run_cli
 
+from kit.cli import run_cli
+from kit.schemas.mcp_memory import create_mcp_schema, insert_client, insert_tokens, mcp_profile
 from reaper.output import CLIENT_FIELDS
 
 DAY = 86400.0

@@ -1,4 +1,7 @@
-"""A stand-in for Keycloak's HTTP API, following its documented contract, backed by the test's Keycloak tables
+"""Keycloak: its JPA tables (the columns the profile reads, plus keys), upper-case columns on MariaDB as
+Keycloak's Liquibase changelogs make them; `Keycloak` writes rows the way its store does.
+
+`KeycloakStandIn` stands in for Keycloak's HTTP API, following its documented contract, backed by these tables
 (it is "Keycloak": it alone writes them, as the real server would). No Keycloak runs in these tests.
 
 - POST /realms/{realm}/protocol/openid-connect/token  (client_credentials) -> {"access_token", "expires_in"}
@@ -11,11 +14,220 @@ import json
 import secrets
 import threading
 import urllib.parse
+import uuid
+from datetime import UTC
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import sqlalchemy as sa
-from server_schemas import Keycloak
+
+from kit.schemas.common import LongText, create, insert, utcnow
+
+
+def keycloak(engine: sa.Engine, upper: bool = False) -> sa.MetaData:
+    """Keycloak's JPA tables (the columns the profile reads, plus keys). `upper`: column names in upper case,
+    as    Keycloak's Liquibase changelogs create them on MySQL/MariaDB."""
+
+    def c(name: str, *args: Any, **kw: Any) -> sa.Column[Any]:
+        return sa.Column(name.upper() if upper else name, *args, key=name, **kw)
+
+    md = sa.MetaData()
+    sa.Table("realm", md, c("id", sa.String(36), primary_key=True), c("name", sa.String(255), unique=True))
+    sa.Table(
+        "client",
+        md,
+        c("id", sa.String(36), primary_key=True),
+        c("enabled", sa.Boolean, nullable=False, default=True),
+        c("client_id", sa.String(255)),
+        c("name", sa.String(255)),
+        c("realm_id", sa.String(36)),
+        c("secret", sa.String(255)),
+        c("public_client", sa.Boolean, nullable=False, default=True),
+        c("protocol", sa.String(255), default="openid-connect"),
+        c("consent_required", sa.Boolean, nullable=False, default=True),
+        c("registration_token", sa.String(255)),
+        sa.UniqueConstraint("realm_id", "client_id"),
+    )
+    sa.Table(
+        "redirect_uris",
+        md,
+        c("client_id", sa.String(36), sa.ForeignKey("client.id"), primary_key=True),
+        c("value", sa.String(255), primary_key=True),
+    )
+    sa.Table(
+        "offline_user_session",
+        md,
+        c("user_session_id", sa.String(36), primary_key=True),
+        c("user_id", sa.String(255)),
+        c("realm_id", sa.String(36), nullable=False),
+        c("created_on", sa.Integer, nullable=False),
+        c("offline_flag", sa.String(4), primary_key=True),
+        c("data", LongText),
+        c("last_session_refresh", sa.Integer, nullable=False, default=0),
+    )
+    sa.Table(
+        "offline_client_session",
+        md,
+        c("user_session_id", sa.String(36), primary_key=True),
+        c("client_id", sa.String(255), primary_key=True),
+        c("offline_flag", sa.String(4), primary_key=True),
+        c("timestamp", sa.Integer),
+        c("data", LongText),
+        c("client_storage_provider", sa.String(36), primary_key=True, default="local"),
+        c("external_client_id", sa.String(255), primary_key=True, default="local"),
+    )
+    sa.Table(
+        "user_consent",
+        md,
+        c("id", sa.String(36), primary_key=True),
+        c("client_id", sa.String(255)),
+        c("user_id", sa.String(36), nullable=False),
+        c("created_date", sa.BigInteger),
+        c("last_updated_date", sa.BigInteger),
+    )
+    sa.Table(
+        "event_entity",
+        md,
+        c("id", sa.String(36), primary_key=True),
+        c("client_id", sa.String(255)),
+        c("details_json", sa.String(2550)),
+        c("error", sa.String(255)),
+        c("ip_address", sa.String(255)),
+        c("realm_id", sa.String(255)),
+        c("session_id", sa.String(255)),
+        c("event_time", sa.BigInteger),
+        c("type", sa.String(255)),
+        c("user_id", sa.String(255)),
+    )
+    return create(engine, md)
+
+
+class Keycloak:
+    """Writes Keycloak rows the way its JPA store does."""
+
+    def __init__(self, engine: sa.Engine, upper: bool = False):
+        self.engine = engine
+        self.md = keycloak(engine, upper)
+        self.t = self.md.tables
+        self.now = utcnow().replace(tzinfo=UTC).timestamp()
+
+    def realm(self, name: str) -> str:
+        rid = str(uuid.uuid4())
+        insert(self.engine, self.t["realm"], [{"id": rid, "name": name}])
+        return rid
+
+    def client(
+        self,
+        realm_id: str,
+        client_id: str,
+        name: str | None,
+        redirect_uris: list[str],
+        dynamic: bool = True,
+        enabled: bool = True,
+        registered_age: float | None = None,
+        ip: str | None = None,
+    ) -> str:
+        cid = str(uuid.uuid4())
+        insert(
+            self.engine,
+            self.t["client"],
+            [
+                {
+                    "id": cid,
+                    "enabled": enabled,
+                    "client_id": client_id,
+                    "name": name,
+                    "realm_id": realm_id,
+                    "secret": "**********" if not dynamic else None,
+                    "public_client": True,
+                    "registration_token": uuid.uuid4().hex if dynamic else None,
+                }
+            ],
+        )
+        insert(self.engine, self.t["redirect_uris"], [{"client_id": cid, "value": u} for u in redirect_uris])
+        if registered_age is not None:
+            self.event(realm_id, client_id, "CLIENT_REGISTER", registered_age, ip)
+        return cid
+
+    def event(self, realm_id: str, client_id: str, type_: str, age: float, ip: str | None) -> None:
+        insert(
+            self.engine,
+            self.t["event_entity"],
+            [
+                {
+                    "id": str(uuid.uuid4()),
+                    "client_id": client_id,
+                    "realm_id": realm_id,
+                    "type": type_,
+                    "ip_address": ip,
+                    "event_time": int((self.now - age) * 1000),
+                    "details_json": "{}",
+                }
+            ],
+        )
+
+    def session(self, realm_id: str, client_pk: str, offline: bool, refreshed_age: float) -> str:
+        sid = str(uuid.uuid4())
+        flag = "1" if offline else "0"
+        ts = int(self.now - refreshed_age)
+        insert(
+            self.engine,
+            self.t["offline_user_session"],
+            [
+                {
+                    "user_session_id": sid,
+                    "user_id": "alice",
+                    "realm_id": realm_id,
+                    "created_on": ts,
+                    "offline_flag": flag,
+                    "data": "{}",
+                    "last_session_refresh": ts,
+                }
+            ],
+        )
+        insert(
+            self.engine,
+            self.t["offline_client_session"],
+            [
+                {
+                    "user_session_id": sid,
+                    "client_id": client_pk,
+                    "offline_flag": flag,
+                    "timestamp": ts,
+                    "data": "{}",
+                    "client_storage_provider": "local",
+                    "external_client_id": "local",
+                }
+            ],
+        )
+        return sid
+
+    def consent(self, client_pk: str, updated_age: float) -> None:
+        ms = int((self.now - updated_age) * 1000)
+        insert(
+            self.engine,
+            self.t["user_consent"],
+            [
+                {
+                    "id": str(uuid.uuid4()),
+                    "client_id": client_pk,
+                    "user_id": "alice",
+                    "created_date": ms,
+                    "last_updated_date": ms,
+                }
+            ],
+        )
+
+    def delete_client(self, client_pk: str) -> None:
+        """What Keycloak itself does on DELETE /admin/realms/{realm}/clients/{id}."""
+        with self.engine.begin() as conn:
+            for name in ("redirect_uris", "offline_client_session", "user_consent"):
+                t = self.t[name]
+                conn.execute(t.delete().where(t.c.client_id == client_pk))
+            conn.execute(self.t["client"].delete().where(self.t["client"].c.id == client_pk))
+
+
+# --- a stand-in for its Admin REST API ------------------------------------------------------------------
 
 
 class KeycloakStandIn:
