@@ -11,6 +11,7 @@ import os
 import sqlite3
 import uuid
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,25 +62,74 @@ class TestDB:
     engine: Engine
 
 
+class Spares:
+    """Creates server databases ahead of time and drops them afterwards, in one background thread, so a test
+    waits for neither: PostgreSQL takes ~0.1 s to create a database and ~0.05 s to drop one, a test often
+    less. One spare per server is kept ready once a test has used that server."""
+
+    def __init__(self) -> None:
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-databases")
+        self._admin: dict[str, Engine] = {}
+        self._ready: dict[str, Future[str]] = {}
+        self._drops: list[Future[None]] = []
+
+    def _engine(self, kind: str) -> Engine:
+        if kind not in self._admin:
+            self._admin[kind] = sa.create_engine(SERVER_URLS[kind], isolation_level="AUTOCOMMIT")
+        return self._admin[kind]
+
+    def _create(self, kind: str) -> str:
+        name = f"reaper_t_{uuid.uuid4().hex[:12]}"
+        with self._engine(kind).connect() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE {name}"))
+        return name
+
+    def _drop(self, kind: str, name: str) -> None:
+        force = " WITH (FORCE)" if kind == "postgresql" else ""  # end the sessions a killed process left
+        with self._engine(kind).connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name}{force}"))
+
+    def take(self, kind: str) -> str:
+        """A fresh, empty database's name; the next one is started at once."""
+        ready = self._ready.pop(kind, None) or self._worker.submit(self._create, kind)
+        name = ready.result()
+        self._ready[kind] = self._worker.submit(self._create, kind)
+        return name
+
+    def give_back(self, kind: str, name: str) -> None:
+        self._drops.append(self._worker.submit(self._drop, kind, name))
+
+    def close(self) -> None:
+        """Drop the spares, wait for every drop; raise the first drop that failed (a database left behind)."""
+        for kind, ready in self._ready.items():
+            try:
+                self.give_back(kind, ready.result())
+            except Exception:  # noqa: BLE001 - it was never handed out: nothing to drop
+                pass
+        self._ready.clear()
+        self._worker.shutdown(wait=True)
+        for engine in self._admin.values():
+            engine.dispose()
+        errors = [f.exception() for f in self._drops if f.exception() is not None]
+        self._drops.clear()
+        if errors:
+            raise errors[0]
+
+
+SPARES = Spares()
+
+
 def server_db(kind: str) -> Iterator[TestDB]:
     """A fresh database on the PostgreSQL or MariaDB server, dropped afterwards (use with `yield from`)."""
     require(kind)
-    name = f"reaper_t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(SERVER_URLS[kind], isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    name = SPARES.take(kind)
     url = make_url(SERVER_URLS[kind]).set(database=name)
     engine = sa.create_engine(url)
     try:
         yield TestDB(kind, url.render_as_string(hide_password=False), engine)
     finally:
         engine.dispose()
-        with admin.connect() as conn:
-            if kind == "postgresql":
-                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            else:
-                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name}"))
-        admin.dispose()
+        SPARES.give_back(kind, name)
 
 
 def sqlite_db(tmp_path: Path) -> Iterator[TestDB]:

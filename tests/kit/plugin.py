@@ -36,6 +36,13 @@ def database_fixture(kind: str) -> Callable[[F], F]:
     return register
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _server_databases() -> Iterator[None]:
+    """At the end of the session: drop the spare databases and wait for every drop."""
+    yield
+    databases.SPARES.close()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TestDB]:
     """A fresh database on SQLite and on PostgreSQL."""
