@@ -13,6 +13,8 @@ import pytest
 from kit.cli import run_cli
 from kit.schemas.mcp_memory import create_mcp_schema, insert_client, insert_tokens, mcp_profile
 
+pytestmark = pytest.mark.slow  # every test runs the real CLI in a subprocess
+
 DAY = 86400.0
 ACTIONABLE = {"orphan", "abandoned"}
 LONG_NAME = "LongName-" + "x" * 9991

@@ -35,6 +35,7 @@ def test_the_builtins_are_the_servers_people_run():
     }
 
 
+@pytest.mark.slow
 def test_profiles_lists_every_builtin_and_show_prints_each(tmp_path: Path):
     listing = run_cli(["profiles"], tmp_path)
     assert listing.returncode == 0, listing.stderr
@@ -147,6 +148,7 @@ def test_format_errors_name_the_key():
         parse_profile({**base, "credentials": [{"name": "t", "table": "t", "ref": "c"}] * 2}, "x.toml")
 
 
+@pytest.mark.slow
 def test_dcr_reaper_check_command_on_a_new_profile(mariadb_db, tmp_path: Path):
     from kit.schemas.hydra import Hydra
 

@@ -24,6 +24,8 @@ from kit.databases import sqlite_state
 from kit.schemas.mcp_memory import create_mcp_schema, mcp_profile
 from reaper.demo import build_demo
 
+pytestmark = pytest.mark.slow  # every test runs the real CLI in a subprocess
+
 MCP = ["--profile", "mcp-memory-service"]
 DEMO_CLIENTS = 35  # 1 editor + 32 churned registrations + 1 abandoned + 1 young
 

@@ -89,6 +89,7 @@ def test_promtool_check_rules_accepts_the_rules_file() -> None:
     assert f"SUCCESS: {len(load_rules())} rules found" in res.stdout
 
 
+@pytest.mark.slow
 def test_promtool_rule_unit_tests_pass() -> None:
     res = promtool("test", "rules", RULES_TEST.name, cwd=RULES_TEST.parent)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -810,6 +811,7 @@ def test_report_role_gets_exactly_the_columns_the_profile_reads(roles: Roles) ->
     assert table_grants == 0, "the report role must not get whole tables (client_secret, access_token)"
 
 
+@pytest.mark.slow
 def test_report_role_reports_and_serves_but_the_database_refuses_its_writes(roles: Roles, tmp_path: Path) -> None:
     report = run_json(["report", "--profile", "authlib", "--database-url", roles.url(roles.report)], tmp_path)
     verdicts = {c["verdict"] for c in report["clients"]}
@@ -850,6 +852,7 @@ def assert_serves(url: str, tmp_path: Path) -> None:
         assert "dcr_leader 1.0" in text and "dcr_scan_failures_total 0.0" in text
 
 
+@pytest.mark.slow
 def test_reap_role_applies_with_a_ledger_and_restores(roles: Roles, tmp_path: Path) -> None:
     url = roles.url(roles.reap)
     policy = {
@@ -899,6 +902,7 @@ def test_reap_role_applies_with_a_ledger_and_restores(roles: Roles, tmp_path: Pa
         engine.dispose()
 
 
+@pytest.mark.slow
 def test_report_role_cannot_reap(roles: Roles, tmp_path: Path) -> None:
     env = clean_env(DCR_REAPER_POLICY__MIN_AGE="1h", DCR_REAPER_POLICY__MAX_FRACTION="1.0")
     res = run_cli(

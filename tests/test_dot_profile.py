@@ -19,6 +19,8 @@ from reaper.errors import DatabaseError
 from reaper.ledger import decode_payload
 from reaper.profiles import bind_profile
 
+pytestmark = pytest.mark.slow  # every test runs the real Django OAuth Toolkit in a subprocess
+
 HOUR, DAY = 3600, 86400
 APP = "oauth2_provider_application"
 CHILDREN = (

@@ -111,6 +111,7 @@ def test_family_and_verdict_filters(db):
     assert text.count("<circle") == len(ids), "the chart still shows every registration"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("to_file", [True, False])
 def test_cli_writes_html(sqlite_db, tmp_path, to_file):
     _seed(sqlite_db)

@@ -221,6 +221,7 @@ def _drop_everything(engine: sa.Engine) -> None:
     md.drop_all(engine)
 
 
+@pytest.mark.slow
 def test_race_token_writer_during_apply(db):
     rounds = 5 if db.kind == "postgresql" else 1  # SQLite serializes writers: one round says it all
     totals: Counter[str] = Counter()
@@ -392,6 +393,7 @@ def _assert_no_half_deleted(
     return gone
 
 
+@pytest.mark.slow
 def test_kill9_mid_run_leaves_no_half_deleted_client(db, tmp_path):
     adb = AuthlibDB(db.engine)
     fams = fill_families(adb, families=8, orphans_each=10, seed=21)
@@ -442,6 +444,7 @@ def test_kill9_mid_run_leaves_no_half_deleted_client(db, tmp_path):
     assert snapshot(db.engine) == survivors_rows, "survivors untouched"
 
 
+@pytest.mark.slow
 def test_kill9_with_separate_ledger_reconciles_pending(pg_db, ledger_pg, tmp_path):
     """Pending tombstones are committed to the ledger before the delete commits. kill -9 in the delete's
     commit leaves them pending for clients that are still there (void); kill -9 after the commit, before they
@@ -507,6 +510,7 @@ def test_kill9_with_separate_ledger_reconciles_pending(pg_db, ledger_pg, tmp_pat
 # --- 3. One actor at a time (S6) ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_second_reaper_exits_4_and_does_nothing(db, tmp_path):
     adb = AuthlibDB(db.engine)
     fams = fill_families(adb, families=5, orphans_each=10, seed=44)
@@ -544,6 +548,7 @@ def _unchanged(db, before: dict[str, list[tuple[Any, ...]]]) -> None:
     assert tombstone_count(db.engine) == 0
 
 
+@pytest.mark.slow
 def test_max_per_run_reaps_nothing_unless_forced(db, tmp_path):
     adb = AuthlibDB(db.engine)
     fams = fill_families(adb, families=3, orphans_each=5, seed=51)
@@ -569,6 +574,7 @@ def test_max_per_run_reaps_nothing_unless_forced(db, tmp_path):
     assert client_ids(db.engine) == {f.survivor for f in fams}
 
 
+@pytest.mark.slow
 def test_max_fraction_reaps_nothing_unless_forced(db, tmp_path):
     adb = AuthlibDB(db.engine)
     fams = fill_families(adb, families=3, orphans_each=5, seed=52)  # 15 of 18 clients: 83 %
@@ -813,6 +819,7 @@ def test_restore_refuses_on_conflict_and_restores_nothing(db):
     assert snapshot(db.engine) == before
 
 
+@pytest.mark.slow
 def test_demo_database_reaped_and_restored_through_the_cli(tmp_path):
     """The original report end to end: mcp-memory-service's SQLite file, `reap --apply`, `restore --run`."""
     path = build_demo(tmp_path / "oauth.db")
@@ -864,6 +871,7 @@ def test_demo_database_reaped_and_restored_through_the_cli(tmp_path):
     assert dump() == before, "every row back, byte for byte in SQLite's own dump"
 
 
+@pytest.mark.slow
 def test_failed_restore_with_separate_ledger_keeps_tombstones_open(pg_db, ledger_pg):
     """The ledger may only record a restore once the rows are back: if the auth database refuses the commit,
     the tombstones stay open and a second restore (once the database accepts it) brings everything back."""
@@ -1056,6 +1064,7 @@ def _assert_gone_with_tombstone_inhouse(engine: sa.Engine, gone: set[str]) -> No
 N_BENCH = 5000
 
 
+@pytest.mark.slow
 def test_reap_throughput_postgresql(pg_db, record_property):
     AuthlibDB(pg_db.engine)  # the schema
     now = int(time.time())

@@ -14,6 +14,8 @@ from kit.cli import run_cli
 from kit.schemas.mcp_memory import create_mcp_schema, insert_client, insert_tokens, mcp_profile
 from reaper.output import CLIENT_FIELDS
 
+pytestmark = pytest.mark.slow  # every test runs the real CLI in a subprocess, several times
+
 DAY = 86400.0
 CHURN = "Claude Code (scalarly-memory)"
 ALL_VERDICTS = "live,young,orphan,abandoned,idle,protected"

@@ -28,6 +28,8 @@ from reaper.config import Config, load_config
 from reaper.demo import CHURN_REGISTRATIONS, build_demo
 from reaper.service import Service
 
+pytestmark = pytest.mark.slow  # real `serve` processes, failovers, faults: seconds each
+
 DEMO_VERDICTS = {"live": 2, "orphan": CHURN_REGISTRATIONS - 1, "abandoned": 1, "young": 1}
 
 
