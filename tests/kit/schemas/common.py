@@ -1,4 +1,9 @@
-"""What the hand-built server schemas share: column types per database, naive UTC times, create and insert."""
+"""What the hand-built schemas share. The servers that do not install from PyPI (Hydra, Keycloak, Spring
+Authorization Server, Doorkeeper, Better Auth) have their schemas built from the shapes documented in
+shared/docs/AUTH-SERVERS.md with the types each server uses per database, plus small row writers. Only the
+columns the documents name (and the ones a server needs to work: keys, secrets, foreign keys) are created.
+
+Here: column types per database, naive UTC times, create and insert."""
 
 from __future__ import annotations
 

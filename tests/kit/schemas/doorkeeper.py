@@ -1,4 +1,5 @@
-"""Doorkeeper (Ruby on Rails): its tables as its migration generator makes them; `Doorkeeper` writes rows."""
+"""Doorkeeper (Ruby on Rails): its tables from their documented shape (see `kit.schemas.common`); `Doorkeeper`
+writes rows."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Ory Hydra v2: its tables (networks, clients, tokens per kind, flows) with Hydra's types per database, from
-the shapes in shared/docs/AUTH-SERVERS.md; `Hydra` writes its rows."""
+"""Ory Hydra v2: its tables (networks, clients, tokens per kind, flows) with Hydra's types per database (see
+`kit.schemas.common`); `Hydra` writes its rows."""
 
 from __future__ import annotations
 
