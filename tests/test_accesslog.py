@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from reaper_testkit import create_mcp_schema, insert_client
 
+from kit.schemas.mcp_memory import create_mcp_schema, insert_client
 from reaper.analysis.accesslog import Match, Request, annotate, match_registrations, parse_line, read_logs
 from reaper.analysis.model import ClientRow, Verdict
 from reaper.commands import classified

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import grimp
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "reaper"
@@ -72,6 +73,7 @@ def test_the_rule_itself_catches_a_branch():
     assert _database_comparisons(ast.parse(code)) == [1, 2]
 
 
+@pytest.mark.slow
 def test_mypy_strict_is_clean():
     res = run("mypy", "--strict", "reaper")
     assert res.returncode == 0, res.stdout + res.stderr

@@ -8,18 +8,12 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from authlib.integrations.sqla_oauth2 import (
-    OAuth2AuthorizationCodeMixin,
-    OAuth2ClientMixin,
-    OAuth2TokenMixin,
-)
-from sqlalchemy import Column, Integer
-from sqlalchemy.orm import DeclarativeBase, Session
+from sqlalchemy.orm import Session
 
+from kit.schemas.authlib import Models, make_models, usable
 from reaper.analysis.fingerprint import normalize_name
 from reaper.analysis.model import Classified, Snapshot, Verdict
 from reaper.commands import classified
@@ -29,37 +23,6 @@ from reaper.profiles import bind_profile
 
 HOUR = 3600
 DAY = 86400
-
-
-@dataclass
-class Models:
-    base: type[DeclarativeBase]
-    Client: Any
-    Token: Any
-    Code: Any
-
-
-def make_models(client: str = "oauth2_client", token: str = "oauth2_token", code: str = "oauth2_code") -> Models:
-    """An app's models: Authlib's mixins, an id primary key on each, an app-added user_id on tokens."""
-
-    class Base(DeclarativeBase):
-        pass
-
-    class Client(Base, OAuth2ClientMixin):
-        __tablename__ = client
-        id = Column(Integer, primary_key=True)
-
-    class Token(Base, OAuth2TokenMixin):
-        __tablename__ = token
-        id = Column(Integer, primary_key=True)
-        user_id = Column(Integer)
-
-    class AuthorizationCode(Base, OAuth2AuthorizationCodeMixin):
-        __tablename__ = code
-        id = Column(Integer, primary_key=True)
-        user_id = Column(Integer)
-
-    return Models(Base, Client, Token, AuthorizationCode)
 
 
 class App:
@@ -149,7 +112,7 @@ class App:
 
 @pytest.fixture
 def db(any_db):
-    """These scenarios run on MariaDB too (the conftest `db` covers SQLite and PostgreSQL)."""
+    """These scenarios run on MariaDB too (the kit's `db` covers SQLite and PostgreSQL)."""
     return any_db
 
 
@@ -177,11 +140,6 @@ def run(url: str, **overrides: Any) -> tuple[dict[str, Classified], Snapshot]:
     return by_id, snapshot
 
 
-def authlib_token_usable(tok: Any) -> bool:
-    """What Authlib's own resource protector checks: neither revoked nor expired."""
-    return not tok.is_revoked() and not tok.is_expired()
-
-
 def test_churning_family_newest_live_rest_orphans(db, app):
     rng = random.Random(7)
     ports = rng.sample(range(49152, 65536), 8)
@@ -199,7 +157,7 @@ def test_churning_family_newest_live_rest_orphans(db, app):
     vscode = app.register("Visual Studio Code", ["https://vscode.dev/redirect", "http://127.0.0.1:33418/"], 30 * DAY)
     app.token(vscode, age=600, expires_in=HOUR)
     app.commit()
-    assert authlib_token_usable(live_tok)
+    assert usable(live_tok)
 
     by_id, snap = run(db.url)
 
@@ -286,7 +244,7 @@ def test_access_token_liveness_matches_authlib(db, app):
     for name, (_, expected) in cases.items():
         client, tok = made[name]
         item = by_id[client.client_id]
-        assert authlib_token_usable(tok) is expected, f"{name}: the case means what Authlib says"
+        assert usable(tok) is expected, f"{name}: the case means what Authlib says"
         got = (item.verdict, item.reason)
         want = (Verdict.LIVE, "live_token") if expected else (Verdict.IDLE, "no_newer_sibling")
         assert got == want, name

@@ -9,7 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-from reaper_testkit import create_mcp_schema, insert_client, insert_tokens, mcp_profile, run_cli
+
+from kit.cli import run_cli
+from kit.schemas.mcp_memory import create_mcp_schema, insert_client, insert_tokens, mcp_profile
+
+pytestmark = pytest.mark.slow  # every test runs the real CLI in a subprocess
 
 DAY = 86400.0
 ACTIONABLE = {"orphan", "abandoned"}

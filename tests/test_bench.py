@@ -3,14 +3,16 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-from conftest import SERVER_URLS, require
+import pytest
 from sqlalchemy.engine import make_url
 
-ROOT = Path(__file__).resolve().parents[1]
+from kit.cli import REPO, clean_env
+from kit.databases import SERVER_URLS, require
 
 
+@pytest.mark.pg
+@pytest.mark.slow
 def test_bench_harness_runs_end_to_end(tmp_path):
     require("postgresql")
     url = make_url(SERVER_URLS["postgresql"])
@@ -34,11 +36,11 @@ def test_bench_harness_runs_end_to_end(tmp_path):
             "--out",
             str(out),
         ],
-        cwd=ROOT,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
-        env={**__import__("os").environ, "REAPER_BENCH_ADMIN_DSN": admin},
+        env=clean_env(REAPER_BENCH_ADMIN_DSN=admin),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from reap_helpers import make_config
-from server_schemas import BetterAuth
 
+from kit.config import make_config
+from kit.schemas.better_auth import BetterAuth
 from reaper.analysis.model import Verdict
 from reaper.commands import apply, classified, plan, restore
 from reaper.db import check_schema

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from reap_helpers import make_config
 
+from kit.config import make_config
 from reaper.analysis.model import Verdict
 from reaper.commands import check, classified
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from reap_helpers import make_config
-from reaper_testkit import REPO, run_cli
 
+from kit.cli import REPO, run_cli
+from kit.config import make_config
 from reaper.db import check_schema
 from reaper.errors import ConfigError
 from reaper.profiles import bind_profile, builtin_profiles, load_profile, parse_profile
@@ -35,6 +35,7 @@ def test_the_builtins_are_the_servers_people_run():
     }
 
 
+@pytest.mark.slow
 def test_profiles_lists_every_builtin_and_show_prints_each(tmp_path: Path):
     listing = run_cli(["profiles"], tmp_path)
     assert listing.returncode == 0, listing.stderr
@@ -153,8 +154,9 @@ def test_format_errors_name_the_key():
         parse_profile({**base, "credentials": [{"name": "t", "table": "t", "ref": "c"}] * 2}, "x.toml")
 
 
+@pytest.mark.slow
 def test_dcr_reaper_check_command_on_a_new_profile(mariadb_db, tmp_path: Path):
-    from server_schemas import Hydra
+    from kit.schemas.hydra import Hydra
 
     Hydra(mariadb_db.engine)
     args = ["check", "--profile", "ory-hydra", "--database-url", mariadb_db.url]
@@ -172,7 +174,7 @@ def test_dcr_reaper_check_command_on_a_new_profile(mariadb_db, tmp_path: Path):
 
 
 def test_authlib_check_lists_a_renamed_column(sqlite_db):
-    from reap_helpers import AuthlibDB
+    from kit.schemas.authlib import AuthlibDB
 
     AuthlibDB(sqlite_db.engine)
     with sqlite_db.engine.begin() as conn:

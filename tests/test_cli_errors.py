@@ -17,18 +17,14 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from reaper_testkit import (
-    assert_errors,
-    clean_env,
-    create_mcp_schema,
-    mcp_profile,
-    run_cli,
-    sqlite_state,
-    stderr_lines,
-)
 from sqlalchemy.engine import make_url
 
+from kit.cli import assert_errors, clean_env, run_cli, stderr_lines
+from kit.databases import sqlite_state
+from kit.schemas.mcp_memory import create_mcp_schema, mcp_profile
 from reaper.demo import build_demo
+
+pytestmark = pytest.mark.slow  # every test runs the real CLI in a subprocess
 
 MCP = ["--profile", "mcp-memory-service"]
 DEMO_CLIENTS = 35  # 1 editor + 32 churned registrations + 1 abandoned + 1 young

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from reaper.analysis.model import Verdict
 from reaper.commands import classified
 from reaper.config import load_config
@@ -40,6 +42,7 @@ def test_demo_reproduces_the_churn_report(tmp_path):
     assert [i.verdict for i in by_name["Cursor"]] == [Verdict.YOUNG]
 
 
+@pytest.mark.slow
 def test_demo_command_prints_report_and_database_path(tmp_path):
     db = tmp_path / "d.sqlite"
     out = subprocess.run(

@@ -12,8 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,31 +22,39 @@ import kubernetes_validate
 import pytest
 import sqlalchemy as sa
 import yaml
-from authlib_app import create_schema, seed_churn
-from conftest import TestDB
-from deploy_kit import (
-    ALERTS_DOC,
+from sqlalchemy.engine import make_url
+
+from kit.cli import REPO, ServeProcess, clean_env, run_cli, tool
+from kit.databases import TestDB
+from kit.prometheus import (
     DASHBOARD,
-    DEPLOY,
-    EXPECTED_ALERTS,
-    K8S,
-    METRICS_DOC,
-    REPO,
-    ROLES_SQL,
     RULES,
     RULES_TEST,
     alert_rules,
     dashboard_exprs,
     load_dashboard,
     load_rules,
-    tool,
+    promtool,
 )
-from reaper_testkit import clean_env, run_cli
-from sqlalchemy.engine import make_url
-
+from kit.schemas.authlib import create_schema, seed_churn
 from reaper.config import load_config
 from reaper.profiles import bind_profile
 from reaper.profiles import profile_reads as profile_columns
+
+DEPLOY = REPO / "deploy"
+K8S = DEPLOY / "kubernetes"
+ALERTS_DOC = REPO / "docs" / "alerts.md"
+METRICS_DOC = REPO / "docs" / "metrics.md"
+ROLES_SQL = DEPLOY / "sql" / "authlib-roles.sql"
+EXPECTED_ALERTS = {
+    "DCRChurnHigh",
+    "DCROrphansGrowing",
+    "DCRClientCountNearCap",
+    "DCRReaperDown",
+    "DCRReaperLastSuccessStale",
+    "DCRScanFailing",
+    "DCRSuspectedReauthLoop",
+}
 
 
 def duration_seconds(text: str) -> float:
@@ -78,26 +84,21 @@ def documented_metrics() -> set[str]:
 
 
 def test_promtool_check_rules_accepts_the_rules_file() -> None:
-    res = subprocess.run([tool("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
+    res = promtool("check", "rules", str(RULES))
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"SUCCESS: {len(load_rules())} rules found" in res.stdout
 
 
+@pytest.mark.slow
 def test_promtool_rule_unit_tests_pass() -> None:
-    res = subprocess.run(
-        [tool("promtool"), "test", "rules", RULES_TEST.name],
-        cwd=RULES_TEST.parent,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    res = promtool("test", "rules", RULES_TEST.name, cwd=RULES_TEST.parent)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "SUCCESS" in res.stdout
 
 
 def test_promtool_check_config_accepts_the_example_prometheus_config() -> None:
     config = DEPLOY / "prometheus" / "prometheus.yml"
-    res = subprocess.run([tool("promtool"), "check", "config", str(config)], capture_output=True, text=True, timeout=60)
+    res = promtool("check", "config", str(config))
     assert res.returncode == 0, res.stdout + res.stderr
     scrape = yaml.safe_load(config.read_text())["scrape_configs"]
     assert [s["job_name"] for s in scrape] == ["dcr-reaper"], 'the alert rules select job="dcr-reaper"'
@@ -221,7 +222,7 @@ def test_every_dashboard_query_parses_as_promql(tmp_path: Path) -> None:
     }
     path = tmp_path / "dashboard-queries.yaml"
     path.write_text(yaml.safe_dump(rules))
-    res = subprocess.run([tool("promtool"), "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    res = promtool("check", "rules", str(path))
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -710,7 +711,7 @@ class Roles:
             env["PGPASSWORD"] = url.password
         return subprocess.run(
             [
-                tool("psql"),
+                tool("psql", "postgresql-client"),
                 "-X",
                 "-q",
                 "-h",
@@ -810,6 +811,7 @@ def test_report_role_gets_exactly_the_columns_the_profile_reads(roles: Roles) ->
     assert table_grants == 0, "the report role must not get whole tables (client_secret, access_token)"
 
 
+@pytest.mark.slow
 def test_report_role_reports_and_serves_but_the_database_refuses_its_writes(roles: Roles, tmp_path: Path) -> None:
     report = run_json(["report", "--profile", "authlib", "--database-url", roles.url(roles.report)], tmp_path)
     verdicts = {c["verdict"] for c in report["clients"]}
@@ -841,60 +843,16 @@ def test_report_role_reports_and_serves_but_the_database_refuses_its_writes(role
 
 def assert_serves(url: str, tmp_path: Path) -> None:
     """`serve` starts, gets ready (a successful scan as leader) and exports the orphans; within 30 s."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "reaper",
-            "serve",
-            "--profile",
-            "authlib",
-            "--database-url",
-            url,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--interval",
-            "1s",
-        ],
-        cwd=tmp_path,
-        env=clean_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-            time.sleep(0.2)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
+    with ServeProcess(["--profile", "authlib", "--database-url", url, "--interval", "1s"], tmp_path) as proc:
+        proc.wait_started()
+        # Ready as leader; before its first tick a replica answers 200 as a standby, which proves nothing yet.
+        proc.poll(lambda: proc.get("/readyz")[1].startswith("leader: "), 30, "/readyz as leader", ignore=(OSError,))
+        text = proc.metrics()
         assert 'dcr_clients{verdict="orphan"} 7.0' in text
         assert "dcr_leader 1.0" in text and "dcr_scan_failures_total 0.0" in text
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        log.close()
 
 
+@pytest.mark.slow
 def test_reap_role_applies_with_a_ledger_and_restores(roles: Roles, tmp_path: Path) -> None:
     url = roles.url(roles.reap)
     policy = {
@@ -944,6 +902,7 @@ def test_reap_role_applies_with_a_ledger_and_restores(roles: Roles, tmp_path: Pa
         engine.dispose()
 
 
+@pytest.mark.slow
 def test_report_role_cannot_reap(roles: Roles, tmp_path: Path) -> None:
     env = clean_env(DCR_REAPER_POLICY__MIN_AGE="1h", DCR_REAPER_POLICY__MAX_FRACTION="1.0")
     res = run_cli(

@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
-from reap_helpers import make_config
-from server_schemas import Doorkeeper
 
+from kit.config import make_config
+from kit.schemas.doorkeeper import Doorkeeper
 from reaper.analysis.model import Verdict
 from reaper.commands import apply, classified, plan
 from reaper.db import check_schema

@@ -1,26 +1,25 @@
 """The django-oauth-toolkit profile against the REAL package: DOT 3.4's migrations make the schema, its own
-DCR, authorize and token endpoints make the rows (tests/dot_app.py, a subprocess per database), on SQLite,
+DCR, authorize and token endpoints make the rows (kit/schemas/dot.py, a subprocess per database), on SQLite,
 PostgreSQL and MariaDB."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from reap_helpers import make_config
-from reaper_testkit import REPO, clean_env
 
+from kit.config import make_config
+from kit.schemas.dot import build
 from reaper.analysis.model import Verdict
 from reaper.commands import apply, classified, plan, restore
 from reaper.db import check_schema
 from reaper.errors import DatabaseError
 from reaper.ledger import decode_payload
 from reaper.profiles import bind_profile
+
+pytestmark = pytest.mark.slow  # every test runs the real Django OAuth Toolkit in a subprocess
 
 HOUR, DAY = 3600, 86400
 APP = "oauth2_provider_application"
@@ -30,21 +29,6 @@ CHILDREN = (
     "oauth2_provider_idtoken",
     "oauth2_provider_grant",
 )
-
-
-def build(url: str, plan_: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Run DOT (tests/dot_app.py) on the database: migrate, then register and authorize as the plan says."""
-    res = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "dot_app.py"), url],
-        input=json.dumps(plan_),
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=clean_env(),
-        timeout=240,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def loop(port: int) -> str:

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
-from fastmcp_kit import RedisServer, redis_db, redis_hostport, redis_state, tree_state  # noqa: F401
 from key_value.aio.stores.filetree import (
     FileTreeStore,
     FileTreeV1CollectionSanitizationStrategy,
@@ -28,8 +27,9 @@ from key_value.aio.stores.filetree import (
 from key_value.aio.stores.redis import RedisStore
 from key_value.aio.wrappers.encryption import FernetEncryptionWrapper
 from prometheus_client import generate_latest
-from reaper_testkit import assert_errors, clean_env, run_cli
 
+from kit.cli import assert_errors, clean_env, run_cli
+from kit.redis import RedisServer, redis_db, redis_hostport, redis_state, tree_state  # noqa: F401
 from reaper.backends import open_backend
 from reaper.backends.kv import keys as kv_keys
 from reaper.backends.kv.lock import FileLock, RedisLock

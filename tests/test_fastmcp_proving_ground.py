@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 import requests
-from fastmcp_kit import (
+
+from kit.redis import (
     Proxy,
     free_port,
     kit_module,
@@ -34,7 +35,6 @@ from fastmcp_kit import (
     start_proxy,
     tree_state,
 )
-
 from reaper.backends import open_backend
 from reaper.commands import apply, classified, plan, restore
 from reaper.config import Config, load_config

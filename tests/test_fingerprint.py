@@ -256,6 +256,7 @@ def key(c: tuple) -> str:
     return family_key(FAMILY_COMPONENTS, name, tuple(uris), software_id, subject, ip)
 
 
+@pytest.mark.slow
 @settings(deadline=None, max_examples=1000)
 @given(components, components)
 def test_family_key_tells_families_apart_exactly(a, b):

@@ -9,10 +9,10 @@ import time
 from html.parser import HTMLParser
 
 import pytest
-from authlib_app import create_schema, register, token
-from reaper_testkit import run_cli
 from sqlalchemy.orm import Session
 
+from kit.cli import run_cli
+from kit.schemas.authlib import create_schema, register, token
 from reaper.commands import classified
 from reaper.config import load_config
 from reaper.output import Filters, render
@@ -111,6 +111,7 @@ def test_family_and_verdict_filters(db):
     assert text.count("<circle") == len(ids), "the chart still shows every registration"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("to_file", [True, False])
 def test_cli_writes_html(sqlite_db, tmp_path, to_file):
     _seed(sqlite_db)

@@ -1,6 +1,6 @@
 """The keycloak profile on Keycloak's documented tables, on PostgreSQL and MariaDB (upper-case columns there,
 as Keycloak's changelogs make them), and its Admin REST API backend against a local stand-in that follows the
-documented contract (tests/keycloak_standin.py; no Keycloak runs here). The reaper's database user can only
+documented contract (tests/kit/schemas/keycloak.py; no Keycloak runs here). The reaper's database user can only
 SELECT: any SQL write would fail the test."""
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from keycloak_standin import KeycloakStandIn
-from reap_helpers import make_config
-from server_schemas import Keycloak
 from sqlalchemy.engine import make_url
 
+from kit.config import make_config
+from kit.schemas.keycloak import Keycloak, KeycloakStandIn
 from reaper.analysis.model import Verdict
 from reaper.backends.keycloak import AdminClient, KeycloakError
 from reaper.commands import apply, classified, plan, restore

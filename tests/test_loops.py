@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from authlib_app import create_schema, register, token
 from sqlalchemy.orm import Session
 
+from kit.schemas.authlib import Client, create_schema, register, token
 from reaper.commands import classified, report
 from reaper.config import load_config
 from reaper.errors import ConfigError, SchemaError
@@ -149,8 +149,6 @@ def test_flood_threshold(schema, count, spacing, flood):
 def test_used_registrations_are_no_flood(schema):
     ids = _floods(schema, 25, 0.5)
     with Session(schema.engine) as s:
-        from authlib_app import Client
-
         for cid in ids[:10]:  # 10 of them got a token: 15 never-used ones remain, below the threshold
             token(
                 s,

@@ -7,8 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
-from reap_helpers import AuthlibDB, child_counts, client_ids, fill_families, make_config, snapshot
 
+from kit.config import make_config
+from kit.databases import child_counts, client_ids, snapshot
+from kit.schemas.authlib import AuthlibDB, fill_families
 from reaper.backends.sql.lock import RunLock, lock_name
 from reaper.commands import apply, plan, restore
 from reaper.db import make_engine

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from service_kit import promtool_check
 
+from kit.prometheus import promtool_check
 from reaper import __version__
 from reaper.analysis.fingerprint import normalize_name
 from reaper.analysis.model import VERDICTS, FamilyStats, Snapshot, Verdict
@@ -265,6 +265,7 @@ def _hostile_families(n: int, big: int) -> list[FamilyStats]:
     return fams
 
 
+@pytest.mark.slow
 def test_100k_hostile_names_give_bounded_series_and_no_injection():
     t0 = time.process_time()  # CPU time: immune to other processes sharing the machine
     k = 20
@@ -291,6 +292,7 @@ def test_100k_hostile_names_give_bounded_series_and_no_injection():
     assert time.process_time() - t0 < 30
 
 
+@pytest.mark.slow
 def test_real_scan_of_20k_hostile_names_through_the_classifier(tmp_path):
     t0 = time.process_time()
     path = tmp_path / "oauth.db"

@@ -11,206 +11,85 @@ stopped at the end.
 
 from __future__ import annotations
 
-import json
 import re
-import socket
-import subprocess
-import sys
 import time
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
-from authlib_app import LOOP_FAMILY_LABEL, create_schema, register_more, seed_churn
-from conftest import TestDB
-from deploy_kit import RULES, dashboard_exprs, load_dashboard, load_rules, substitute, tool
-from reaper_testkit import clean_env
+
+from kit.cli import ServeProcess, poll
+from kit.databases import TestDB
+from kit.prometheus import (
+    Prometheus,
+    dashboard_exprs,
+    epoch,
+    get_json,
+    load_dashboard,
+    load_rules,
+    substitute,
+)
+from kit.schemas.authlib import LOOP_FAMILY_LABEL, create_schema, register_more, seed_churn
 
 JOB = "dcr-reaper"
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 DEADLINE = 45.0  # seconds for the whole scenario; each wait below takes from it
 # Panels that stay empty in this scenario, and why.
 EMPTY_PANELS = {"Reaped per hour by reason": "the service runs report-only (service.reap = false)"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return json.loads(resp.read())
-
-
-class Prometheus:
-    """The HTTP API of the Prometheus under test."""
-
-    def __init__(self, port: int):
-        self.base = f"http://127.0.0.1:{port}"
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        """An instant query; asserts the API answered status success and returns the result vector."""
-        url = f"{self.base}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
-        try:
-            body = get_json(url)
-        except urllib.error.HTTPError as exc:  # 400 / 422: the expression itself is bad
-            raise AssertionError(f"{expr!r}: HTTP {exc.code}: {exc.read().decode()[:500]}") from None
-        assert body["status"] == "success", (expr, body)
-        result = body["data"]["result"]
-        if body["data"]["resultType"] == "scalar":
-            return [{"metric": {}, "value": result}]
-        return list(result)
-
-    def value(self, expr: str) -> float | None:
-        result = self.query(expr)
-        return float(result[0]["value"][1]) if len(result) == 1 else None
-
-    def rules(self) -> list[dict[str, Any]]:
-        return [r for g in get_json(f"{self.base}/api/v1/rules")["data"]["groups"] for r in g["rules"]]
-
-
-def epoch(rfc3339: str) -> float:
-    """Seconds since the epoch of a Prometheus API timestamp (nanoseconds cut to microseconds)."""
-    m = re.fullmatch(r"(.*T\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", rfc3339)
-    assert m, rfc3339
-    base, fraction, zone = m.groups()
-    parsed = datetime.fromisoformat(f"{base}{zone.replace('Z', '+00:00')}")
-    return parsed.timestamp() + float(f"0.{fraction or 0}")
-
-
-def wait_for(what: str, check: Callable[[], bool], deadline: float, logs: Callable[[], str]) -> None:
-    """Poll `check` until true; fail with `what` and the logs once the scenario's deadline has passed."""
-    while True:
-        try:
-            if check():
-                return
-        except (OSError, AssertionError, KeyError, IndexError):
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}\n{logs()}")
-        time.sleep(0.25)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-
-
 @pytest.fixture
 def stack(pg_db: TestDB, tmp_path: Path) -> Iterator[tuple[TestDB, Prometheus, Callable[[], str]]]:
     """dcr-reaper serve (1 s scans) and Prometheus (1 s scrapes and rule evaluations) on a churning DB."""
-    prometheus_bin = tool("prometheus")
     create_schema(pg_db.engine)
     seed_churn(pg_db.engine)
-    reaper_port, prom_port = free_port(), free_port()
-    reaper_log, prom_log = tmp_path / "reaper.log", tmp_path / "prometheus.log"
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
-                "rule_files": [str(RULES)],
-                "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{reaper_port}"]}]}],
-            }
-        )
-    )
+    args = ["--profile", "authlib", "--database-url", pg_db.url, "--interval", "1s"]
+    with ServeProcess(args, tmp_path, "reaper") as reaper:
+        reaper.wait_started()
+        with Prometheus(tmp_path, JOB, [f"127.0.0.1:{reaper.port}"]) as prom:
 
-    def logs() -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in (reaper_log, prom_log) if p.exists())
+            def logs() -> str:
+                return "\n".join(
+                    f"--- {name}\n{text[-3000:]}"
+                    for name, text in (("reaper", reaper.output()), ("prometheus", prom.output()))
+                )
 
-    procs: list[subprocess.Popen[bytes]] = []
-    with reaper_log.open("wb") as rlog, prom_log.open("wb") as plog:
-        try:
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "reaper",
-                        "serve",
-                        "--profile",
-                        "authlib",
-                        "--database-url",
-                        pg_db.url,
-                        "--bind",
-                        "127.0.0.1",
-                        "--port",
-                        str(reaper_port),
-                        "--interval",
-                        "1s",
-                    ],
-                    cwd=tmp_path,
-                    env=clean_env(),
-                    stdout=rlog,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-            procs.append(
-                subprocess.Popen(
-                    [
-                        prometheus_bin,
-                        f"--config.file={config}",
-                        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                        f"--web.listen-address=127.0.0.1:{prom_port}",
-                        "--log.level=warn",
-                    ],
-                    cwd=tmp_path,
-                    stdout=plog,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-            yield pg_db, Prometheus(prom_port), logs
-        finally:
-            for proc in procs:
-                stop(proc)
-    assert all(p.returncode is not None for p in procs)
+            yield pg_db, prom, logs
+    assert reaper.proc.returncode is not None and prom.proc.returncode is not None
 
 
 def test_dashboard_and_rules_evaluate_on_a_real_prometheus(stack: tuple[TestDB, Prometheus, Callable[[], str]]) -> None:
     db, prom, logs = stack
     deadline = time.monotonic() + DEADLINE
+
+    def wait_for(what: str, check: Callable[[], bool]) -> None:
+        """Poll `check` until true; fail with `what` and the logs once the scenario's deadline has passed."""
+        left = max(deadline - time.monotonic(), 0)
+        poll(check, left, what, interval=0.25, details=logs, ignore=(OSError, AssertionError, KeyError, IndexError))
+
     family = f'{{job="{JOB}", family="{LOOP_FAMILY_LABEL}"}}'
 
     # dcr-reaper scanned (7 orphans, 2 live) and Prometheus scraped it, under the job the rules select.
     orphans = f'dcr_clients{{job="{JOB}", verdict="orphan"}}'
-    wait_for("the first scrape of a scan", lambda: prom.value(orphans) == 7, deadline, logs)
+    wait_for("the first scrape of a scan", lambda: prom.value(orphans) == 7)
     assert prom.value(f'up{{job="{JOB}"}}') == 1
 
     # Registrations while it runs: two rounds, each seen by a later scan and counted once.
     register_more(db.engine, 3)
-    wait_for(
-        "3 observed registrations", lambda: prom.value(f"dcr_registrations_observed_total{family}") == 3, deadline, logs
-    )
+    wait_for("3 observed registrations", lambda: prom.value(f"dcr_registrations_observed_total{family}") == 3)
     time.sleep(1.1)  # registration times have one-second resolution: the next round must be newer
     register_more(db.engine, 2)
-    wait_for(
-        "5 observed registrations", lambda: prom.value(f"dcr_registrations_observed_total{family}") == 5, deadline, logs
-    )
+    wait_for("5 observed registrations", lambda: prom.value(f"dcr_registrations_observed_total{family}") == 5)
     wait_for(
         "the counter's increase over a range",
         lambda: (prom.value(f"sum(increase(dcr_registrations_observed_total{family}[1m]))") or 0) > 0,
-        deadline,
-        logs,
     )
     # Every rule (recording and alerting) has been evaluated at least once since.
     started = time.time()
     wait_for(
         "a rule evaluation after the registrations",
         lambda: all(epoch(r["lastEvaluation"]) > started for r in prom.rules()),
-        deadline,
-        logs,
     )
 
     # --- the dashboard: every query succeeds; every panel but the documented ones shows data ---------------

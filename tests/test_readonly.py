@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from authlib_app import AuthorizationCode, Base, Client, Token
 from sqlalchemy.exc import DBAPIError, InternalError, OperationalError
 from sqlalchemy.orm import Session
 
+from kit.schemas.authlib import AuthorizationCode, Base, Client, Token
 from reaper.analysis.model import Verdict
 from reaper.backends.sql import SqlBackend, SqlScan
 from reaper.commands import classified, report
@@ -223,6 +223,7 @@ def _check_report(data: dict[str, Any]) -> None:
     )
 
 
+@pytest.mark.slow
 def test_report_command_leaves_sqlite_file_byte_identical(sqlite_db, tmp_path):
     populate(sqlite_db.engine)
     sqlite_db.engine.dispose()
@@ -237,6 +238,7 @@ def test_report_command_leaves_sqlite_file_byte_identical(sqlite_db, tmp_path):
     assert len(state(sqlite_db.engine)["oauth2_client"]) == CHURN + 1
 
 
+@pytest.mark.slow
 def test_report_command_leaves_postgres_rows_untouched(pg_db, tmp_path):
     populate(pg_db.engine)
     before = state(pg_db.engine)

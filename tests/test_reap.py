@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
-import sys
 import threading
 import time
 from collections import Counter
@@ -20,31 +19,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import _server_db
-from reap_helpers import (
-    DAY,
-    HOUR,
-    TABLES,
-    AuthlibDB,
-    authlib_usable,
-    child_counts,
-    client_ids,
-    fill_families,
-    has_table,
-    kill9,
-    make_config,
-    reap_args,
-    run_reap,
-    runs,
-    snapshot,
-    start_reap,
-    tombstone_count,
-    tombstones,
-    wait_for,
-    write_config,
-    writer_engine,
-)
 
+from kit.cli import kill9, poll, run_cli, start_cli
+from kit.config import make_config, write_config
+from kit.databases import child_counts, client_ids, has_table, server_db, snapshot, writer_engine
+from kit.ledger import runs, tombstone_count, tombstones
+from kit.plugin import database_fixture
+from kit.schemas.authlib import DAY, HOUR, TABLES, AuthlibDB, authlib_usable, fill_families
 from reaper.analysis.model import Verdict
 from reaper.backends import Candidate
 from reaper.commands import apply, classified, plan, restore
@@ -53,10 +34,16 @@ from reaper.errors import CapExceeded, ReaperError, RestoreConflict
 from reaper.ledger import decode_payload, decode_row
 
 
-@pytest.fixture
+@database_fixture("postgresql")
 def ledger_pg():
     """A second fresh PostgreSQL database, for a ledger kept apart from the auth database."""
-    yield from _server_db("postgresql")
+    yield from server_db("postgresql")
+
+
+def reap_args(url: str, config_path: Path, *extra: str, profile: str = "authlib") -> list[str]:
+    """`dcr-reaper reap --apply` on `url` with this configuration file."""
+    args = ["reap", "--apply", "--no-progress", "--profile", profile, "--database-url", url]
+    return [*args, "--config", str(config_path), *extra]
 
 
 def _open_tombs(engine: sa.Engine, prefix: str = "dcr_reaper_") -> dict[str, list[Any]]:
@@ -80,7 +67,7 @@ def _assert_gone_with_tombstone(engine: sa.Engine, gone: set[str], ledger: sa.En
 
 
 # Where client_id sits in `SELECT *` of each table (the mixins' column order; checked in _check_columns).
-CID = {"oauth2_client": 1, "oauth2_token": 1, "oauth2_code": 2, "app_client": 1, "app_token": 1, "app_consent": 1}
+CID = {"oauth2_client": 1, "oauth2_token": 2, "oauth2_code": 3, "app_client": 1, "app_token": 1, "app_consent": 1}
 
 
 def _rows_of(snap: dict[str, list[tuple[Any, ...]]], keep: set[str]) -> dict[str, list[tuple[Any, ...]]]:
@@ -104,9 +91,8 @@ def test_fixture_orphans_are_dead_by_authlibs_own_rules(sqlite_db):
     adb = AuthlibDB(sqlite_db.engine)
     fams = fill_families(adb, families=3, orphans_each=6, seed=3)
     orphans = {c for f in fams for c in f.orphans}
-    token_cls = adb.models["oauth2_token"]
     usable = {
-        cid: [authlib_usable(token_cls, r) for r in adb.token_rows.values() if r["client_id"] == cid]
+        cid: [authlib_usable(r) for r in adb.token_rows.values() if r["client_id"] == cid]
         for f in fams
         for cid in [*f.orphans, f.survivor]
     }
@@ -235,6 +221,7 @@ def _drop_everything(engine: sa.Engine) -> None:
     md.drop_all(engine)
 
 
+@pytest.mark.slow
 def test_race_token_writer_during_apply(db):
     rounds = 5 if db.kind == "postgresql" else 1  # SQLite serializes writers: one round says it all
     totals: Counter[str] = Counter()
@@ -370,7 +357,7 @@ def _wait_pg_quiet(*engines: sa.Engine) -> None:
                     return False
         return True
 
-    wait_for(quiet, 30, "the killed reaper's backends to go away")
+    poll(quiet, 30, "the killed reaper's backends to go away")
 
 
 def _assert_no_half_deleted(
@@ -406,6 +393,7 @@ def _assert_no_half_deleted(
     return gone
 
 
+@pytest.mark.slow
 def test_kill9_mid_run_leaves_no_half_deleted_client(db, tmp_path):
     adb = AuthlibDB(db.engine)
     fams = fill_families(adb, families=8, orphans_each=10, seed=21)
@@ -417,17 +405,22 @@ def test_kill9_mid_run_leaves_no_half_deleted_client(db, tmp_path):
     if db.kind == "postgresql":
         _pg_sleep_trigger(db.engine, "oauth2_client", 0.15)  # each batch's client DELETE takes 150 ms
 
-    proc = start_reap(args, tmp_path)
+    proc = start_cli(args, tmp_path)
     try:
-        wait_for(lambda: tombstone_count(db.engine) >= 8, 60, "some batches to commit", proc)
+        poll(lambda: tombstone_count(db.engine) >= 8, 60, "some batches to commit", proc=proc, interval=0.01)
         # Kill inside a batch's transaction: children already deleted, the client DELETE running.
         if db.kind == "postgresql":
-            wait_for(lambda: _sleeping_backends(db.engine) > 0, 10, "a batch mid-transaction", proc)
+            poll(lambda: _sleeping_backends(db.engine) > 0, 10, "a batch mid-transaction", proc=proc, interval=0.01)
         else:
             assert journal is not None
-            deadline = time.monotonic() + 3
-            while not journal.exists() and time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.0005)  # a kill between batches would prove the same invariant, less sharply
+            # A kill between batches (no journal seen within 3 s) would prove the same invariant, less sharply.
+            give_up = time.monotonic() + 3
+            poll(
+                lambda: journal.exists() or proc.poll() is not None or time.monotonic() > give_up,
+                10,
+                "a batch mid-transaction (a hot journal)",
+                interval=0.0005,
+            )
     finally:
         kill9(proc)
     if journal is not None:
@@ -441,7 +434,7 @@ def test_kill9_mid_run_leaves_no_half_deleted_client(db, tmp_path):
     (run,) = runs(db.engine)
     assert run.status == "running", "the killed run never finished"
 
-    res = run_reap(args, tmp_path)
+    res = run_cli(args, tmp_path)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["planned"] == len(planned) - len(gone)
@@ -451,6 +444,7 @@ def test_kill9_mid_run_leaves_no_half_deleted_client(db, tmp_path):
     assert snapshot(db.engine) == survivors_rows, "survivors untouched"
 
 
+@pytest.mark.slow
 def test_kill9_with_separate_ledger_reconciles_pending(pg_db, ledger_pg, tmp_path):
     """Pending tombstones are committed to the ledger before the delete commits. kill -9 in the delete's
     commit leaves them pending for clients that are still there (void); kill -9 after the commit, before they
@@ -470,10 +464,10 @@ def test_kill9_with_separate_ledger_reconciles_pending(pg_db, ledger_pg, tmp_pat
     with auth.begin() as conn:
         conn.execute(sa.text(f"ALTER DATABASE {auth.url.database} SET client_connection_check_interval = 20"))
     _pg_sleep_trigger(auth, "oauth2_client", 0.1, deferred=True)
-    proc = start_reap(args, tmp_path)
+    proc = start_cli(args, tmp_path)
     try:
-        wait_for(lambda: tombstone_count(ledger, state="done") >= 4, 60, "a batch to complete", proc)
-        wait_for(lambda: bool(pending()), 30, "tombstones pending while the delete commits", proc)
+        poll(lambda: tombstone_count(ledger, state="done") >= 4, 60, "a batch to complete", proc=proc, interval=0.01)
+        poll(lambda: bool(pending()), 30, "tombstones pending while the delete commits", proc=proc, interval=0.01)
     finally:
         kill9(proc)
     _wait_pg_quiet(auth, ledger)
@@ -488,9 +482,9 @@ def test_kill9_with_separate_ledger_reconciles_pending(pg_db, ledger_pg, tmp_pat
 
     # Phase 2: the deletes commit, then marking the tombstones done is slow; kill it there.
     _pg_sleep_trigger(ledger, "dcr_reaper_tombstones", 0.1, when="OLD.state = 'pending' AND NEW.state = 'done'")
-    proc = start_reap(args, tmp_path)
+    proc = start_cli(args, tmp_path)
     try:
-        wait_for(lambda: _sleeping_backends(ledger) > 0, 60, "a batch being marked done", proc)
+        poll(lambda: _sleeping_backends(ledger) > 0, 60, "a batch being marked done", proc=proc, interval=0.01)
     finally:
         kill9(proc)
     _wait_pg_quiet(auth, ledger)
@@ -502,7 +496,7 @@ def test_kill9_with_separate_ledger_reconciles_pending(pg_db, ledger_pg, tmp_pat
     _drop_trigger(ledger, "dcr_reaper_tombstones")
 
     # Phase 3: a clean run reconciles and finishes the job.
-    res = run_reap(args, tmp_path)
+    res = run_cli(args, tmp_path)
     assert res.returncode == 0, res.stderr
     by_id = {t.id: t for t in tombstones(ledger)}
     assert all(by_id[t.id].state == "done" for t in done_expected)
@@ -516,6 +510,7 @@ def test_kill9_with_separate_ledger_reconciles_pending(pg_db, ledger_pg, tmp_pat
 # --- 3. One actor at a time (S6) ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_second_reaper_exits_4_and_does_nothing(db, tmp_path):
     adb = AuthlibDB(db.engine)
     fams = fill_families(adb, families=5, orphans_each=10, seed=44)
@@ -523,10 +518,10 @@ def test_second_reaper_exits_4_and_does_nothing(db, tmp_path):
     # 13 batches, 0.35 s apart: the first is still at it while the second starts up and plans.
     cfg = write_config(tmp_path / "reaper.toml", {"batch_size": 4, "pause": 0.35})
     args = reap_args(db.url, cfg)
-    first = start_reap(args, tmp_path)
+    first = start_cli(args, tmp_path)
     try:
-        wait_for(lambda: tombstone_count(db.engine) > 0, 60, "the first reaper to be acting", first)
-        second = run_reap(args, tmp_path)
+        poll(lambda: tombstone_count(db.engine) > 0, 60, "the first reaper to be acting", proc=first, interval=0.01)
+        second = run_cli(args, tmp_path)
         tombs_after_second = tombstone_count(db.engine)
         out, err = first.communicate(timeout=120)
     finally:
@@ -553,6 +548,7 @@ def _unchanged(db, before: dict[str, list[tuple[Any, ...]]]) -> None:
     assert tombstone_count(db.engine) == 0
 
 
+@pytest.mark.slow
 def test_max_per_run_reaps_nothing_unless_forced(db, tmp_path):
     adb = AuthlibDB(db.engine)
     fams = fill_families(adb, families=3, orphans_each=5, seed=51)
@@ -566,18 +562,19 @@ def test_max_per_run_reaps_nothing_unless_forced(db, tmp_path):
     _unchanged(db, before)
 
     cfg = write_config(tmp_path / "reaper.toml", {"max_per_run": 14})
-    res = run_reap(reap_args(db.url, cfg), tmp_path)
+    res = run_cli(reap_args(db.url, cfg), tmp_path)
     assert res.returncode == 5, res.stderr
     assert "max_per_run" in res.stderr and "nothing reaped" in res.stderr
     _unchanged(db, before)
 
-    res = run_reap(reap_args(db.url, cfg, "--force", "--format", "json"), tmp_path)
+    res = run_cli(reap_args(db.url, cfg, "--force", "--format", "json"), tmp_path)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["cap_problem"]
     _assert_gone_with_tombstone(db.engine, planned)
     assert client_ids(db.engine) == {f.survivor for f in fams}
 
 
+@pytest.mark.slow
 def test_max_fraction_reaps_nothing_unless_forced(db, tmp_path):
     adb = AuthlibDB(db.engine)
     fams = fill_families(adb, families=3, orphans_each=5, seed=52)  # 15 of 18 clients: 83 %
@@ -591,7 +588,7 @@ def test_max_fraction_reaps_nothing_unless_forced(db, tmp_path):
     _unchanged(db, before)
 
     cfg = write_config(tmp_path / "reaper.toml", {"max_fraction": 0.8})
-    res = run_reap(reap_args(db.url, cfg), tmp_path)
+    res = run_cli(reap_args(db.url, cfg), tmp_path)
     assert res.returncode == 5 and "max_fraction" in res.stderr, res.stderr
     _unchanged(db, before)
 
@@ -822,6 +819,7 @@ def test_restore_refuses_on_conflict_and_restores_nothing(db):
     assert snapshot(db.engine) == before
 
 
+@pytest.mark.slow
 def test_demo_database_reaped_and_restored_through_the_cli(tmp_path):
     """The original report end to end: mcp-memory-service's SQLite file, `reap --apply`, `restore --run`."""
     path = build_demo(tmp_path / "oauth.db")
@@ -839,7 +837,7 @@ def test_demo_database_reaped_and_restored_through_the_cli(tmp_path):
     before = dump()
     assert any("oauth_refresh_tokens" in line for line in before)
     cfg = write_config(tmp_path / "reaper.toml", {"min_age": "1h", "batch_size": 7})
-    res = run_reap(reap_args(url, cfg, "--format", "json", profile="mcp-memory-service"), tmp_path)
+    res = run_cli(reap_args(url, cfg, "--format", "json", profile="mcp-memory-service"), tmp_path)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     by_reason = {(a["action"], a["reason"]): a["clients"] for a in out["acted"]}
@@ -856,11 +854,8 @@ def test_demo_database_reaped_and_restored_through_the_cli(tmp_path):
     assert names == {CHURN_NAME: 1, "Visual Studio Code": 1, "Cursor": 1}
     assert orphans_left == dict.fromkeys(mcp_tables[1:], 0), "no child row outlives its client"
 
-    res = run_reap(
+    res = run_cli(
         [
-            sys.executable,
-            "-m",
-            "reaper",
             "restore",
             "--profile",
             "mcp-memory-service",
@@ -876,6 +871,7 @@ def test_demo_database_reaped_and_restored_through_the_cli(tmp_path):
     assert dump() == before, "every row back, byte for byte in SQLite's own dump"
 
 
+@pytest.mark.slow
 def test_failed_restore_with_separate_ledger_keeps_tombstones_open(pg_db, ledger_pg):
     """The ledger may only record a restore once the rows are back: if the auth database refuses the commit,
     the tombstones stay open and a second restore (once the database accepts it) brings everything back."""
@@ -1068,6 +1064,7 @@ def _assert_gone_with_tombstone_inhouse(engine: sa.Engine, gone: set[str]) -> No
 N_BENCH = 5000
 
 
+@pytest.mark.slow
 def test_reap_throughput_postgresql(pg_db, record_property):
     AuthlibDB(pg_db.engine)  # the schema
     now = int(time.time())

@@ -9,9 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-from reaper_testkit import create_mcp_schema, insert_client, insert_tokens, mcp_profile, run_cli
 
+from kit.cli import run_cli
+from kit.schemas.mcp_memory import create_mcp_schema, insert_client, insert_tokens, mcp_profile
 from reaper.output import CLIENT_FIELDS
+
+pytestmark = pytest.mark.slow  # every test runs the real CLI in a subprocess, several times
 
 DAY = 86400.0
 CHURN = "Claude Code (scalarly-memory)"

@@ -16,24 +16,19 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from service_kit import (
-    FaultProxy,
-    ServeProcess,
-    counts_by_client,
-    fill_churning,
-    http_get,
-    pg_advisory_locks,
-    pg_port_of,
-    poll,
-    promtool_check,
-    value,
-    via_proxy,
-)
 
+from kit.cli import ServeProcess, http_get, poll
+from kit.databases import counts_by_client, pg_advisory_locks
+from kit.ledger import tombstone_count
+from kit.prometheus import promtool_check, value
+from kit.proxy import FaultProxy, pg_port_of, via_proxy
+from kit.schemas.authlib import fill_churning
 from reaper.analysis.model import VERDICTS
 from reaper.config import Config, load_config
 from reaper.demo import CHURN_REGISTRATIONS, build_demo
 from reaper.service import Service
+
+pytestmark = pytest.mark.slow  # real `serve` processes, failovers, faults: seconds each
 
 DEMO_VERDICTS = {"live": 2, "orphan": CHURN_REGISTRATIONS - 1, "abandoned": 1, "young": 1}
 
@@ -183,15 +178,9 @@ scan_interval = "1h"
     )
     tomb = "dcr_reaper_tombstones"
 
-    def tombstones() -> int:
-        with pg_db.engine.connect() as conn:
-            if not sa.inspect(conn).has_table(tomb):
-                return 0
-            return int(conn.execute(sa.text(f"SELECT count(*) FROM {tomb}")).scalar() or 0)
-
     with ServeProcess(["--config", cfg], tmp_path) as proc:
         proc.wait_started()
-        poll(lambda: tombstones() >= 3 * batch, 30, interval=0.05, what="the reap to get going")
+        proc.poll(lambda: tombstone_count(pg_db.engine) >= 3 * batch, 30, "the reap to get going")
         rc, took = proc.terminate(timeout=grace + 5)
         assert rc == 0, proc.output()
         assert took < grace, f"exit took {took:.1f}s, grace is {grace}s"
@@ -273,7 +262,7 @@ scan_interval = "1h"
 
     with ServeProcess(["--config", cfg], tmp_path) as proc:
         proc.wait_started()
-        poll(deleting, 30, what="a batch inside its slow client DELETE")
+        proc.poll(deleting, 30, "a batch inside its slow client DELETE")
         proc.proc.send_signal(signal.SIGTERM)
         poll(lambda: proc.events("stopped"), 5, what="stop() to give up after the grace")
         assert proc.events("stopped") == [{"event": "stopped", "clean": False}]
@@ -284,7 +273,7 @@ scan_interval = "1h"
     assert "Traceback" not in out, out
     assert rc == 0
     assert proc.events("reap")[0]["stopped"] is True
-    assert tombstones_count(pg_db.engine) % batch == 0
+    assert tombstone_count(pg_db.engine) % batch == 0
     assert pg_advisory_locks(pg_db.engine) == 0
 
 
@@ -312,7 +301,7 @@ scan_interval = "1h"
     )
     with ServeProcess(["--config", cfg], tmp_path) as proc:
         proc.wait_started()
-        poll(lambda: tombstones_count(pg_db.engine) >= batch, 20, what="the first batch")  # now in its pause
+        proc.poll(lambda: tombstone_count(pg_db.engine) >= batch, 20, "the first batch")  # now in its pause
         started = time.monotonic()
         proc.proc.send_signal(signal.SIGTERM)
         rc = proc.proc.wait(timeout=10)
@@ -320,15 +309,8 @@ scan_interval = "1h"
     assert rc == 0 and elapsed < 5, elapsed
     assert proc.events("stopped") == [{"event": "stopped", "clean": True}]
     assert proc.events("reap")[0]["stopped"] is True
-    assert tombstones_count(pg_db.engine) == batch
+    assert tombstone_count(pg_db.engine) == batch
     assert pg_advisory_locks(pg_db.engine) == 0
-
-
-def tombstones_count(engine: sa.Engine) -> int:
-    with engine.connect() as conn:
-        if not sa.inspect(conn).has_table("dcr_reaper_tombstones"):
-            return 0
-        return int(conn.execute(sa.text("SELECT count(*) FROM dcr_reaper_tombstones")).scalar() or 0)
 
 
 # --- 4: faults between the service and PostgreSQL --------------------------------------------------

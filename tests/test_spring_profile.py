@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
-from reap_helpers import make_config
-from server_schemas import Spring
 
+from kit.config import make_config
+from kit.schemas.spring import Spring
 from reaper.analysis.model import Verdict
 from reaper.commands import apply, classified, plan
 from reaper.db import check_schema

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from authlib_app import Base, Client, Token
-from reap_helpers import make_config
-from reaper_testkit import clean_env, create_mcp_schema, insert_client, insert_tokens
-from server_schemas import Hydra
 from sqlalchemy.orm import Session
 
+from kit.cli import clean_env
+from kit.config import make_config
+from kit.schemas.authlib import Base, Client, Token
+from kit.schemas.hydra import Hydra
+from kit.schemas.mcp_memory import create_mcp_schema, insert_client, insert_tokens
 from reaper.analysis.model import Verdict
 from reaper.commands import check, classified, plan, report
 from reaper.demo import CHURN_NAME, build_demo

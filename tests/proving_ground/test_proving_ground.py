@@ -9,12 +9,16 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
+
 from reaper.analysis.model import Verdict
 from reaper.commands import apply, classified, plan
 from reaper.output import Filters, render
 
 from .clients import CHURNER_NAME, FLOOD_NAME, GOOD_NAME, Scenario
 from .conftest import GAP, reaper_config
+
+pytestmark = pytest.mark.slow  # each test first replays a day and a half of sessions against the real server
 
 
 def _classify(url: str) -> tuple[dict[str, tuple[str, str]], object]:

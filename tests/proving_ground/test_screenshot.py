@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from reaper_testkit import clean_env, run_cli
 
+from kit.cli import clean_env, run_cli
 from reaper.output.html import CHART_BG, REVOKED_COLOR, VERDICT_COLORS
 
 from .clients import Scenario
@@ -69,6 +69,8 @@ def chart_band(im: Image.Image) -> tuple[int, int, int, int]:
     return left, top, right, bottom
 
 
+@pytest.mark.chromium
+@pytest.mark.slow
 def test_html_report_timeline_renders(db, ground: Scenario, tmp_path):
     config = tmp_path / "dcr-reaper.toml"
     config.write_text(

@@ -1,74 +1,14 @@
-"""Helpers shared by the CLI, bad-row and render tests: run the real CLI, build mcp-memory-service schemas."""
+"""mcp-memory-service: its schema (the SQLite DDL the real server ships, `reaper.demo.SCHEMA`), a PostgreSQL
+port of it, the built-in profile made to allow PostgreSQL, and row writers."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import sqlalchemy as sa
 
 from reaper.demo import SCHEMA
 from reaper.profiles import builtin_profiles
-
-REPO = Path(__file__).resolve().parents[1]
-ERROR_PREFIX = "dcr-reaper: error: "
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test process environment without DCR_REAPER_* settings, importing reaper from this working tree."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DCR_REAPER_") and k != "PYTHONPATH"}
-    # The package may also be installed (non-editable) in site-packages: make the subprocess use this tree.
-    env["PYTHONPATH"] = str(REPO)
-    env.update(extra)
-    return env
-
-
-def run_cli(
-    args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    """`python -m reaper ARGS` in `cwd` (so no ./dcr-reaper.toml of the repo is picked up)."""
-    return subprocess.run(
-        [sys.executable, "-m", "reaper", *args],
-        cwd=cwd,
-        env=env or clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def stderr_lines(res: subprocess.CompletedProcess[str]) -> list[str]:
-    return [line for line in res.stderr.splitlines() if line.strip()]
-
-
-def assert_errors(res: subprocess.CompletedProcess[str], exit_code: int, count: int | None = 1) -> list[str]:
-    """Exit code as documented, only `dcr-reaper: error:` lines on stderr (`count` of them), no traceback."""
-    lines = stderr_lines(res)
-    assert res.returncode == exit_code, (res.returncode, res.stderr)
-    assert "Traceback" not in res.stderr, res.stderr
-    assert lines, "an error must say something on stderr"
-    assert all(line.startswith(ERROR_PREFIX) for line in lines), res.stderr
-    if count is not None:
-        assert len(lines) == count, res.stderr
-    return [line.removeprefix(ERROR_PREFIX) for line in lines]
-
-
-def sqlite_state(path: Path) -> tuple[str, list[str]]:
-    """The database file's hash and a logical dump: equal before and after means nothing was written."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        dump = list(con.iterdump())
-    finally:
-        con.close()
-    return digest, dump
-
-
-# --- mcp-memory-service schema on SQLite and PostgreSQL -------------------------------------------------
 
 
 def mcp_statements(kind: str) -> list[str]:

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import requests
 
-KIT = Path(__file__).resolve().parent / "kit" / "fastmcp"
+KIT = Path(__file__).resolve().parent / "fastmcp"
 REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
 DEFAULT_REDIS = ("127.0.0.1", 6379)
 

@@ -1,8 +1,8 @@
-"""A real Django OAuth Toolkit server, in a subprocess: its own migrations make the schema, and its own views
+"""Django OAuth Toolkit: the REAL server, in a subprocess: its own migrations make the schema, and its own views
 (DCR, authorize, token) make the rows. Django can be configured once per process, and each test has a fresh
-database, so every call runs in a new interpreter.
+database, so every call runs in a new interpreter: `build(url, plan)` runs
 
-    python tests/dot_app.py DATABASE_URL < plan.json  ->  {label: {"id": ..., "client_id": ...}, ...}
+    python -m kit.schemas.dot DATABASE_URL < plan.json  ->  {label: {"id": ..., "client_id": ...}, ...}
 
 The plan is a list of clients: {label, source: dcr|manual|cimd, name, redirect, age (seconds), flow}. Flows:
 `none` (registered, never used), `live` (code exchanged: live access and refresh token), `reused` (refreshed
@@ -17,8 +17,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import subprocess
 import sys
 from datetime import timedelta
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from sqlalchemy.engine import make_url
@@ -159,7 +162,25 @@ class Server:
         return tok
 
 
-def build(plan: list[dict[str, object]]) -> dict[str, dict[str, object]]:
+def build(url: str, plan: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Run DOT on the database: migrate, then register and authorize as the plan says (in a subprocess)."""
+    from kit.cli import REPO, TESTS, clean_env
+
+    res = subprocess.run(
+        [sys.executable, "-m", "kit.schemas.dot", url],
+        input=json.dumps(plan),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=clean_env(PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS)])),
+        timeout=240,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def make_rows(plan: list[dict[str, object]]) -> dict[str, dict[str, object]]:
+    """Inside the subprocess: DOT's endpoints register and authorize the plan's clients."""
     from django.utils import timezone
     from oauth2_provider.models import AccessToken, Application, DeviceGrant, RefreshToken
 
@@ -230,5 +251,5 @@ if __name__ == "__main__":
     setup(sys.argv[1])
     urlpatterns = _urlpatterns()
     sys.modules[__name__].urlpatterns = urlpatterns  # type: ignore[attr-defined]
-    result = build(json.loads(sys.stdin.read() or "[]"))
+    result = make_rows(json.loads(sys.stdin.read() or "[]"))
     print(json.dumps(result))
