@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -9,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from apscheduler.triggers.cron import CronTrigger
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -34,6 +37,8 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration like '15m', '1h' or '7d'")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError(f"a duration must be a finite number of seconds, got {value!r}")
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return float(value)
@@ -131,14 +136,23 @@ class LedgerConfig(_Section):
     """Where the reaper keeps runs, tombstones and aliases."""
 
     url: str | None = Field(None, description="a separate database; default: the auth database itself")
-    schema_: str | None = Field(None, alias="schema", description="database schema for the ledger tables")
-    prefix: str = Field("dcr_reaper_", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,30}$")
+    schema_: str | None = Field(
+        None, alias="schema", description="database schema for the ledger tables (a plain identifier)"
+    )
+    prefix: str = Field("dcr_reaper_", description="prefix of the ledger's table names (a plain identifier)")
+
+    @field_validator("schema_", "prefix")
+    @classmethod
+    def _identifier(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,30}", value):
+            raise ValueError(f"{value!r} is not a plain identifier (letters, digits and _, at most 31)")
+        return value
 
 
 class ServiceConfig(_Section):
     """`dcr-reaper serve`: schedule, HTTP endpoints, shutdown."""
 
-    bind_address: str = "0.0.0.0"
+    bind_address: str = Field("0.0.0.0", description="an IPv4 or IPv6 address, or a host name")
     port: int = Field(9465, ge=0, le=65535)
     scan_interval: Duration = Field(300.0, description="scan this often (ignored when scan_cron is set)")
     scan_cron: str | None = Field(None, description="crontab expression, e.g. '*/10 * * * *'")
@@ -149,6 +163,26 @@ class ServiceConfig(_Section):
     )
     top_families: int = Field(20, ge=0, le=200, description="families named in metrics; the rest are 'other'")
     database_timeout: Duration = Field(5.0, description="connect timeout for the readiness check")
+
+    @field_validator("scan_cron")
+    @classmethod
+    def _crontab(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                CronTrigger.from_crontab(value, timezone="UTC")
+            except ValueError as exc:
+                raise ValueError(f"not a crontab expression ({exc})") from None
+        return value
+
+    @field_validator("bind_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?", value):
+                raise ValueError(f"not an IP address or host name: {value!r}") from None
+        return value
 
 
 class IpConfig(_Section):
@@ -264,11 +298,18 @@ def _format_errors(
     return validation_problems(exc, origin)
 
 
+# Kubernetes injects these for a Service named dcr-reaper (service links): <NAME>_PORT=tcp://..., _PORT_<n>_TCP...,
+# _SERVICE_HOST, _SERVICE_PORT... They are not settings: ignored, so a pod with service links still starts.
+_SERVICE_LINK = re.compile(
+    rf"^{ENV_PREFIX}(PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?|SERVICE_(HOST|PORT(_\w+)?))$"
+)
+
+
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     """DCR_REAPER_DATABASE_URL, DCR_REAPER_PROFILE, DCR_REAPER_CLASSIFY__YOUNG_FOR=2h ..."""
     out: dict[str, Any] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG" or _SERVICE_LINK.match(name):
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
         try:

@@ -12,6 +12,7 @@ import pytest
 
 from kit.cli import run_cli
 from kit.schemas.mcp_memory import create_mcp_schema, insert_client, insert_tokens, mcp_profile
+from reaper.output.text import md_cell
 
 pytestmark = pytest.mark.slow  # every test runs the real CLI in a subprocess
 
@@ -137,9 +138,10 @@ def test_hostile_names_in_csv_and_markdown(db, tmp_path, fmt):
         assert len(res.stdout.splitlines()) == len(rows) == 1 + 9  # header, then one line per client
         names = {r[0]: r[1] for r in rows[1:]}
         assert names["evil-1"] == evil_name_escaped(db.kind)
-        assert len(names["long-1"]) < 300 and names["long-1"].startswith("LongName-x")
-    else:
-        assert evil_name_escaped(db.kind) in res.stdout
+        assert len(names["long-1"]) == 1024 and names["long-1"].startswith("LongName-x")  # the scan's bound
+    else:  # escaped for the terminal, then for Markdown (its backslashes are escaped in turn)
+        assert md_cell(evil_name(db.kind)) in res.stdout
+        assert "\\\\x1b\\[31mX" in res.stdout
 
 
 def test_json_is_valid_and_keeps_the_exact_name(db, tmp_path):

@@ -86,6 +86,8 @@ def ip_prefix(ip: str | None, v4_bits: int = 24, v6_bits: int = 56) -> str:
         addr = ipaddress.ip_address(ip.strip())
     except ValueError:
         return ""
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped  # ::ffff:a.b.c.d is an IPv4 client: its /24, not all of them in one ::/56
     bits = v4_bits if addr.version == 4 else v6_bits
     return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False))
 

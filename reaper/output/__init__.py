@@ -22,12 +22,13 @@ def render(
     top_k: int = 10,
     max_rows: int = 50,
     show_ips: bool = False,
+    wide: bool = False,
 ) -> None:
-    """Write the report in one format; client rows stream for json and csv."""
+    """Write the report in one format; client rows stream for json and csv (`wide`: full IDs on a terminal)."""
     if fmt == "html":
         render_html(stream, snap, out, filters, top_k, max_rows)
     else:
-        render_report(fmt, stream, snap, out, filters, top_k, max_rows, show_ips)
+        render_report(fmt, stream, snap, out, filters, top_k, max_rows, show_ips, wide)
 
 
 __all__ = ["CLIENT_FIELDS", "FORMATS", "Filters", "render"]

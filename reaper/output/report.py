@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import heapq
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO
 
 from reaper.analysis.model import VERDICTS, Classified, Snapshot, Verdict
@@ -19,7 +19,7 @@ from reaper.output.records import (
     loops_sorted,
     summary_record,
 )
-from reaper.output.text import clean, duration_text, iso, short_time
+from reaper.output.text import clean, csv_cell, duration_text, iso, md_cell, short_time
 
 LOOP_STEPS_IN_TABLE = 10
 ACTIONABLE = (Verdict.ORPHAN, Verdict.ABANDONED)
@@ -37,8 +37,7 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[s
 
 
 def _md(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
-    def esc(c: str) -> str:
-        return c.replace("|", "\\|")
+    esc = md_cell
 
     align = ["---:" if i in right else "---" for i in range(len(headers))]
     return [
@@ -48,8 +47,19 @@ def _md(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]
     ]
 
 
+Show = Callable[[str | None, int], str]
+
+
+def _cut(text: str | None, limit: int) -> str:
+    return clean(text, limit)
+
+
+def _whole(text: str | None, limit: int) -> str:
+    return clean(text, None)
+
+
 def _sections(
-    snap: Snapshot, listed: list[Classified], matched: int, top_k: int, title: str
+    snap: Snapshot, listed: list[Classified], matched: int, top_k: int, title: str, show: Show = _cut
 ) -> list[tuple[str, list[str], list[list[str]], set[int]]]:
     verdict_rows = []
     for v in VERDICTS:
@@ -59,7 +69,7 @@ def _sections(
     fam_rows = [
         [
             f.id,
-            clean(f.name, 40) or "(no name)",
+            show(f.name, 40) or "(no name)",
             str(f.members),
             str(f.live),
             str(f.orphans),
@@ -68,14 +78,14 @@ def _sections(
             short_time(f.last_registered),
             duration_text(f.median_interval),
             "yes" if f.recent >= snap.churn_min_registrations else "",
-            clean(f.survivor, 36),
+            show(f.survivor, 36),
         ]
         for f in fams
     ]
     client_rows = [
         [
-            clean(c.row.client_id, 36),
-            clean(c.row.name, 40) or "(no name)",
+            show(c.row.client_id, 36),
+            show(c.row.name, 40) or "(no name)",
             c.family,
             str(c.verdict),
             c.reason,
@@ -113,9 +123,9 @@ def _sections(
             set(),
         ),
     ]
-    sections[2:2] = _loop_sections(snap)  # after the families, before the client listing
+    sections[2:2] = _loop_sections(snap, show)  # after the families, before the client listing
     if snap.problem_count:
-        probs = [[clean(cid, 36), clean(p, 80)] for cid, p in snap.problems[:50]]
+        probs = [[show(cid, 36), show(p, 80)] for cid, p in snap.problems[:50]]
         sections.append(
             (
                 f"Rows with problems (skipped, never reaped): {snap.problem_count}",
@@ -127,7 +137,7 @@ def _sections(
     return sections
 
 
-def _loop_sections(snap: Snapshot) -> list[tuple[str, list[str], list[list[str]], set[int]]]:
+def _loop_sections(snap: Snapshot, show: Show = _cut) -> list[tuple[str, list[str], list[list[str]], set[int]]]:
     """Suspected re-auth loops, their evidence, and floods; nothing when there are none."""
     out: list[tuple[str, list[str], list[list[str]], set[int]]] = []
     if snap.loops:
@@ -139,7 +149,7 @@ def _loop_sections(snap: Snapshot) -> list[tuple[str, list[str], list[list[str]]
                 [
                     [
                         lp.family,
-                        clean(lp.name, 40) or "(no name)",
+                        show(lp.name, 40) or "(no name)",
                         str(lp.cycles),
                         duration_text(lp.median_gap),
                         short_time(lp.first_revoked_at),
@@ -153,11 +163,11 @@ def _loop_sections(snap: Snapshot) -> list[tuple[str, list[str], list[list[str]]
         rows = [
             [
                 lp.family,
-                clean(st.client_id, 36),
+                show(st.client_id, 36),
                 short_time(st.registered_at),
                 short_time(st.last_token_at),
                 short_time(st.revoked_at),
-                clean(st.next_client_id, 36),
+                show(st.next_client_id, 36),
                 duration_text(st.gap),
                 st.verdict,
             ]
@@ -198,13 +208,13 @@ def _loop_sections(snap: Snapshot) -> list[tuple[str, list[str], list[list[str]]
                 [
                     [
                         f.scope,
-                        clean(f.key, 43),
-                        clean(f.name, 40) or "(no name)",
+                        show(f.key, 43),
+                        show(f.name, 40) or "(no name)",
                         str(f.registrations),
                         short_time(f.first_at),
                         short_time(f.last_at),
                         duration_text(f.seconds),
-                        ", ".join(clean(m.client_id, 24) for m in f.members[:3]),
+                        ", ".join(show(m.client_id, 24) for m in f.members[:3]),
                     ]
                     for f in snap.floods
                 ],
@@ -248,6 +258,7 @@ def render_report(
     top_k: int = 10,
     max_rows: int = 50,
     show_ips: bool = False,
+    wide: bool = False,
 ) -> None:
     """Write the report in one format; client rows stream for json and csv."""
     if fmt == "json":
@@ -267,7 +278,8 @@ def render_report(
         notes = notices(snap)
         if notes:
             lines += [f"> {n}" if fmt == "markdown" else f"NOTE: {n}" for n in notes] + [""]
-        for heading, headers, rows, right in _sections(snap, listed, matched, top_k, title):
+        show = _cut if fmt == "table" and not wide else _whole  # IDs are cut only on a terminal
+        for heading, headers, rows, right in _sections(snap, listed, matched, top_k, title, show):
             lines.append(f"## {heading}" if fmt == "markdown" else heading)
             lines.append("")
             lines += (_md if fmt == "markdown" else _table)(headers, rows, right)
@@ -321,8 +333,6 @@ def _render_csv(stream: Iterable[Classified], snap: Snapshot, out: IO[str], filt
     for item in stream:
         if filters.match(item, snap.families):
             rec = client_record(item, show_ips)
-            rec["name"] = clean(rec["name"], 256)
-            rec["redirect_uris"] = " ".join(clean(u, 256) for u in rec["redirect_uris"])
+            rec["redirect_uris"] = " ".join(rec["redirect_uris"])
             rec["problems"] = "; ".join(rec["problems"])
-            rec["client_id"] = clean(rec["client_id"], 256)
-            writer.writerow([rec[k] for k in CLIENT_FIELDS])
+            writer.writerow([csv_cell(rec[k]) for k in CLIENT_FIELDS])

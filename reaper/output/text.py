@@ -6,21 +6,32 @@ import re
 import unicodedata
 from datetime import UTC, datetime
 
+_HIDDEN = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+
+
+def _shown(ch: str) -> str:
+    if unicodedata.category(ch) in _HIDDEN:
+        return f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}"
+    return ch
+
 
 def clean(text: str | None, limit: int | None = 60) -> str:
-    """Printable, bounded text: control and format characters escaped, long text cut with a count."""
+    """Printable, bounded text: control and format characters escaped, long text cut with the count of
+    characters left out (never an escape cut in half)."""
     if text is None:
         return ""
-    out = []
-    for ch in text[: (limit * 4 if limit else None)]:
-        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"):
-            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    shown = "".join(out)
-    if limit and (len(shown) > limit or len(text) > limit * 4):
-        return shown[: limit - 1] + f"…(+{len(text) - limit + 1})"
-    return shown
+    out: list[str] = []
+    width = 0
+    fits = 0  # pieces that fit in limit - 1, leaving room for the marker
+    for ch in text:
+        piece = _shown(ch)
+        width += len(piece)
+        if limit is not None and width > limit:
+            return "".join(out[:fits]) + f"…(+{len(text) - fits})"
+        out.append(piece)
+        if limit is not None and width <= limit - 1:
+            fits = len(out)
+    return "".join(out)
 
 
 OUT_OF_RANGE = "out of range"
@@ -58,3 +69,22 @@ def duration_text(seconds: float | None) -> str:
         if seconds >= size:
             return f"{seconds / size:.1f}{unit}"
     return f"{seconds:.0f}s"
+
+
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> str:
+    """A CSV cell no spreadsheet evaluates: printable (control characters escaped) and, when it would start a
+    formula, behind an apostrophe (OWASP's advice on CSV injection)."""
+    text = clean("" if value is None else str(value), None)
+    return "'" + text if text.startswith(_FORMULA) else text
+
+
+_MARKDOWN = re.compile(r"([\\`*_\[\]<>&|!])")
+
+
+def md_cell(value: str | None) -> str:
+    """Text for a Markdown table cell that renders as text: printable, and every character that could start
+    HTML, a link, an image, emphasis, code or a new cell escaped (CommonMark backslash escapes)."""
+    return _MARKDOWN.sub(r"\\\1", clean(value, None))

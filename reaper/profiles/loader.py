@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -56,6 +57,24 @@ class BoundProfile:
     @property
     def actions(self) -> tuple[str, ...]:
         return self.profile.actions
+
+
+_TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?")
+_COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
+
+
+def unsafe_names(profile: Profile) -> list[tuple[str, str]]:
+    """Table and column names that are not plain identifiers (every name is quoted in SQL all the same; this
+    refuses what no real schema needs, so a hostile setting never reaches a statement)."""
+    bad: list[tuple[str, str]] = []
+    for table, columns in profile_reads(profile).items():
+        if not _TABLE.fullmatch(table):
+            bad.append(("table", table))
+        bad += [("column", c) for c in sorted(columns) if not _COLUMN.fullmatch(c)]
+    extra = [*profile.client.row_id, *(profile.delete.disable_set or {})]
+    extra += [u for c in profile.credentials for u in c.unique_by]
+    bad += [("column", c) for c in extra if not _COLUMN.fullmatch(c)]
+    return bad
 
 
 def builtin_profiles() -> dict[str, Path]:
@@ -117,6 +136,11 @@ def bind_profile(config: Config) -> BoundProfile:
         for name in config.tables
         if name not in known_tables
     ]
+    problems += [
+        f"config: tables.{name}: {value!r} is not a plain identifier (letters, digits, _ and $; schema.table)"
+        for name, value in config.tables.items()
+        if not _TABLE.fullmatch(value)
+    ]
     options: dict[str, Any] = {}
     for name in config.options:
         if name not in profile.options:
@@ -133,6 +157,15 @@ def bind_profile(config: Config) -> BoundProfile:
         raise ConfigError(problems)
     naming = options.get(profile.naming_option) if profile.naming_option else None
     resolved = resolve_names(profile, dict(config.tables), naming or "as_is")
+    bad = unsafe_names(resolved) if resolved.store.kind == "sql" else []  # key-value names are keys, not SQL
+    if bad:
+        raise ConfigError(
+            [
+                f"profile '{profile.name}': {what} {name!r} is not a plain identifier (letters, digits, _ and $; "
+                "a table may be schema.table)"
+                for what, name in bad
+            ]
+        )
     ip = IpSettings(
         config.classify.ip_prefix_v4, config.classify.ip_prefix_v6, config.ip if config.ip.access_log else None
     )

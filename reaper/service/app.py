@@ -22,7 +22,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from reaper import commands
 from reaper.backends import Backend, RunLock, open_backend
 from reaper.config import Config
-from reaper.errors import ReaperError
+from reaper.errors import ConfigError, ReaperError
 from reaper.reaping import runner
 from reaper.service.http import application, serve_http
 from reaper.service.metrics import ReaperMetrics
@@ -175,7 +175,13 @@ class Service:
     # -- lifecycle -----------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.httpd, _ = serve_http(self.s.bind_address, self.s.port, application(self.metrics.registry, self.ready))
+        try:
+            self.httpd, _ = serve_http(self.s.bind_address, self.s.port, application(self.metrics.registry, self.ready))
+        except OSError as exc:  # a busy port, an address this host does not have
+            reason = exc.strerror or str(exc)
+            raise ConfigError(
+                f"service.bind_address / service.port: cannot listen on {self.s.bind_address}:{self.s.port}: {reason}"
+            ) from None
         trigger = (
             CronTrigger.from_crontab(self.s.scan_cron, timezone="UTC")
             if self.s.scan_cron

@@ -258,6 +258,10 @@ class RowDecoder:
             raw = row[at]
             if encoding == "epoch" and raw.__class__ in (int, float) and MIN_EPOCH <= raw <= MAX_EPOCH:
                 created = float(raw)
+            elif encoding in ("epoch", "epoch_ms") and isinstance(raw, str):
+                # Text in a number column (SQLite keeps what it is given): the statement that re-checks the age
+                # compares numbers, so such a row could be planned and never acted on. A problem row instead.
+                problems.append(f"{column}: text {raw[:40]!r} in an epoch column")
             else:
                 try:
                     created = to_epoch(raw, encoding)
