@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
@@ -16,14 +17,16 @@ import click
 
 from reaper import __version__, commands
 from reaper.analysis.model import VERDICTS
-from reaper.config import Config, load_config, with_overrides
-from reaper.errors import CapExceeded, ConfigError, ReaperError
+from reaper.config import Config, load_config, parse_duration, with_overrides
+from reaper.errors import CapExceeded, ConfigError, ReaperError, SchemaError
 
 EXIT_CODES = (
     "Exit codes: 0 ok, 1 runtime or database error, 2 usage or configuration error, 3 schema mismatch, "
-    "4 another reaper holds the lock, 5 the plan exceeds a cap (nothing reaped), "
-    "6 the reaper's clock and the database's disagree (nothing acted on)."
+    "4 another reaper holds the lock, 5 the circuit breaker stopped the plan (nothing reaped), "
+    "6 the reaper's clock and the database's disagree (nothing acted on), "
+    "7 `check`: the profile matches, with warnings to decide on."
 )
+CHECK_WARNINGS = 7
 ERROR = "dcr-reaper: error: "
 
 
@@ -179,29 +182,60 @@ def _verdicts(value: tuple[str, ...]) -> frozenset[str]:
 @click.option("--family", help="Only list clients of this family (id prefix or normalized name).")
 @click.option("--output", "-o", type=click.File("w", encoding="utf-8", lazy=True), default="-", help="Write to a file.")
 @click.option("--progress/--no-progress", default=None, help="Progress on stderr (default: when a terminal).")
+@click.option("--wide", is_flag=True, help="Full client_ids in the terminal table (CSV, Markdown and JSON have them).")
 def report(
-    config: Config, fmt: str, verdict: tuple[str, ...], family: str | None, output: IO[str], progress: bool | None
+    config: Config,
+    fmt: str,
+    verdict: tuple[str, ...],
+    family: str | None,
+    output: IO[str],
+    progress: bool | None,
+    wide: bool,
 ) -> None:
     """Scan and classify every client, read-only; print what a reap would do."""
     from reaper.output import Filters, render
+    from reaper.reaping.plan import resolve_family
 
-    filters = Filters(_verdicts(verdict), family)
+    filters = Filters(_verdicts(verdict), family, reapable=frozenset(config.policy.verdicts))
     rep = config.report
     with commands.classified(config, progress=Progress("scanning", progress)) as (stream, snapshot):
-        render(fmt, stream, snapshot, output, filters, rep.top_families, rep.max_rows, rep.show_ips)
+        render(fmt, stream, snapshot, output, filters, rep.top_families, rep.max_rows, rep.show_ips, wide)
         output.flush()
+    if family:
+        resolve_family(family, snapshot.families)  # an unknown family: exit 2 with the nearest names
 
 
 @cli.command()
 @source_options
-def check(config: Config) -> None:
-    """Validate the config and the profile against the live schema; list every mismatch."""
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def check(config: Config, fmt: str) -> None:
+    """The preflight: the profile against the live schema (every mismatch), then what to decide before a reap
+    (indexes, refresh lifetimes, encodings, unmapped tables, the ledger and its rights, the clocks), each with
+    its fix. Exit 0 when all is well, 7 when it matches with warnings, 3 when it does not match."""
     description, findings = commands.check(config)
-    click.echo(f"ok: profile '{config.profile}' matches {description}")
-    for f in findings:
-        click.echo(f"{f.level}: {f.message}")
-        if f.fix:
-            click.echo(f"  fix: {f.fix}")
+    problems = [f for f in findings if f.level == "error"]
+    warned = any(f.level == "warning" for f in findings)
+    status = "mismatch" if problems else "warnings" if warned else "ok"
+    if fmt == "json":
+        doc = {
+            "status": status,
+            "profile": config.profile,
+            "store": description,
+            "findings": [{"level": f.level, "code": f.code, "message": f.message, "fix": f.fix} for f in findings],
+        }
+        click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+        if problems:
+            sys.exit(SchemaError.exit_code)
+    elif problems:
+        raise SchemaError([f.message for f in problems])  # one line each on stderr, as every command says it
+    else:
+        click.echo(f"ok: profile '{config.profile}' matches {description}")
+        for f in sorted(findings, key=lambda f: ("error", "warning", "info").index(f.level)):
+            click.echo(f"{f.level}: {f.message}")
+            if f.fix:
+                click.echo(f"  fix: {f.fix}")
+    if warned:
+        sys.exit(CHECK_WARNINGS)
 
 
 @cli.group(invoke_without_command=True)
@@ -259,18 +293,45 @@ def demo(db_path: str | None, fmt: str) -> None:
 @cli.command()
 @source_options
 @click.option("--apply", "do_apply", is_flag=True, help="Act on the plan. Without it nothing is written.")
-@click.option("--force", is_flag=True, help="Act even when the plan exceeds max_per_run or max_fraction.")
+@click.option("--force", is_flag=True, help="Act even when the circuit breaker stops the plan (policy.max_fraction).")
+@click.option("--family", help="Only this family (id prefix or normalized name).")
+@click.option("--verdict", "verdicts", multiple=True, help="Only clients with these verdicts (comma-separated).")
+@click.option("--client", "clients", multiple=True, help="Only this client (client_id or a unique prefix; repeatable).")
+@click.option("--older-than", help="Only clients registered more than this long ago, e.g. 30d.")
+@click.option("--limit", type=click.IntRange(min=1), help="Act on at most this many (the oldest) in this run.")
 @click.option("--sql", "show_sql", is_flag=True, help="Print the statements each batch would run; write nothing.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--progress/--no-progress", default=None, help="Progress on stderr (default: when a terminal).")
-def reap(config: Config, do_apply: bool, force: bool, show_sql: bool, fmt: str, progress: bool | None) -> None:
+def reap(
+    config: Config,
+    do_apply: bool,
+    force: bool,
+    family: str | None,
+    verdicts: tuple[str, ...],
+    clients: tuple[str, ...],
+    older_than: str | None,
+    limit: int | None,
+    show_sql: bool,
+    fmt: str,
+    progress: bool | None,
+) -> None:
     """Plan what the policy would reap (dry-run, the default); --apply does it, with tombstones."""
     from reaper.output.plan import render_run
-    from reaper.reaping.plan import RunResult
+    from reaper.reaping.plan import RunResult, Selection
 
     if show_sql and do_apply:
         raise ConfigError("--sql prints the statements and writes nothing; it cannot be combined with --apply")
-    the_plan = commands.plan(config, progress=Progress("scanning", progress))
+    try:
+        age = parse_duration(older_than) if older_than is not None else None
+    except ValueError as exc:
+        raise ConfigError(f"--older-than: {exc}") from None
+    wanted = _verdicts(verdicts)
+    unknown = wanted - set(config.policy.verdicts)
+    if unknown:
+        covered = ", ".join(config.policy.verdicts)
+        raise ConfigError(f"--verdict: {', '.join(sorted(unknown))} is not among policy.verdicts ({covered})")
+    selection = Selection(family, wanted, frozenset(clients), age, limit)
+    the_plan = commands.plan(config, progress=Progress("scanning", progress), selection=selection)
     if show_sql:
         for n, batch in enumerate(commands.statements(config, the_plan), 1):
             click.echo(f"-- batch {n}")

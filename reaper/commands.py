@@ -6,6 +6,7 @@ Each verb opens the backend the configuration names, or uses the one it is given
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,7 +18,7 @@ from reaper.backends.base import Finding, errors
 from reaper.config import Config
 from reaper.errors import SchemaError
 from reaper.reaping import runner
-from reaper.reaping.plan import Plan, RunResult, check_actions, choose
+from reaper.reaping.plan import Plan, RunResult, Selection, check_actions, choose
 from reaper.reaping.restore import RestoreResult, restore_from_ledger
 
 
@@ -42,9 +43,27 @@ def _checked(b: Backend) -> list[Finding]:
 
 
 def check(config: Config, backend: Backend | None = None) -> tuple[str, list[Finding]]:
-    """The preflight: raise SchemaError listing every mismatch; else the store and the findings to act on."""
+    """The preflight: every mismatch (errors) and every decision left to the operator (warnings), with fixes:
+    schema, encodings, unmapped tables, indexes, refresh lifetimes, the ledger and the clocks."""
     with _backend(config, backend) as b:
-        return b.description, _checked(b)
+        findings = b.check(deep=True)
+        if not errors(findings):
+            findings.append(clock_finding(config, b))
+        return b.description, findings
+
+
+def clock_finding(config: Config, backend: Backend) -> Finding:
+    """The store's clock against ours (S9): a warning when a reap would refuse to act."""
+    skew, limit = backend.now() - time.time(), config.classify.clock_skew
+    said = f"the clocks of {backend.description} and this host differ by {skew:+.1f}s"
+    if abs(skew) <= limit:
+        return Finding("info", "clock", said)
+    return Finding(
+        "warning",
+        "clock",
+        f"{said}, more than classify.clock_skew = {limit:.0f}s: a reap refuses to act (exit 6)",
+        "fix the host's time sync (NTP); raise classify.clock_skew only if the skew is known and stable",
+    )
 
 
 @contextmanager
@@ -75,13 +94,17 @@ def report(config: Config, progress: Progress | None = None, backend: Backend | 
 
 
 def plan(
-    config: Config, backend: Backend | None = None, progress: Progress | None = None, now: float | None = None
+    config: Config,
+    backend: Backend | None = None,
+    progress: Progress | None = None,
+    now: float | None = None,
+    selection: Selection | None = None,
 ) -> Plan:
-    """Scan read-only (S1) and choose what to act on; the caps are evaluated here (S4)."""
+    """Scan read-only (S1) and account for every reapable client: acted on, or skipped and why (S3, S4)."""
     with _backend(config, backend) as b:
         check_actions(config, b.profile)
         with classified(config, b, progress, now=now) as (stream, snapshot):
-            return choose(config, stream, snapshot, snapshot.started_at)
+            return choose(config, stream, snapshot, snapshot.started_at, selection)
 
 
 def apply(
@@ -104,10 +127,11 @@ def reap(
     force: bool = False,
     stop: threading.Event | None = None,
     progress: Progress | None = None,
+    selection: Selection | None = None,
 ) -> RunResult:
     """Plan (always) and, with do_apply, execute. Dry-run is the default."""
     with _backend(config, None) as b:
-        the_plan = plan(config, b, progress)
+        the_plan = plan(config, b, progress, selection=selection)
         if not do_apply:
             return RunResult(the_plan, applied=False)
         return runner.apply(config, b, the_plan, force, stop)

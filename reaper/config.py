@@ -111,8 +111,18 @@ class PolicyConfig(_Section):
         description="action per verdict",
     )
     min_age: Duration = Field(86400.0, description="never act on a client younger than this")
-    max_per_run: int = Field(1000, ge=1, description="a run that would act on more reaps nothing (S4)")
-    max_fraction: float = Field(0.5, gt=0, le=1, description="... or on more than this share of all clients")
+    max_per_run: int = Field(
+        1000, ge=1, description="a run acts on the oldest this many reapable clients; the rest is the backlog (S4)"
+    )
+    max_fraction: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="the circuit breaker: a run stops when it would act on more than this share of the clients "
+        "active within policy.active_window (a profile reading live clients as dead)",
+    )
+    active_window: Duration = Field(3600.0, description="a client with a credential issued this recently is active")
+    breaker_min: int = Field(5, ge=1, description="the breaker stays quiet below this many active clients planned")
     batch_size: int = Field(200, ge=1, le=10000, description="clients per short transaction")
     pause: Duration = Field(0.05, description="sleep between batches, to let the auth server breathe")
     lock_timeout: Duration = Field(2.0, description="give up on a row lock after this (S7)")

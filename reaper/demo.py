@@ -13,7 +13,9 @@ DEFAULT_PATH = Path("dcr-reaper-demo.sqlite")
 CHURN_NAME = "Claude Code (scalarly-memory)"
 CHURN_REGISTRATIONS = 32
 
-# mcp-memory-service's own schema (CREATE TABLE IF NOT EXISTS in its SQLite OAuth storage).
+# mcp-memory-service's own schema and indexes (web/oauth/storage/sqlite.py, 12.x), without its NOT NULLs so the
+# tests can store what an older or damaged database holds. Note: it indexes client_id on the token tables, not on
+# oauth_authorization_codes, and `check` says so.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS oauth_clients (
     client_id TEXT PRIMARY KEY, client_secret TEXT, client_name TEXT, redirect_uris TEXT,
@@ -30,6 +32,13 @@ CREATE TABLE IF NOT EXISTS oauth_refresh_tokens (
     token TEXT PRIMARY KEY, client_id TEXT, scope TEXT, expires_at REAL, revoked INTEGER DEFAULT 0,
     parent_token TEXT, created_at REAL,
     FOREIGN KEY (client_id) REFERENCES oauth_clients(client_id) ON DELETE CASCADE);
+CREATE INDEX IF NOT EXISTS idx_auth_codes_expires ON oauth_authorization_codes(expires_at);
+CREATE INDEX IF NOT EXISTS idx_auth_codes_consumed ON oauth_authorization_codes(consumed);
+CREATE INDEX IF NOT EXISTS idx_access_tokens_expires ON oauth_access_tokens(expires_at);
+CREATE INDEX IF NOT EXISTS idx_access_tokens_client ON oauth_access_tokens(client_id);
+CREATE INDEX IF NOT EXISTS idx_refresh_tokens_expires ON oauth_refresh_tokens(expires_at);
+CREATE INDEX IF NOT EXISTS idx_refresh_tokens_client ON oauth_refresh_tokens(client_id);
+CREATE INDEX IF NOT EXISTS idx_refresh_tokens_parent ON oauth_refresh_tokens(parent_token);
 """
 
 HOUR = 3600.0

@@ -50,7 +50,7 @@ def test_a_pod_with_service_links_starts(tmp_path):
     res = run_cli(
         ["check", "--profile", "mcp-memory-service", "--database-url", str(db)], tmp_path, env=clean_env(**env)
     )
-    assert res.returncode == 0, res.stderr
+    assert res.returncode in (0, 7) and res.stdout.startswith("ok:"), res.stderr  # 7: matches, with warnings
 
 
 def test_the_manifests_turn_service_links_off():

@@ -549,54 +549,84 @@ def _unchanged(db, before: dict[str, list[tuple[Any, ...]]]) -> None:
 
 
 @pytest.mark.slow
-def test_max_per_run_reaps_nothing_unless_forced(db, tmp_path):
+def test_max_per_run_acts_on_the_oldest_and_states_the_backlog(db, tmp_path):
     adb = AuthlibDB(db.engine)
     fams = fill_families(adb, families=3, orphans_each=5, seed=51)
     planned = {c for f in fams for c in f.orphans}
-    before = snapshot(db.engine)
     config = make_config(db.url, policy={"max_per_run": 14})
     the_plan = plan(config)
-    assert len(the_plan.candidates) == 15 and "max_per_run = 14" in (the_plan.cap_problem or "")
-    with pytest.raises(CapExceeded, match="nothing reaped"):
-        apply(config, the_plan)
-    _unchanged(db, before)
+    assert len(the_plan.candidates) == 14 and the_plan.backlog == 1 and the_plan.cap_problem is None
+    [left] = [s.candidate for s in the_plan.skipped if s.why == "backlog"]
+    oldest = min(the_plan.candidates, key=lambda c: c.created_at or 0)
+    assert (left.created_at or 0) >= max(c.created_at or 0 for c in the_plan.candidates) >= (oldest.created_at or 0)
 
     cfg = write_config(tmp_path / "reaper.toml", {"max_per_run": 14})
-    res = run_cli(reap_args(db.url, cfg), tmp_path)
-    assert res.returncode == 5, res.stderr
-    assert "max_per_run" in res.stderr and "nothing reaped" in res.stderr
-    _unchanged(db, before)
-
-    res = run_cli(reap_args(db.url, cfg, "--force", "--format", "json"), tmp_path)
+    dry = [a for a in reap_args(db.url, cfg) if a != "--apply"]
+    res = run_cli(dry, tmp_path)  # the dry run says what is left and why
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["cap_problem"]
+    assert "BACKLOG: 1 reapable clients left after this run" in res.stdout
+    assert "skipped 1: beyond policy.max_per_run" in res.stdout
+
+    result = apply(config, the_plan)
+    assert result.total_acted == 14
+    second = plan(config)  # the next run works the backlog down
+    assert [c.client_id for c in second.candidates] == [left.client_id] and second.backlog == 0
+    apply(config, second)
     _assert_gone_with_tombstone(db.engine, planned)
     assert client_ids(db.engine) == {f.survivor for f in fams}
 
 
+def _broken_profile(tmp_path: Path) -> str:
+    """The authlib profile with its token liveness misread (every token dead): what a misconfigured profile does."""
+    text = (Path(__file__).resolve().parents[1] / "reaper/profiles/builtin/authlib.toml").read_text("utf-8")
+    start = text.index('name = "token"')
+    live = text.index("live = {", start)
+    end = text.index("[[credentials]]", live)
+    broken = text[:live] + 'live = { is_null = "access_token" }\n\n' + text[end:]
+    path = tmp_path / "broken.toml"
+    path.write_text(broken.replace('name = "authlib"', 'name = "authlib-broken"'), encoding="utf-8")
+    return str(path)
+
+
 @pytest.mark.slow
-def test_max_fraction_reaps_nothing_unless_forced(db, tmp_path):
+def test_the_circuit_breaker_stops_a_profile_that_reads_live_clients_as_dead(db, tmp_path):
+    """Ten families of two members, every member used five minutes ago: with a profile that misreads tokens, the
+    older member of each looks like an orphan. The plan would act on ten of the twenty active clients: it stops."""
     adb = AuthlibDB(db.engine)
-    fams = fill_families(adb, families=3, orphans_each=5, seed=52)  # 15 of 18 clients: 83 %
-    planned = {c for f in fams for c in f.orphans}
+    now = time.time()
+    for f in range(10):
+        for m in range(2):
+            cid = f"c{f}-{m}"
+            adb.client(cid, f"App {f}", [f"http://localhost:{51000 + f * 10 + m}/cb"], int(now - (12 - m) * DAY))
+            adb.token(cid, int(now - 300), 3600)
+    adb.flush()
+    assert plan(make_config(db.url)).candidates == [], "the real profile sees every client live"
     before = snapshot(db.engine)
-    config = make_config(db.url, policy={"max_fraction": 0.8})
+    broken = make_config(db.url, profile=_broken_profile(tmp_path), policy={"max_fraction": 0.25})
+    the_plan = plan(broken)
+    assert len(the_plan.candidates) == 10 and the_plan.active_planned == 10 and the_plan.active_clients == 20
+    assert "circuit breaker" in (the_plan.cap_problem or "")
+    with pytest.raises(CapExceeded, match="circuit breaker"):
+        apply(broken, the_plan)
+    _unchanged(db, before)
+    res = run_cli(
+        ["reap", "--apply", "--profile", _broken_profile(tmp_path), "--database-url", db.url, "--no-progress"], tmp_path
+    )
+    assert res.returncode == 5 and "circuit breaker" in res.stderr and "--force" in res.stderr, res.stderr
+    _unchanged(db, before)
+    assert apply(broken, the_plan, force=True).total_acted == 10  # the operator's call
+
+
+def test_a_table_full_of_junk_is_worked_down_without_tripping_the_breaker(db):
+    """90 % junk (old orphans whose tokens died long ago) next to live clients: no breaker, the oldest first."""
+    adb = AuthlibDB(db.engine)
+    fams = fill_families(adb, families=6, orphans_each=15, seed=53)
+    config = make_config(db.url, policy={"max_per_run": 40})
     the_plan = plan(config)
-    assert "max_fraction" in (the_plan.cap_problem or "")
-    with pytest.raises(CapExceeded):
-        apply(config, the_plan)
-    _unchanged(db, before)
-
-    cfg = write_config(tmp_path / "reaper.toml", {"max_fraction": 0.8})
-    res = run_cli(reap_args(db.url, cfg), tmp_path)
-    assert res.returncode == 5 and "max_fraction" in res.stderr, res.stderr
-    _unchanged(db, before)
-
-    result = apply(config, the_plan, force=True)
-    assert result.total_acted == 15
-    _assert_gone_with_tombstone(db.engine, planned)
-    # At 0.85 the same plan is within the cap.
-    assert plan(make_config(db.url, policy={"max_fraction": 0.85})).cap_problem is None
+    assert the_plan.cap_problem is None and the_plan.active_planned == 0
+    assert len(the_plan.candidates) == 40 and the_plan.backlog == 50
+    assert the_plan.reapable == len(the_plan.candidates) + len(the_plan.skipped)
+    assert sum(len(f.orphans) for f in fams) == 90
 
 
 def test_allowlisted_clients_never_reaped(db):

@@ -116,9 +116,10 @@ def test_verdict_filter(db, tmp_path, fmt):
         listed = [
             line
             for line in res.stdout.splitlines()
-            if line.lstrip("| ").startswith(("churn-", "vscode", "proxy", "cursor"))
+            if line.lstrip("|` ").startswith(("churn-", "vscode", "proxy", "cursor"))
         ]
-        assert sorted(line.lstrip("| ").split()[0] for line in listed) == [f"churn-{i}" for i in range(4)]
+        # Markdown shows client IDs as code spans: exact, for pasting.
+        assert sorted(line.lstrip("|` ").split()[0].strip("`") for line in listed) == [f"churn-{i}" for i in range(4)]
         assert all("orphan" in line for line in listed)
     both = _csv_rows(_report(db, tmp_path, "--format", "csv", "--verdict", "orphan,abandoned").stdout)
     assert sorted(r["client_id"] for r in both) == ["churn-0", "churn-1", "churn-2", "churn-3", "proxy"]
@@ -137,7 +138,8 @@ def test_family_filter_by_id_prefix_and_name(db, tmp_path):
         assert {r["family"] for r in rows} == {family}
     orphans = _csv_rows(_report(db, tmp_path, "--format", "csv", "--family", family, "--verdict", "orphan").stdout)
     assert len(orphans) == 4
-    assert _csv_rows(_report(db, tmp_path, "--format", "csv", "--family", "no-such-family").stdout) == []
+    unknown = _report(db, tmp_path, "--format", "csv", "--family", "claude code (scalarly-memroy)", ok=False)
+    assert unknown.returncode == 2 and "no family" in unknown.stderr and "scalarly-memory" in unknown.stderr
     data = json.loads(_report(db, tmp_path, "--format", "json", "--family", family).stdout)
     assert sorted(c["client_id"] for c in data["clients"]) == members
 

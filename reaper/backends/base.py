@@ -48,6 +48,8 @@ class Candidate:
     created_at: float | None
     canonical: str | None = None
     canonical_key: str | None = None
+    last_used: float | None = None  # the newest credential's issue time, as the scan saw it
+    disabled: bool = False
 
 
 @dataclass
@@ -110,9 +112,10 @@ class Backend(Protocol):
     profile: BoundProfile
     description: str  # for reports and messages: never a password
 
-    def check(self) -> list[Finding]:
-        """The preflight: every mismatch between the profile and the store (errors) and what the operator must
-        decide (warnings). Resolves what the live store settles (column spellings, optional tables)."""
+    def check(self, deep: bool = False) -> list[Finding]:
+        """The preflight: every mismatch between the profile and the store (errors). Resolves what the live store
+        settles (column spellings, optional tables). With `deep` (the `check` command), also what the operator
+        must decide (warnings) and where the ledger lives."""
         ...
 
     def scan(self, now: float | None = None) -> AbstractContextManager[ScanSource]:

@@ -8,6 +8,7 @@ database names.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -167,6 +168,25 @@ class DatabaseImpl:
     def ensure_schema(self, conn: Connection, schema: str) -> None:
         """Create a schema (namespace) if missing, where the database has them."""
 
+    def ledger_rights(self, conn: Connection, schema: str | None, tables: list[str]) -> tuple[str, str | None]:
+        """(who we are, what we may not do to the ledger, or None when we may do all of it, or "" unknown)."""
+        return "", ""
+
+    def ledger_grants(self, who: str, schema: str | None) -> str:
+        """What gives `who` the rights a reap needs on the ledger (for `check` to print; not run by us)."""
+        return f"grant {who} SELECT, INSERT, UPDATE, DELETE and CREATE on the ledger's schema"
+
+    def create_index_sql(self, table: str, column: str) -> str:
+        """The statement an operator runs to index a credential table's client reference (not run by us)."""
+        name = f"ix_{table.rpartition('.')[2]}_{column}"[:60]
+        return f"CREATE INDEX {self.quote(name)} ON {self.quote_table(table)} ({self.quote(column)});"
+
+    def quote(self, name: str) -> str:
+        return f'"{name}"'
+
+    def quote_table(self, table: str) -> str:
+        return ".".join(self.quote(p) for p in table.split("."))
+
     def long_text(self) -> sa.types.TypeEngine[str]:
         return sa.Text()
 
@@ -242,6 +262,33 @@ class PostgresImpl(DatabaseImpl):
 
     def add_seconds(self, ts: ColumnElement[Any], seconds: ColumnElement[Any]) -> ColumnElement[Any]:
         return ts + sa.func.make_interval(0, 0, 0, 0, 0, 0, seconds)
+
+    def ledger_rights(self, conn: Connection, schema: str | None, tables: list[str]) -> tuple[str, str | None]:
+        role, where = conn.execute(sa.text("SELECT current_user, current_schema()")).one()
+        schema = schema or where or "public"
+        found = [t for t in tables if sa.inspect(conn).has_table(t, schema=schema)]
+        if found:
+            q = sa.text("SELECT has_table_privilege(:r, :t, 'SELECT,INSERT,UPDATE,DELETE')")
+            denied = [t for t in found if not conn.execute(q, {"r": role, "t": f'"{schema}"."{t}"'}).scalar()]
+            if denied:
+                return role, f"read and write {', '.join(f'{schema}.{t}' for t in denied)}"
+            return role, None
+        if sa.inspect(conn).has_schema(schema):
+            q = sa.text("SELECT has_schema_privilege(:r, :s, 'CREATE')")
+            return role, None if conn.execute(q, {"r": role, "s": schema}).scalar() else f"create tables in {schema}"
+        q = sa.text("SELECT has_database_privilege(:r, current_database(), 'CREATE')")
+        return role, None if conn.execute(q, {"r": role}).scalar() else f"create the schema {schema}"
+
+    def ledger_grants(self, who: str, schema: str | None) -> str:
+        target = schema or "public"
+        return (
+            f"run deploy/sql's roles script, or as the owner: GRANT USAGE, CREATE ON SCHEMA {target} TO {who}; "
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {target} TO {who}"
+        )
+
+    def create_index_sql(self, table: str, column: str) -> str:
+        # CONCURRENTLY: built without blocking the auth server's writes (it cannot run inside a transaction).
+        return super().create_index_sql(table, column).replace("CREATE INDEX", "CREATE INDEX CONCURRENTLY", 1)
 
     def ensure_schema(self, conn: Connection, schema: str) -> None:
         # Only when missing: CREATE SCHEMA IF NOT EXISTS still needs CREATE on the database, which a
@@ -333,6 +380,13 @@ class MySQLImpl(DatabaseImpl):
     def long_text(self) -> sa.types.TypeEngine[str]:
         return mysql.LONGTEXT()
 
+    def quote(self, name: str) -> str:
+        return f"`{name}`"
+
+    def create_index_sql(self, table: str, column: str) -> str:
+        # An online build: the auth server keeps writing while InnoDB builds it.
+        return super().create_index_sql(table, column).rstrip(";") + " ALGORITHM=INPLACE LOCK=NONE;"
+
     @staticmethod
     def _lock_name(key: int) -> str:
         return f"dcr-reaper:{key & 0xFFFFFFFFFFFF:x}"
@@ -409,6 +463,15 @@ class SQLiteImpl(DatabaseImpl):
 
     def stream_options(self, batch: int) -> dict[str, Any]:
         return {"yield_per": batch}
+
+    def ledger_rights(self, conn: Connection, schema: str | None, tables: list[str]) -> tuple[str, str | None]:
+        path = Path(str(conn.engine.url.database or "").removeprefix("file:"))
+        target = path if path.exists() else path.parent
+        who = f"uid {os.getuid()}"
+        return who, None if os.access(target, os.W_OK) and os.access(path.parent, os.W_OK) else f"write {path}"
+
+    def ledger_grants(self, who: str, schema: str | None) -> str:
+        return f"make the database file and its directory writable by {who}"
 
     def prefix(self, column: ColumnElement[Any], length: int) -> ColumnElement[Any]:
         # SQLite's substr() stops at an embedded NUL; the file is local, so the value is read whole and the

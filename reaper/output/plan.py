@@ -3,10 +3,35 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import IO, Any
 
-from reaper.output.text import clean, iso, short_time
-from reaper.reaping.plan import Plan, RunResult
+from reaper.backends.base import Candidate
+from reaper.output.text import clean, iso, short_time, utf8_safe
+from reaper.reaping.plan import SKIP_REASONS, Plan, RunResult
+
+SKIP_WORDS = {
+    "selector": "not selected (--family, --verdict, --client, --older-than)",
+    "min_age": "younger than policy.min_age",
+    "survivor": "its family's survivor (never reaped)",
+    "already_disabled": "already disabled",
+    "backlog": "beyond policy.max_per_run: left for the next runs",
+    "limit": "beyond --limit: left for the next runs",
+}
+
+
+def _client(c: Candidate) -> dict[str, Any]:
+    return {
+        "client_id": utf8_safe(c.client_id),
+        "name": utf8_safe(c.name),
+        "family": c.family,
+        "verdict": c.verdict,
+        "reason": c.reason,
+        "action": c.action,
+        "registered_at": iso(c.created_at),
+        "last_token_at": iso(c.last_used),
+        "canonical_client_id": utf8_safe(c.canonical),
+    }
 
 
 def plan_record(result: RunResult) -> dict[str, Any]:
@@ -15,28 +40,22 @@ def plan_record(result: RunResult) -> dict[str, Any]:
         "applied": result.applied,
         "run_id": result.run_id,
         "clients_scanned": p.total_clients,
+        "reapable": p.reapable,
         "planned": len(p.candidates),
         "planned_by_action": dict(p.by_action),
+        "skipped_by_reason": dict(p.skipped_by),
+        "backlog": p.backlog,
         "survivors_kept": p.kept_survivors,
+        "active_clients": p.active_clients,
+        "active_planned": p.active_planned,
         "cap_problem": p.cap_problem,
         "acted": [{"action": a, "reason": r, "clients": n} for (a, r), n in sorted(result.acted.items())],
         "skipped": dict(result.skipped),
         "restored_late": len(result.restored_late),
         "stopped": result.stopped,
         "duration_seconds": round(result.duration, 3),
-        "candidates": [
-            {
-                "client_id": c.client_id,
-                "name": c.name,
-                "family": c.family,
-                "verdict": c.verdict,
-                "reason": c.reason,
-                "action": c.action,
-                "registered_at": iso(c.created_at),
-                "canonical_client_id": c.canonical,
-            }
-            for c in p.candidates
-        ],
+        "candidates": [_client(c) for c in p.candidates],
+        "skipped_clients": [{**_client(s.candidate), "skipped": s.why} for s in p.skipped],
     }
 
 
@@ -49,11 +68,18 @@ def render_run(result: RunResult, fmt: str, out: IO[str], max_rows: int = 50) ->
     actions = ", ".join(f"{a} {n}" for a, n in sorted(p.by_action.items())) or "nothing"
     lines = [
         f"{'APPLIED' if result.applied else 'DRY RUN (nothing written; add --apply to act)'}: "
-        f"{len(p.candidates)} of {p.total_clients} clients planned ({actions}); "
-        f"{p.kept_survivors} family survivors kept",
+        f"{p.reapable} of {p.total_clients} clients are reapable; {len(p.candidates)} planned ({actions}), "
+        f"{len(p.skipped)} skipped",
     ]
+    for why, n in sorted(p.skipped_by.items(), key=lambda kv: SKIP_REASONS.index(kv[0])):
+        lines.append(f"  skipped {n}: {SKIP_WORDS[why]}")
+    if p.backlog:
+        lines.append(
+            f"BACKLOG: {p.backlog} reapable clients left after this run; each run acts on the oldest "
+            "policy.max_per_run (serve works it down tick by tick; or raise policy.max_per_run)"
+        )
     if p.cap_problem:
-        lines.append(f"CAP: {p.cap_problem}")
+        lines.append(f"STOP: {p.cap_problem}")
     if result.applied:
         done = ", ".join(f"{a}/{r} {n}" for (a, r), n in sorted(result.acted.items())) or "nothing"
         lines.append(
@@ -68,26 +94,34 @@ def render_run(result: RunResult, fmt: str, out: IO[str], max_rows: int = 50) ->
             lines.append(f"restored at once (a credential arrived after the delete): {len(result.restored_late)}")
         if result.stopped:
             lines.append("stopped between batches on request; the next run finishes the job")
-    shown = p.candidates if max_rows == 0 else p.candidates[:max_rows]
-    if shown:
-        lines.append("")
-        headers = ["client_id", "name", "family", "verdict", "action", "registered", "canonical"]
-        rows = [
-            [
-                clean(c.client_id, 36),
-                clean(c.name, 40) or "(no name)",
-                c.family,
-                c.verdict,
-                c.action,
-                short_time(c.created_at),
-                clean(c.canonical, 36) if c.canonical else "",
-            ]
-            for c in shown
-        ]
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-        lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
-        lines.append("  ".join("-" * w for w in widths))
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-        if len(shown) < len(p.candidates):
-            lines.append(f"... and {len(p.candidates) - len(shown)} more (--format json lists all)")
+    lines += _table("Planned", p.candidates, max_rows, lambda c: c.action)
+    skips = {id(s.candidate): s.why for s in p.skipped}
+    lines += _table("Skipped", [s.candidate for s in p.skipped], max_rows, lambda c: f"skip: {skips[id(c)]}")
     out.write("\n".join(lines) + "\n")
+
+
+def _table(title: str, cands: list[Candidate], max_rows: int, what: Callable[[Candidate], str]) -> list[str]:
+    shown = cands if max_rows == 0 else cands[:max_rows]
+    if not shown:
+        return []
+    headers = ["client_id", "name", "family", "verdict", "action", "registered", "canonical"]
+    rows = [
+        [
+            clean(c.client_id, 36),
+            clean(c.name, 40) or "(no name)",
+            c.family,
+            c.verdict,
+            what(c),
+            short_time(c.created_at),
+            clean(c.canonical, 36) if c.canonical else "",
+        ]
+        for c in shown
+    ]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["", f"{title}: {len(cands)}"]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    if len(shown) < len(cands):
+        lines.append(f"... and {len(cands) - len(shown)} more (--format json lists all)")
+    return lines

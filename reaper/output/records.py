@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from reaper.analysis.fingerprint import ip_prefix
+from reaper.analysis.fingerprint import ip_prefix, normalize_name
 from reaper.analysis.model import VERDICTS, Classified, FamilyStats, FloodEvidence, LoopEvidence, Snapshot
 from reaper.output.text import iso, utf8_safe
 
@@ -32,6 +32,7 @@ class Filters:
 
     verdicts: frozenset[str] = frozenset()
     family: str | None = None
+    reapable: frozenset[str] = frozenset({"orphan", "abandoned"})  # policy.verdicts: the default listing
 
     def match(self, item: Classified, families: dict[str, FamilyStats]) -> bool:
         if self.verdicts and item.verdict not in self.verdicts:
@@ -39,7 +40,9 @@ class Filters:
         if self.family:
             fam = families.get(item.family)
             wanted = self.family.casefold()
-            return item.family.startswith(wanted) or (fam is not None and fam.normalized_name == wanted)
+            return item.family.startswith(wanted) or (
+                fam is not None and fam.normalized_name == normalize_name(self.family)
+            )
         return True
 
 

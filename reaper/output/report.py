@@ -8,7 +8,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO
 
-from reaper.analysis.model import VERDICTS, Classified, Snapshot, Verdict
+from reaper.analysis.model import VERDICTS, Classified, Snapshot
 from reaper.output.records import (
     CLIENT_FIELDS,
     Filters,
@@ -19,10 +19,9 @@ from reaper.output.records import (
     loops_sorted,
     summary_record,
 )
-from reaper.output.text import clean, csv_cell, duration_text, iso, md_cell, short_time
+from reaper.output.text import clean, csv_cell, duration_text, iso, md_cell, md_code, short_time
 
 LOOP_STEPS_IN_TABLE = 10
-ACTIONABLE = (Verdict.ORPHAN, Verdict.ABANDONED)
 
 
 def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
@@ -36,14 +35,17 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[s
     return [fmt(headers).rstrip(), "  ".join("-" * w for w in widths), *(fmt(r).rstrip() for r in rows)]
 
 
-def _md(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
-    esc = md_cell
+ID_COLUMNS = frozenset({"client_id", "canonical client", "next registration"})
 
+
+def _md(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    """A Markdown table: client IDs as code spans (exact, for pasting), every other cell escaped to plain text."""
+    ids = {i for i, h in enumerate(headers) if h in ID_COLUMNS}
     align = ["---:" if i in right else "---" for i in range(len(headers))]
     return [
         "| " + " | ".join(headers) + " |",
         "| " + " | ".join(align) + " |",
-        *("| " + " | ".join(esc(c) for c in r) + " |" for r in rows),
+        *("| " + " | ".join(md_code(c) if i in ids else md_cell(c) for i, c in enumerate(r)) + " |" for r in rows),
     ]
 
 
@@ -267,9 +269,13 @@ def render_report(
         _render_csv(stream, snap, out, filters, show_ips)
     elif fmt in ("table", "markdown"):
         default = not filters.verdicts and not filters.family
-        use = Filters(frozenset(ACTIONABLE)) if default else filters
+        use = Filters(filters.reapable) if default else filters
         listed, matched = _collect(stream, use, snap, max_rows)
-        title = "Clients a reap would act on (orphan, abandoned)" if default else "Clients"
+        title = (
+            f"Reapable clients ({', '.join(sorted(filters.reapable))}; a plan acts on or skips each)"
+            if default
+            else "Clients"
+        )
         header = (
             f"dcr-reaper report · profile {snap.profile} · {snap.database} · {iso(snap.started_at)} · "
             f"{snap.clients} clients, {len(snap.families)} families, scanned in {snap.duration:.2f}s"

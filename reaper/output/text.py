@@ -81,10 +81,23 @@ def csv_cell(value: object) -> str:
     return "'" + text if text.startswith(_FORMULA) else text
 
 
-_MARKDOWN = re.compile(r"([\\`*_\[\]<>&|!])")
+# An `_` between two letters or digits can neither open nor close emphasis in CommonMark: left bare, so client IDs
+# like `dcr_7f3a_x` read (and paste) as they are.
+_MARKDOWN = re.compile(r"[\\`*\[\]<>&|!]|(?<![^\W_])_|_(?![^\W_])")
+
+
+def md_code(value: str | None) -> str:
+    """An identifier for a Markdown table cell: a code span, so it reads and pastes exactly as stored. The fence
+    is longer than any run of backticks inside; `|` is escaped, as a table cell requires even in code."""
+    text = clean(value, None).replace("|", "\\|")
+    if not text:
+        return ""
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text[0] in "` " or text[-1] in "` " else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def md_cell(value: str | None) -> str:
     """Text for a Markdown table cell that renders as text: printable, and every character that could start
     HTML, a link, an image, emphasis, code or a new cell escaped (CommonMark backslash escapes)."""
-    return _MARKDOWN.sub(r"\\\1", clean(value, None))
+    return _MARKDOWN.sub(lambda m: "\\" + m.group(0), clean(value, None))

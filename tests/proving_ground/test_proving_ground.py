@@ -93,7 +93,8 @@ def test_every_format_carries_the_loop_section(db, ground: Scenario):
         text = outputs[fmt]
         assert "Suspected re-auth loops: 1" in text, fmt
         assert "Registration floods: 1" in text, fmt
-        assert CHURNER_NAME in text and all(cid in text for cid in orphans), fmt
+        assert CHURNER_NAME in text, fmt
+        assert [cid for cid in orphans if cid not in text] == [], fmt
     assert "## Suspected re-auth loops: 1" in outputs["markdown"]
     data = json.loads(outputs["json"])
     assert data["summary"]["suspected_loops"] == 1 and data["summary"]["floods"] == 1

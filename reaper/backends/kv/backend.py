@@ -21,9 +21,10 @@ from reaper.backends.kv.keys import KeyMaterial, key_material
 from reaper.backends.kv.lock import FileLock, RedisLock
 from reaper.backends.kv.scan import KvScan, Reader, Refs, collections, sample_problems
 from reaper.backends.kv.store import FileTreeKv, RedisKv, Store, open_store
+from reaper.backends.ledger_check import ledger_findings
 from reaper.config import Config
 from reaper.db import DatabaseImpl, make_engine, parse_url, redact
-from reaper.errors import ConfigError
+from reaper.errors import ConfigError, DatabaseError
 from reaper.ledger import Ledger
 from reaper.profiles import BoundProfile
 
@@ -51,8 +52,9 @@ class KvBackend:
     def _reader(self, now: float) -> Reader:
         return Reader(self.store, Codec(self.keys.fernet), self.profile, now)
 
-    def check(self) -> list[Finding]:
-        """Reachable, the key decrypts it, and its first entries are what the profile describes."""
+    def check(self, deep: bool = False) -> list[Finding]:
+        """Reachable, the key decrypts it, and its first entries are what the profile describes; with `deep`,
+        where the ledger lives."""
         self.store.ping()
         reader = self._reader(time.time())
         problems = sample_problems(reader)
@@ -64,7 +66,21 @@ class KvBackend:
             )
         if codec.undecryptable and not codec.decrypted:
             raise ConfigError(f"{self.keys.source} does not decrypt {self.description}: wrong key?")
-        return [Finding("error", "schema", p) for p in problems]
+        findings = [Finding("error", "schema", p) for p in problems]
+        if deep:
+            findings += self._ledger_findings()
+        return findings
+
+    def _ledger_findings(self) -> list[Finding]:
+        url = self.config.ledger.url or self.store.default_ledger_url()
+        try:
+            engine = make_engine(url, readonly=True)  # read-only: `check` never creates the ledger
+        except DatabaseError:  # a SQLite ledger that does not exist yet
+            return [Finding("info", "ledger", f"no ledger yet at {self.ledger_description}: the first reap creates it")]
+        try:
+            return ledger_findings(Ledger(engine, self.config.ledger), self.ledger_description)
+        finally:
+            engine.dispose()
 
     def now(self) -> float:
         return self.store.now()

@@ -12,6 +12,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from reaper.backends.base import Actor, Candidate, Finding
+from reaper.backends.ledger_check import ledger_findings
 from reaper.backends.sql.actor import SqlActor, SqlStatements
 from reaper.backends.sql.lock import RunLock, lock_name
 from reaper.backends.sql.preflight import preflight
@@ -55,6 +56,9 @@ class SqlBackend:
                     connect_timeout=self.config.service.database_timeout,
                     poolclass=NullPool,
                 )
+            elif role == "ledger-read":
+                assert self.config.ledger.url
+                self._engines[role] = make_engine(self.config.ledger.url, readonly=True)
             else:  # the ledger's own database
                 assert self.config.ledger.url
                 self._engines[role] = make_engine(self.config.ledger.url, readonly=False)
@@ -75,7 +79,7 @@ class SqlBackend:
 
     # -- the seam ------------------------------------------------------------------------------------------
 
-    def check(self) -> list[Finding]:
+    def check(self, deep: bool = False) -> list[Finding]:
         engine = self.read_engine
         check_connection(engine)
         if not self.impl.supported_by(self._bound.profile.database):
@@ -84,10 +88,19 @@ class SqlBackend:
                 f"not {engine.dialect.name}"
             )
         try:
-            self.profile, findings = preflight(self._bound, engine, self.config.ledger.prefix)
-            return findings
+            self.profile, findings = preflight(self._bound, engine, self.config.ledger.prefix, deep)
         except DBAPIError as exc:
             raise DatabaseError(f"reading the schema of {self.description}: {describe_error(exc, self.url)}") from None
+        if deep:
+            where = redact(parse_url(self.config.ledger.url)) if self.config.ledger.url else self.description
+            findings += ledger_findings(self._read_ledger(), where)
+        return findings
+
+    def _read_ledger(self) -> Ledger:
+        """The ledger seen through a read-only engine: `check` inspects it, and never creates it."""
+        if self.config.ledger.url:
+            return Ledger(self._engine("ledger-read"), self.config.ledger)
+        return Ledger(self.read_engine, self.config.ledger, shared=True)
 
     @contextmanager
     def scan(self, now: float | None = None) -> Iterator[SqlScan]:
