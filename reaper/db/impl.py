@@ -12,7 +12,8 @@ import inspect
 import math
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -122,6 +123,11 @@ class DatabaseImpl:
 
     def abort(self, dbapi_conn: Any) -> None:
         """Cut a DBAPI connection from any thread: a call blocked on it returns at once with an error."""
+
+    @contextmanager
+    def read_guard(self, engine: Engine) -> Iterator[None]:
+        """Around a scan: raise if what was read may not be consistent (SQLite read without locks)."""
+        yield
 
     def now_query(self) -> str:
         """SQL giving the database server's clock as epoch seconds (a transaction's start, where it has one)."""
@@ -485,9 +491,31 @@ class SQLiteImpl(DatabaseImpl):
         if not readonly or not url.database:
             return url
         # Opened read-only by the OS as well: even a WAL checkpoint on close cannot touch the file (S1).
-        return url.set(
-            database=f"file:{Path(url.database).resolve()}", query={**url.query, "mode": "ro", "uri": "true"}
-        )
+        path = Path(url.database).resolve()
+        query = {**url.query, "mode": "ro", "uri": "true"}
+        if _wal_mode(path) and not _sidecars(path):
+            # A WAL database that no process has open: opening it, even read-only, would create its -wal and -shm
+            # files beside it (and leave them, since a read-only connection cannot clean up), or fail where the
+            # directory is not writable. Read it without SQLite's locks instead; read_guard() refuses the scan if
+            # the file changed meanwhile.
+            query["immutable"] = "1"
+        return url.set(database=f"file:{path}", query=query)
+
+    @contextmanager
+    def read_guard(self, engine: Engine) -> Iterator[None]:
+        if engine.url.query.get("immutable") != "1" or not engine.url.database:
+            yield
+            return
+        path = Path(engine.url.database.removeprefix("file:"))
+        before = _file_state(path)
+        if before[0]:
+            raise DatabaseError(f"{path} was opened by another process since this scan began; scan again")
+        yield
+        if _file_state(path) != before:
+            raise DatabaseError(
+                f"{path} changed while it was read without SQLite's locks (no process had it open when the scan "
+                "began); scan again"
+            )
 
     def now_query(self) -> str:
         return "SELECT (julianday('now') - 2440587.5) * 86400.0"  # the host's clock: SQLite has no server
@@ -557,6 +585,26 @@ class SQLiteImpl(DatabaseImpl):
     @property
     def file_lock(self) -> bool:
         return True
+
+
+def _wal_mode(path: Path) -> bool:
+    """The database file's header says WAL (bytes 18 and 19 are 2)."""
+    try:
+        with path.open("rb") as fh:
+            header = fh.read(20)
+    except OSError:
+        return False
+    return header.startswith(b"SQLite format 3\x00") and header[18:20] == b"\x02\x02"
+
+
+def _sidecars(path: Path) -> bool:
+    """Whether a -wal or -shm file exists: some process has (or had) the database open in WAL mode."""
+    return Path(f"{path}-wal").exists() or Path(f"{path}-shm").exists()
+
+
+def _file_state(path: Path) -> tuple[bool, int, int]:
+    st = path.stat()
+    return _sidecars(path), st.st_size, st.st_mtime_ns
 
 
 def _whole(seconds: float) -> int:

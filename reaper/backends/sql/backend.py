@@ -115,7 +115,7 @@ class SqlBackend:
     def scan(self, now: float | None = None) -> Iterator[SqlScan]:
         engine = self.read_engine
         try:
-            with engine.connect() as conn:
+            with self.impl.read_guard(engine), engine.connect() as conn:
                 self.impl.prepare_scan(conn, self.config.scan.work_mem_mb, self.config.scan.statement_timeout)
                 at = self.impl.now(conn) if now is None else now
                 yield SqlScan(
