@@ -26,6 +26,7 @@ from psycopg.types import datetime as psycopg_datetime
 from sqlalchemy.dialects import mysql
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import ColumnElement
 
 from reaper.errors import ConfigError, DatabaseError
@@ -214,10 +215,39 @@ class DatabaseImpl:
         """Who holds lock `key`, as the database describes the session; None when nobody does."""
         return None
 
+    def lock_scope(self, conn: Connection) -> str:
+        """What the lock key is built from: the database as the server names it, never the URL's host, so every
+        route to one database (an IP, a host name, a socket, a proxy) gives one lock. Readable by any role."""
+        raise NotImplementedError
+
+    def describe_database(self, conn: Connection) -> str:
+        """The database as the server identifies itself, for messages (what a least-privilege role can read)."""
+        return self.name
+
+    def session_id(self, conn: Connection) -> str | None:
+        """This session, in a form that is never reused for another one (to end it if it is stranded)."""
+        return None
+
+    def lock_holder_session(self, conn: Connection, key: int) -> str | None:
+        """The session holding lock `key`, in session_id()'s form; None when nobody holds it."""
+        return None
+
+    def end_session(self, conn: Connection, session: str) -> bool:
+        """End one of our own sessions, stranded holding the lock; True if the database ended it."""
+        return False
+
     @property
     def file_lock(self) -> bool:
         """The lock is a file beside the database, not a database session (SQLite)."""
         return False
+
+    def lock_file(self, url: URL, lock_dir: str | None) -> Path:
+        """The run lock's file, for databases whose lock is a file."""
+        raise NotImplementedError
+
+    def describe_file(self, url: URL) -> str:
+        """The database file as the lock identifies it."""
+        raise NotImplementedError
 
 
 class PostgresImpl(DatabaseImpl):
@@ -353,6 +383,54 @@ class PostgresImpl(DatabaseImpl):
         where = row[1] or "local socket"
         return f"{row[0] or 'unknown'} (backend pid {row[2]}, from {where}, since {since})"
 
+    def lock_scope(self, conn: Connection) -> str:
+        # Advisory locks live in one database of one cluster (pg_locks.database): the key needs only the
+        # database's name as the server reports it, which every role and every route reads the same.
+        return f"postgresql/{conn.execute(sa.text('SELECT current_database()')).scalar_one()}"
+
+    def describe_database(self, conn: Connection) -> str:
+        db, addr, port = conn.execute(
+            sa.text("SELECT current_database(), host(inet_server_addr()), inet_server_port()")
+        ).one()
+        # The cluster's system identifier, where the role may read it (pg_control_system(), granted to PUBLIC by
+        # default; a hardened server may revoke it): checked first, so a refusal cannot abort the transaction.
+        allowed = conn.execute(sa.text("SELECT has_function_privilege('pg_control_system()', 'EXECUTE')")).scalar()
+        if allowed:
+            system = conn.execute(sa.text("SELECT system_identifier::text FROM pg_control_system()")).scalar()
+            return f"PostgreSQL cluster {system}, database {db}"
+        where = f"{addr}:{port}" if addr else "a local socket"
+        return f"PostgreSQL at {where} (as the server reports it), database {db}"
+
+    def session_id(self, conn: Connection) -> str | None:
+        row = conn.execute(
+            sa.text("SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+        ).first()
+        return f"{row[0]} {row[1]}" if row else None
+
+    def lock_holder_session(self, conn: Connection, key: int) -> str | None:
+        hi, lo = (key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF
+        row = conn.execute(
+            sa.text(
+                "SELECT a.pid, a.backend_start::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = :hi AND l.objid = :lo "
+                "AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            ),
+            {"hi": hi, "lo": lo},
+        ).first()
+        return f"{row[0]} {row[1]}" if row else None
+
+    def end_session(self, conn: Connection, session: str) -> bool:
+        # A backend pid and its start time name one session for good (a pid alone may be reused). A role may
+        # end its own sessions without any privilege.
+        pid, _, start = session.partition(" ")
+        ended = conn.execute(
+            sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = :pid AND backend_start::text = :s"
+            ),
+            {"pid": int(pid), "s": start},
+        ).scalar()
+        return bool(ended)
+
 
 class MySQLImpl(DatabaseImpl):
     name = "mysql"
@@ -470,6 +548,49 @@ class MySQLImpl(DatabaseImpl):
         ).first()
         return f"connection {cid}" + (f" ({row[0]}@{row[1]})" if row else "")
 
+    def lock_scope(self, conn: Connection) -> str:
+        # GET_LOCK names are one namespace per server: the key needs the database as the server names it.
+        return f"mysql/{conn.execute(sa.text('SELECT DATABASE()')).scalar() or ''}"
+
+    def describe_database(self, conn: Connection) -> str:
+        # MySQL has server_uuid, MariaDB server_uid; both have hostname and port. Readable by any account.
+        found = {
+            str(k).lower(): str(v)
+            for k, v in conn.execute(
+                sa.text(
+                    "SHOW GLOBAL VARIABLES WHERE Variable_name IN ('server_uuid', 'server_uid', 'hostname', 'port')"
+                )
+            )
+        }
+        db = conn.execute(sa.text("SELECT DATABASE()")).scalar() or ""
+        uid = found.get("server_uuid") or found.get("server_uid")
+        where = f"{found.get('hostname', '?')}:{found.get('port', '?')}"
+        server = f"server {uid} ({where})" if uid else where
+        return f"MySQL/MariaDB {server}, database {db}"
+
+    def session_id(self, conn: Connection) -> str | None:
+        # A connection id with the client address as the server saw it: ids restart with the server.
+        row = conn.execute(
+            sa.text("SELECT id, host FROM information_schema.processlist WHERE id = CONNECTION_ID()")
+        ).first()
+        return f"{row[0]} {row[1]}" if row else None
+
+    def lock_holder_session(self, conn: Connection, key: int) -> str | None:
+        cid = conn.execute(sa.text("SELECT IS_USED_LOCK(:n)"), {"n": self._lock_name(key)}).scalar()
+        if not cid:
+            return None
+        row = conn.execute(sa.text("SELECT id, host FROM information_schema.processlist WHERE id = :i"), {"i": cid})
+        found = row.first()
+        return f"{found[0]} {found[1]}" if found else None
+
+    def end_session(self, conn: Connection, session: str) -> bool:
+        cid = int(session.partition(" ")[0])
+        try:
+            conn.execute(sa.text(f"KILL CONNECTION {cid}"))  # an account may end its own connections
+        except DBAPIError:
+            return False
+        return True
+
 
 class SQLiteImpl(DatabaseImpl):
     name = "sqlite"
@@ -585,6 +706,23 @@ class SQLiteImpl(DatabaseImpl):
     @property
     def file_lock(self) -> bool:
         return True
+
+    def lock_file(self, url: URL, lock_dir: str | None) -> Path:
+        # One file per database file, wherever it is named from: beside the file a symlink or a relative path
+        # resolves to, or, in a configured directory, named after the file's device and inode.
+        path = Path(url.database or "").resolve()
+        if lock_dir:
+            st = path.stat()
+            return Path(lock_dir) / f"{path.name}.{st.st_dev:x}-{st.st_ino:x}.dcr-reaper.lock"
+        return Path(f"{path}.dcr-reaper.lock")
+
+    def describe_file(self, url: URL) -> str:
+        path = Path(url.database or "").resolve()
+        try:
+            st = path.stat()
+        except OSError:
+            return f"SQLite file {path}"
+        return f"SQLite file {path} (device {st.st_dev:x}, inode {st.st_ino})"
 
 
 def _wal_mode(path: Path) -> bool:

@@ -140,7 +140,8 @@ class SqlBackend:
 
     def lock(self) -> RunLock:
         engine = self.write_engine
-        return RunLock(engine, lock_name(engine, self.config.ledger.prefix))
+        db = self.config.database
+        return RunLock(engine, lock_name(self.config.ledger.prefix), timeouts(db), db.sqlite_lock_dir)
 
     def ledger(self) -> Ledger:
         if self.config.ledger.url:
