@@ -97,3 +97,36 @@ def test_report_in_a_directory_the_reaper_cannot_write(tmp_path):
     assert res.returncode == 0, res.stderr
     assert f'"clients": {CHURN_REGISTRATIONS + 3}' in res.stdout
     assert _listing(data) == before
+
+
+@pytest.mark.slow
+def test_serve_in_a_directory_the_reaper_cannot_write_scans_without_a_run_lock(tmp_path, monkeypatch):
+    """Reading only, and no lock file can be made beside the database: serve leads without a lock (and says
+    so) rather than never scanning."""
+    import kit.cli
+    from kit.cli import ServeProcess
+    from kit.prometheus import value
+
+    data = tmp_path / "data"
+    data.mkdir()
+    db = build_demo(data / "oauth.db")
+    before = _listing(data)
+    real = kit.cli.cli_command
+    monkeypatch.setattr(kit.cli, "cli_command", lambda args: without_write_access(real(args)))
+    data.chmod(0o555)
+    try:
+        args = ["--database-url", f"sqlite:///{db}", "--profile", "mcp-memory-service", "--interval", "1s"]
+        with ServeProcess(args, tmp_path) as proc:
+            proc.wait_started()
+            text = proc.wait_metric("dcr_last_success_timestamp_seconds", lambda v: v > 0, timeout=20)
+            assert value(text, "dcr_leader") == 1
+            assert value(text, "dcr_last_scan_clients") == CHURN_REGISTRATIONS + 3
+            status, why = proc.get("/readyz")
+            assert status == 200 and why.startswith("leader without a run lock (cannot create the run lock file")
+            rc, _ = proc.terminate(timeout=10)
+            assert rc == 0, proc.output()
+        (unlocked,) = proc.events("leadership_unlocked")
+        assert "database.sqlite_lock_dir" in str(unlocked["reason"])
+    finally:
+        data.chmod(0o755)
+    assert _listing(data) == before, "nothing created beside the database"
