@@ -103,6 +103,7 @@ def _try_health(port: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_a_request_trickled_a_byte_at_a_time_is_cut_at_the_deadline(server):
     port, _ = server
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
