@@ -72,6 +72,7 @@ class Service:
             except Exception:  # noqa: BLE001 - a lock connection in any bad state is a lost lock
                 pass
             log_event("leadership_lost")
+            self.metrics.leader = 0  # at once: competing again may take a while on a bad network
             lock, self.lock = self.lock, None
             lock.discard()
         lock = self.backend.lock()

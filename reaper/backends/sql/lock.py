@@ -37,6 +37,7 @@ from reaper.ledger import holder_identity
 # The next attempt on that key ends such a session if it is the holder (it is ours, and nobody uses it).
 _abandoned: dict[int, str] = {}
 _abandoned_mutex = threading.Lock()
+RELEASE_WAIT = 1.0  # seconds release() waits on the lock connection before cutting it
 
 
 def lock_key(name: str) -> int:
@@ -240,18 +241,36 @@ class RunLock:
             self._fd = None
             return
         self._stop.set()
-        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
-            self._heartbeat.join(timeout=self.check_in + 1)
-            self._heartbeat = None
-        with self._mutex:
-            if self._conn is not None and not self._lost.is_set():
-                try:
-                    assert self.key is not None
-                    self.impl.unlock(self._conn, self.key)
-                    self._conn.commit()
-                except Exception:  # noqa: BLE001 - a dead connection has released the lock, or will be ended
-                    self._abandon()
-            self._close_connection()
+        # Letting go never waits on a silent network: after RELEASE_WAIT the lock connection is cut, which fails
+        # a check-in in flight and the unlock at once (the session then ends with its connection, or is stranded
+        # and ended by the server within stranded_after).
+        cutter = threading.Timer(RELEASE_WAIT, self._cut)
+        cutter.daemon = True
+        cutter.start()
+        try:
+            if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
+                self._heartbeat.join(timeout=self.check_in + 1)
+                self._heartbeat = None
+            with self._mutex:
+                if self._conn is not None and not self._lost.is_set():
+                    try:
+                        assert self.key is not None
+                        self.impl.unlock(self._conn, self.key)
+                        self._conn.commit()
+                    except Exception:  # noqa: BLE001 - a dead connection has released the lock, or will be ended
+                        self._abandon()
+                self._close_connection()
+        finally:
+            cutter.cancel()
+
+    def _cut(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            self.impl.abort(conn.connection.dbapi_connection)
+        except Exception:  # noqa: BLE001 - closed meanwhile
+            pass
 
     def discard(self) -> None:
         """Release a lock whose connection may be broken; never raises."""
