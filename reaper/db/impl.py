@@ -471,6 +471,17 @@ class MySQLImpl(DatabaseImpl):
         finally:
             cur.close()
 
+    def prepare_engine(self, engine: Engine, readonly: bool, timeouts: Timeouts) -> None:
+        @sa.event.listens_for(engine, "handle_error")
+        def _forget_unbuffered(context: Any) -> None:
+            # A streamed (unbuffered) result whose connection died (a read timeout, a cut) would try to read the
+            # rest of its rows when collected, and print a traceback: there is nothing left to read.
+            raw = getattr(getattr(context.execution_context, "cursor", None), "connection", None)
+            if raw is not None and getattr(raw, "_sock", None) is None:
+                result = getattr(raw, "_result", None)
+                if result is not None:
+                    result.unbuffered_active = False
+
     def abort(self, dbapi_conn: Any) -> None:
         sock = getattr(dbapi_conn, "_sock", None)
         if isinstance(sock, socket.socket):
