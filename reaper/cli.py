@@ -35,7 +35,8 @@ from reaper.errors import CapExceeded, ConfigError, ReaperError
 EXIT_CODES = (
     "Exit codes: 0 ok, 1 runtime or database error, 2 usage or configuration error, 3 schema mismatch, "
     "4 another reaper holds the lock, 5 the plan exceeds a cap (nothing reaped), "
-    "6 the reaper's clock and the database's disagree (nothing acted on)."
+    "6 the reaper's clock and the database's disagree (nothing acted on), "
+    "130/143 interrupted by SIGINT/SIGTERM."
 )
 ERROR = "dcr-reaper: error: "
 STOP_GRACE = 2.0  # seconds a reap batch in flight gets to finish after SIGINT/SIGTERM

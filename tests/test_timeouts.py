@@ -15,10 +15,16 @@ from kit.config import make_config
 from reaper.backends.sql import SqlBackend
 from reaper.backends.sql.lock import RunLock, lock_name
 from reaper.db import Timeouts, make_engine
+from reaper.db.impl import BOUNDED_WAITS
 from reaper.profiles import bind_profile
 
 BOUNDS = Timeouts(connect=3, round_trip=1.0, keepalive_idle=7, keepalive_interval=2, keepalive_count=4,
                   user_timeout=9, stranded_after=12)  # fmt: skip
+
+
+def test_psycopg_bounds_its_waits():
+    """Every PostgreSQL round trip is bounded through psycopg's Connection.wait(timeout=...)."""
+    assert BOUNDED_WAITS
 
 
 def _show(conn: sa.Connection, name: str) -> str:
