@@ -245,3 +245,34 @@ def test_a_session_we_gave_up_on_is_ended_by_our_next_attempt(pg_db, locks):
         assert again.try_acquire(), "our abandoned session was ended and the lock taken"
         assert again.key == first.key
         assert pg_advisory_locks(pg_db.engine) == 1
+
+
+@pytest.mark.slow
+def test_three_serve_replicas_by_three_routes_give_one_leader(pg_db, tmp_path):
+    """The issue's three replicas, each reaching the database its own way: one leader, two standbys."""
+    from kit.cli import ServeProcess
+    from kit.prometheus import value
+    from kit.schemas.authlib import fill_churning
+
+    fill_churning(pg_db.engine, families=2, orphans_per_family=3)
+    routes = _server_routes(pg_db)
+    procs = []
+    try:
+        for route, url in routes.items():
+            (tmp_path / route).mkdir()
+            args = ["--database-url", url, "--profile", "authlib", "--interval", "1s"]
+            procs.append(ServeProcess(args, tmp_path / route, route))
+        for proc in procs:
+            proc.wait_started()
+
+        def leaders() -> list[float]:
+            return [value(p.metrics(), "dcr_leader") or 0.0 for p in procs]
+
+        poll(lambda: sum(leaders()) == 1, 20, "one leader")
+        for _ in range(6):  # several ticks each: still one
+            time.sleep(0.5)
+            assert sum(leaders()) == 1, leaders()
+        assert pg_advisory_locks(pg_db.engine) == 1
+    finally:
+        for proc in procs:
+            proc.close()
