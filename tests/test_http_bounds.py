@@ -73,6 +73,7 @@ def _half_sent(port: int) -> socket.socket:
     return s
 
 
+@pytest.mark.slow
 def test_half_sent_requests_hold_a_bounded_number_of_threads_for_a_bounded_time(server, capfd):
     port, _ = server
     idle = [_half_sent(port) for _ in range(200)]

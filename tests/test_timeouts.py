@@ -65,6 +65,7 @@ def test_postgres_lock_session_is_ended_by_the_server_when_silent(pg_db):
         engine.dispose()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", ["postgresql", "mariadb"])
 def test_a_round_trip_longer_than_the_bound_fails_and_the_pool_recovers(server, request):
     db = request.getfixturevalue("pg_db" if server == "postgresql" else "mariadb_db")
