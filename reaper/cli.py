@@ -1,22 +1,35 @@
-"""Command line: a thin shell over `reaper.commands`. Errors print one line; --debug shows the traceback."""
+"""Command line: a thin shell over `reaper.commands`. Errors print one line; --debug shows the traceback.
+
+SIGINT and SIGTERM end any command within seconds, even one waiting on a silent network: the command runs in a
+worker thread; on the signal, an acting reap is asked to stop between batches (its batch in flight gets
+`STOP_GRACE` seconds), then every database connection of the process is cut, which makes a blocked call fail at
+once; the command unwinds (a partial output file is removed) and the process exits 128 + the signal's number
+with one line. A second signal, or a command that has not unwound after `UNWIND` seconds, exits at once.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import signal
+import stat
 import sys
+import tempfile
+import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, Any, NoReturn, TypeVar
 
 import click
 
 from reaper import __version__, commands
-from reaper.analysis.model import VERDICTS
+from reaper.analysis.model import VERDICTS, FamilyStats
+from reaper.backends import interrupt_all
 from reaper.config import Config, load_config, parse_duration, with_overrides
 from reaper.errors import CapExceeded, ConfigError, ReaperError, SchemaError
 
@@ -24,10 +37,123 @@ EXIT_CODES = (
     "Exit codes: 0 ok, 1 runtime or database error, 2 usage or configuration error, 3 schema mismatch, "
     "4 another reaper holds the lock, 5 the circuit breaker stopped the plan (nothing reaped), "
     "6 the reaper's clock and the database's disagree (nothing acted on), "
-    "7 `check`: the profile matches, with warnings to decide on."
+    "7 `check`: the profile matches, with warnings to decide on, "
+    "130/143 interrupted by SIGINT/SIGTERM."
 )
 CHECK_WARNINGS = 7
 ERROR = "dcr-reaper: error: "
+STOP_GRACE = 2.0  # seconds a reap batch in flight gets to finish after SIGINT/SIGTERM
+UNWIND = 3.0  # seconds a command gets to unwind once its connections are cut
+T = TypeVar("T")
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_partial_outputs: set[str] = set()  # temporary output files not yet renamed into place
+
+
+class Interrupted(ReaperError):
+    """SIGINT or SIGTERM ended the command (exit 128 + the signal's number)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.exit_code = 128 + signum
+
+
+class Stop:
+    """What a command's body sees of a stop request: `requested` is set on SIGINT/SIGTERM; a body that acts on
+    the store sets `acting`, so that its batch in flight may finish before the connections are cut."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.acting = False
+
+
+def _leave_now(signum: int) -> NoReturn:
+    """Exit without waiting for the command: remove partial output files first, say why in one line."""
+    for path in list(_partial_outputs):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    with contextlib.suppress(Exception):
+        sys.stderr.write(f"{ERROR}interrupted by {signal.Signals(signum).name}\n")
+        sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+def stoppable(body: Callable[[Stop], T]) -> T:
+    """Run `body` so that SIGINT and SIGTERM end it within seconds (see the module's docstring)."""
+    if threading.current_thread() is not threading.main_thread():
+        return body(Stop())  # signals are the main thread's: nothing to arrange
+    stop = Stop()
+    received: list[int] = []
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            outcome["value"] = body(stop)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if received:
+            _leave_now(received[0])  # a second signal: no more waiting
+        received.append(signum)
+        stop.requested.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        threading.Thread(target=work, name="command", daemon=True).start()
+        while not done.wait(0.05) and not received:
+            pass
+        if received and not done.is_set():
+            if stop.acting:
+                done.wait(STOP_GRACE)  # the runner stops between batches
+            if not done.is_set():
+                interrupt_all()  # a call waiting on a database fails now
+            if not done.wait(UNWIND):
+                _leave_now(received[0])
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        raise Interrupted(received[0])
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def output_file(path: str) -> Iterator[IO[str]]:
+    """Where a command writes: stdout for `-`; otherwise a temporary file beside `path`, renamed over it only
+    once complete, so a failure or a signal never leaves a partial file (nor touches an existing one)."""
+    if path == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    target = Path(path)
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~_UMASK
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    except OSError as exc:
+        raise ConfigError(f"--output {path}: {exc.strerror or exc}") from None
+    _partial_outputs.add(tmp)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    finally:
+        _partial_outputs.discard(tmp)
 
 
 class ReaperGroup(click.Group):
@@ -180,7 +306,13 @@ def _verdicts(value: tuple[str, ...]) -> frozenset[str]:
 )
 @click.option("--verdict", multiple=True, help="Only list clients with these verdicts (comma-separated or repeated).")
 @click.option("--family", help="Only list clients of this family (id prefix or normalized name).")
-@click.option("--output", "-o", type=click.File("w", encoding="utf-8", lazy=True), default="-", help="Write to a file.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    default="-",
+    help="Write to a file (replaced only once the report is complete).",
+)
 @click.option("--progress/--no-progress", default=None, help="Progress on stderr (default: when a terminal).")
 @click.option("--wide", is_flag=True, help="Full client_ids in the terminal table (CSV, Markdown and JSON have them).")
 def report(
@@ -188,7 +320,7 @@ def report(
     fmt: str,
     verdict: tuple[str, ...],
     family: str | None,
-    output: IO[str],
+    output: str,
     progress: bool | None,
     wide: bool,
 ) -> None:
@@ -198,11 +330,18 @@ def report(
 
     filters = Filters(_verdicts(verdict), family, reapable=frozenset(config.policy.verdicts))
     rep = config.report
-    with commands.classified(config, progress=Progress("scanning", progress)) as (stream, snapshot):
-        render(fmt, stream, snapshot, output, filters, rep.top_families, rep.max_rows, rep.show_ips, wide)
-        output.flush()
+
+    def body(_stop: Stop) -> dict[str, FamilyStats]:
+        with (
+            output_file(output) as out,
+            commands.classified(config, progress=Progress("scanning", progress)) as (stream, snapshot),
+        ):
+            render(fmt, stream, snapshot, out, filters, rep.top_families, rep.max_rows, rep.show_ips, wide)
+        return snapshot.families
+
+    families = stoppable(body)
     if family:
-        resolve_family(family, snapshot.families)  # an unknown family: exit 2 with the nearest names
+        resolve_family(family, families)  # an unknown family: exit 2 with the nearest names
 
 
 @cli.command()
@@ -212,7 +351,7 @@ def check(config: Config, fmt: str) -> None:
     """The preflight: the profile against the live schema (every mismatch), then what to decide before a reap
     (indexes, refresh lifetimes, encodings, unmapped tables, the ledger and its rights, the clocks), each with
     its fix. Exit 0 when all is well, 7 when it matches with warnings, 3 when it does not match."""
-    description, findings = commands.check(config)
+    description, findings = stoppable(lambda _stop: commands.check(config))
     problems = [f for f in findings if f.level == "error"]
     warned = any(f.level == "warning" for f in findings)
     status = "mismatch" if problems else "warnings" if warned else "ok"
@@ -272,17 +411,25 @@ def profiles_show(name: str) -> None:
 @click.option(
     "--format", "fmt", type=click.Choice(["table", "json", "csv", "markdown"]), default="table", show_default=True
 )
-def demo(db_path: str | None, fmt: str) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace the file at --db even if it is not an earlier demo database.")
+def demo(db_path: str | None, fmt: str, overwrite: bool) -> None:
     """Build a SQLite database in mcp-memory-service's schema that reproduces the churn report, then report on it."""
     from reaper.demo import DEFAULT_PATH, build_demo
     from reaper.output import Filters, render
 
-    path = build_demo(Path(db_path) if db_path else DEFAULT_PATH)
+    try:
+        path = build_demo(Path(db_path) if db_path else DEFAULT_PATH, overwrite=overwrite)
+    except (FileExistsError, IsADirectoryError) as exc:
+        raise ConfigError(str(exc)) from None
     url = f"sqlite:///{path}"
     config = load_config(None, {"database_url": url, "profile": "mcp-memory-service"}, environ={})
-    with commands.classified(config) as (stream, snapshot):
-        everything = Filters(frozenset(str(v) for v in VERDICTS))
-        render(fmt, stream, snapshot, sys.stdout, everything, config.report.top_families, config.report.max_rows)
+
+    def body(_stop: Stop) -> None:
+        with commands.classified(config) as (stream, snapshot):
+            everything = Filters(frozenset(str(v) for v in VERDICTS))
+            render(fmt, stream, snapshot, sys.stdout, everything, config.report.top_families, config.report.max_rows)
+
+    stoppable(body)
     click.echo(f"\nDemo database: {path}", err=fmt != "table")
     click.echo(
         f"Report on it yourself:  dcr-reaper report --profile mcp-memory-service --database-url {url}",
@@ -331,20 +478,29 @@ def reap(
         covered = ", ".join(config.policy.verdicts)
         raise ConfigError(f"--verdict: {', '.join(sorted(unknown))} is not among policy.verdicts ({covered})")
     selection = Selection(family, wanted, frozenset(clients), age, limit)
-    the_plan = commands.plan(config, progress=Progress("scanning", progress), selection=selection)
-    if show_sql:
-        for n, batch in enumerate(commands.statements(config, the_plan), 1):
-            click.echo(f"-- batch {n}")
-            for stmt in batch:
-                click.echo(f"{stmt};")
-        return
-    if not do_apply:
-        render_run(RunResult(the_plan, applied=False), fmt, sys.stdout, config.report.max_rows)
-        if the_plan.cap_problem and not force:
-            raise CapExceeded(f"{the_plan.cap_problem}; an --apply run would reap nothing")
-        return
-    result = commands.apply(config, the_plan, force=force, progress=Progress("reaping", progress))
-    render_run(result, fmt, sys.stdout, config.report.max_rows)
+
+    def body(stop: Stop) -> None:
+        the_plan = commands.plan(config, progress=Progress("scanning", progress), selection=selection)
+        if show_sql:
+            for n, batch in enumerate(commands.statements(config, the_plan), 1):
+                click.echo(f"-- batch {n}")
+                for stmt in batch:
+                    click.echo(f"{stmt};")
+            return
+        if not do_apply:
+            render_run(RunResult(the_plan, applied=False), fmt, sys.stdout, config.report.max_rows)
+            if the_plan.cap_problem and not force:
+                raise CapExceeded(f"{the_plan.cap_problem}; an --apply run would reap nothing")
+            return
+        if stop.requested.is_set():
+            return  # stopped while planning: act on nothing
+        stop.acting = True  # a stop now lets the batch in flight finish; the runner stops between batches
+        result = commands.apply(
+            config, the_plan, force=force, stop=stop.requested, progress=Progress("reaping", progress)
+        )
+        render_run(result, fmt, sys.stdout, config.report.max_rows)
+
+    stoppable(body)
 
 
 @cli.command()
@@ -353,7 +509,7 @@ def reap(
 @click.option("--client", "client_id", help="Restore one client (client_id or key).")
 def restore(config: Config, run_id: str | None, client_id: str | None) -> None:
     """Put reaped clients back exactly as they were, from their tombstones."""
-    result = commands.restore(config, run_id=run_id, client_id=client_id)
+    result = stoppable(lambda _stop: commands.restore(config, run_id=run_id, client_id=client_id))
     click.echo(f"restored {len(result.restored)} client(s), {result.rows} row(s)")
 
 

@@ -88,6 +88,13 @@ class ScanConfig(_Section):
 
     work_mem_mb: int = Field(64, ge=1, le=4096, description="PostgreSQL work_mem for the scan transaction")
     batch_size: int = Field(5000, ge=100, le=100000, description="rows fetched per round trip")
+    statement_timeout: Duration = Field(
+        300.0,
+        gt=0,
+        description="the database cancels a scan statement running longer (PostgreSQL: the query's first rows and "
+        "each later fetch; MySQL/MariaDB: the streamed query as a whole); the reaper waits this plus "
+        "database.read_timeout for an answer, then drops the connection",
+    )
 
 
 class ReportConfig(_Section):
@@ -142,6 +149,35 @@ class LoopsConfig(_Section):
     max_evidence: int = Field(50, ge=1, le=10000, description="evidence rows kept per family or flood")
 
 
+class DatabaseConfig(_Section):
+    """Every connection to a SQL database: how long to wait for it, and how a silent network is noticed (S10)."""
+
+    connect_timeout: Duration = Field(10.0, gt=0, description="connecting and logging in")
+    read_timeout: Duration = Field(
+        30.0,
+        gt=0,
+        description="the longest wait for one answer (a statement, a fetch, a commit) outside a scan's own; then "
+        "the connection is dropped",
+    )
+    keepalive_idle: Duration = Field(15.0, ge=1, description="TCP keepalives, at both ends: first probe after this")
+    keepalive_interval: Duration = Field(5.0, ge=1, description="... then one probe this often")
+    keepalive_count: int = Field(3, ge=1, le=127, description="... and the connection is dropped after this many")
+    user_timeout: Duration = Field(
+        30.0, ge=1, description="TCP_USER_TIMEOUT, at both ends: data unacknowledged this long drops the connection"
+    )
+    stranded_after: Duration = Field(
+        30.0,
+        ge=3,
+        description="the database ends a reaper session silent this long that holds the run lock, or a reap "
+        "batch's transaction: a vanished holder's lock is free after it; the holder checks in every third of it",
+    )
+    sqlite_lock_dir: str | None = Field(
+        None,
+        description="SQLite: the directory of the run lock file (default: beside the database file); every "
+        "reaper of one database must use the same",
+    )
+
+
 class LedgerConfig(_Section):
     """Where the reaper keeps runs, tombstones and aliases."""
 
@@ -172,7 +208,9 @@ class ServiceConfig(_Section):
         None, description="last success older than this -> not ready (default: 3 scan intervals)"
     )
     top_families: int = Field(20, ge=0, le=200, description="families named in metrics; the rest are 'other'")
-    database_timeout: Duration = Field(5.0, description="connect timeout for the readiness check")
+    database_timeout: Duration = Field(
+        5.0, gt=0, description="the readiness check's bound on connecting and on its one round trip"
+    )
 
     @field_validator("scan_cron")
     @classmethod
@@ -259,6 +297,7 @@ class Config(_Section):
     options: dict[str, Any] = Field(default_factory=dict, description="profile options, e.g. refresh_lifetime")
     classify: ClassifyConfig = ClassifyConfig()
     scan: ScanConfig = ScanConfig()
+    database: DatabaseConfig = DatabaseConfig()
     report: ReportConfig = ReportConfig()
     policy: PolicyConfig = PolicyConfig()
     loops: LoopsConfig = LoopsConfig()

@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 
 DEFAULT_PATH = Path("dcr-reaper-demo.sqlite")
+# Written into the demo database's header (PRAGMA application_id, "dcrd"): a file carrying it is a demo database
+# this command made, and may be replaced without asking.
+APPLICATION_ID = 0x64637264
 CHURN_NAME = "Claude Code (scalarly-memory)"
 CHURN_REGISTRATIONS = 32
 
@@ -112,15 +115,33 @@ class _Server:
         return refresh
 
 
-def build_demo(path: Path, now: float | None = None, seed: int = 7) -> Path:
-    """Create (or replace) the demo database at `path` and return its absolute path."""
+def is_demo_database(path: Path) -> bool:
+    """Whether the file is a demo database (its header carries APPLICATION_ID), read without opening it."""
+    try:
+        with path.open("rb") as fh:
+            header = fh.read(72)
+    except OSError:
+        return False
+    return header.startswith(b"SQLite format 3\x00") and int.from_bytes(header[68:72], "big") == APPLICATION_ID
+
+
+def build_demo(path: Path, now: float | None = None, seed: int = 7, overwrite: bool = False) -> Path:
+    """Create the demo database at `path` and return its absolute path. An existing file is replaced only if it
+    is an earlier demo database, or with `overwrite`; otherwise FileExistsError, and nothing is touched."""
     now = time.time() if now is None else now
     rng = random.Random(seed)
     path = path.expanduser().resolve()
+    if path.is_dir():
+        raise IsADirectoryError(f"--db {path} is a directory")
+    if path.exists() and not overwrite and not is_demo_database(path):
+        raise FileExistsError(
+            f"--db {path} exists and is not a demo database: nothing was changed (pass --overwrite to replace it)"
+        )
     for suffix in ("", "-wal", "-shm", "-journal"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     db = sqlite3.connect(path)
     try:
+        db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(SCHEMA)
         server = _Server(db)

@@ -27,6 +27,10 @@ class DatabaseError(ReaperError):
     """The database could not be reached or refused a statement (exit 1)."""
 
 
+class LockUnavailable(DatabaseError):
+    """The run lock cannot be taken at all (SQLite: its lock file cannot be created); exit 1."""
+
+
 class LockHeld(ReaperError):
     """Another reaper holds the lock; this one does nothing (exit 4)."""
 

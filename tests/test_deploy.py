@@ -845,7 +845,7 @@ def assert_serves(url: str, tmp_path: Path) -> None:
     """`serve` starts, gets ready (a successful scan as leader) and exports the orphans; within 30 s."""
     with ServeProcess(["--profile", "authlib", "--database-url", url, "--interval", "1s"], tmp_path) as proc:
         proc.wait_started()
-        # Ready as leader; before its first tick a replica answers 200 as a standby, which proves nothing yet.
+        # Ready as leader (a replica answers 503 until its first attempt on the lock, then 200 as a standby).
         proc.poll(lambda: proc.get("/readyz")[1].startswith("leader: "), 30, "/readyz as leader", ignore=(OSError,))
         text = proc.metrics()
         assert 'dcr_clients{verdict="orphan"} 7.0' in text

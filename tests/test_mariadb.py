@@ -99,7 +99,7 @@ def test_delete_without_returning_removes_exactly_the_locked_rows(mariadb_db):
 def test_get_lock_is_one_actor_at_a_time(mariadb_db):
     engine = make_engine(_mysql_url(mariadb_db), readonly=False)
     try:
-        name = lock_name(engine, "dcr_reaper_")
+        name = lock_name("dcr_reaper_")
         first, second = RunLock(engine, name), RunLock(engine, name)
         with first:
             assert first.alive()

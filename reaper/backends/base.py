@@ -136,6 +136,11 @@ class Backend(Protocol):
         """What acting on this batch would run, for review; connects read-only at most."""
         ...
 
+    def interrupt(self) -> None:
+        """Cut the store's open connections (not the run lock's), from any thread: a call waiting on one fails
+        at once. A stop request in the middle of a scan."""
+        ...
+
     def ping(self) -> None:
         """Raise when the store does not answer (readiness)."""
         ...

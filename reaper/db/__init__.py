@@ -1,8 +1,8 @@
 """SQL plumbing: URLs, engines, per-database implementations, the condition compiler and the schema check."""
 
 from reaper.db.compiler import Compiler, Owner, exists_where, now_param, table_clause, untyped
-from reaper.db.engine import check_connection, make_engine
-from reaper.db.impl import DatabaseImpl
+from reaper.db.engine import abort_connections, check_connection, make_engine, timeouts
+from reaper.db.impl import DatabaseImpl, Timeouts
 from reaper.db.schema import check_schema
 from reaper.db.url import describe_error, parse_url, redact
 
@@ -10,6 +10,8 @@ __all__ = [
     "Compiler",
     "DatabaseImpl",
     "Owner",
+    "Timeouts",
+    "abort_connections",
     "check_connection",
     "check_schema",
     "describe_error",
@@ -19,5 +21,6 @@ __all__ = [
     "parse_url",
     "redact",
     "table_clause",
+    "timeouts",
     "untyped",
 ]

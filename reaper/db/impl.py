@@ -2,24 +2,31 @@
 
 Every decision that differs between PostgreSQL, MySQL/MariaDB and SQLite lives here: connection settings and
 timeouts, read-only sessions, streaming, statement shapes (`IN`, `FOR UPDATE`, `DELETE ... RETURNING`, time
-arithmetic, group concatenation), reflection quirks, schema creation and the run lock. No other module compares
-database names.
+arithmetic, group concatenation), reflection quirks, schema creation, the run lock and what identifies a
+database to it. No other module compares database names.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import psycopg
 import sqlalchemy as sa
+from psycopg.abc import PQGen
 from psycopg.types import datetime as psycopg_datetime
 from sqlalchemy.dialects import mysql
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import ColumnElement
 
 from reaper.errors import ConfigError, DatabaseError
@@ -28,6 +35,22 @@ _NUMERIC = (sa.Integer, sa.Numeric, sa.Float)
 TIME_TYPES = (sa.DateTime, sa.TIMESTAMP, sa.Date)
 TEXT_TYPES = (sa.String, sa.Text, sa.JSON, sa.Enum)
 NUMERIC_TYPES = _NUMERIC
+
+Purpose = Literal["read", "write", "lock"]
+"""What a connection is for: a read-only scan, acting (a reap batch, the ledger), or holding the run lock."""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long a connection may wait, and how a silent network is noticed (config: [database], S10)."""
+
+    connect: float = 10.0  # connecting and logging in
+    round_trip: float | None = 30.0  # one answer: a statement, a fetch, a commit (None: unbounded)
+    keepalive_idle: float = 15.0  # TCP keepalives, set at both ends
+    keepalive_interval: float = 5.0
+    keepalive_count: int = 3
+    user_timeout: float = 30.0  # TCP_USER_TIMEOUT, at both ends
+    stranded_after: float = 30.0  # the database ends a lock session idle, or a reap transaction idle, this long
 
 
 class DatabaseImpl:
@@ -85,20 +108,27 @@ class DatabaseImpl:
         """The URL to connect with (SQLite opens read-only files through a `file:` URI)."""
         return url
 
-    def connect_args(self, url: URL, readonly: bool, connect_timeout: float | None) -> dict[str, Any]:
-        """Extra DBAPI connect() arguments."""
+    def connect_args(self, url: URL, purpose: Purpose, timeouts: Timeouts) -> dict[str, Any]:
+        """Extra DBAPI connect() arguments: timeouts and keepalives (a setting in the URL's query wins)."""
         return {}
 
-    def on_connect_statements(self, readonly: bool) -> list[str]:
-        """Statements run on every new DBAPI connection."""
-        return []
+    def on_connect(self, dbapi_conn: Any, purpose: Purpose, timeouts: Timeouts) -> None:
+        """Set up every new DBAPI connection (session settings, socket options)."""
 
-    def prepare_engine(self, engine: Engine, readonly: bool) -> None:
+    def prepare_engine(self, engine: Engine, readonly: bool, timeouts: Timeouts) -> None:
         """Engine-level hooks (SQLite: SQLAlchemy begins transactions, with the write lock)."""
 
     def lock_connect_args(self, application_name: str) -> dict[str, Any]:
         """connect() arguments for the lock's own connection."""
         return {}
+
+    def abort(self, dbapi_conn: Any) -> None:
+        """Cut a DBAPI connection from any thread: a call blocked on it returns at once with an error."""
+
+    @contextmanager
+    def read_guard(self, engine: Engine) -> Iterator[None]:
+        """Around a scan: raise if what was read may not be consistent (SQLite read without locks)."""
+        yield
 
     def now_query(self) -> str:
         """SQL giving the database server's clock as epoch seconds (a transaction's start, where it has one)."""
@@ -148,8 +178,9 @@ class DatabaseImpl:
     def set_timeouts(self, conn: Connection, lock_timeout: float, statement_timeout: float) -> None:
         """Bound how long this transaction waits for locks and runs one statement (S7)."""
 
-    def prepare_scan(self, conn: Connection, work_mem_mb: int) -> None:
-        """Session settings for the one big scan query (local to its transaction)."""
+    def prepare_scan(self, conn: Connection, work_mem_mb: int, statement_timeout: float) -> None:
+        """Session settings for the scan: its statement timeout, and for the one big query (local to the
+        scan's transaction where the database has that)."""
 
     # -- schema --------------------------------------------------------------------------------------------
 
@@ -203,10 +234,39 @@ class DatabaseImpl:
         """Who holds lock `key`, as the database describes the session; None when nobody does."""
         return None
 
+    def lock_scope(self, conn: Connection) -> str:
+        """What the lock key is built from: the database as the server names it, never the URL's host, so every
+        route to one database (an IP, a host name, a socket, a proxy) gives one lock. Readable by any role."""
+        raise NotImplementedError
+
+    def describe_database(self, conn: Connection) -> str:
+        """The database as the server identifies itself, for messages (what a least-privilege role can read)."""
+        return self.name
+
+    def session_id(self, conn: Connection) -> str | None:
+        """This session, in a form that is never reused for another one (to end it if it is stranded)."""
+        return None
+
+    def lock_holder_session(self, conn: Connection, key: int) -> str | None:
+        """The session holding lock `key`, in session_id()'s form; None when nobody holds it."""
+        return None
+
+    def end_session(self, conn: Connection, session: str) -> bool:
+        """End one of our own sessions, stranded holding the lock; True if the database ended it."""
+        return False
+
     @property
     def file_lock(self) -> bool:
         """The lock is a file beside the database, not a database session (SQLite)."""
         return False
+
+    def lock_file(self, url: URL, lock_dir: str | None) -> Path:
+        """The run lock's file, for databases whose lock is a file."""
+        raise NotImplementedError
+
+    def describe_file(self, url: URL) -> str:
+        """The database file as the lock identifies it."""
+        raise NotImplementedError
 
 
 class PostgresImpl(DatabaseImpl):
@@ -214,24 +274,73 @@ class PostgresImpl(DatabaseImpl):
     backends = ("postgresql",)
     drivers = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg"}
 
-    def connect_args(self, url: URL, readonly: bool, connect_timeout: float | None) -> dict[str, Any]:
+    def connect_args(self, url: URL, purpose: Purpose, timeouts: Timeouts) -> dict[str, Any]:
         args: dict[str, Any] = {}
         # Every session in UTC, so timestamps without a zone are read and compared as UTC (S9);
         # default_transaction_read_only makes the server itself refuse writes (S1).
-        opts = "-c TimeZone=UTC" + (" -c default_transaction_read_only=on" if readonly else "")
+        opts = "-c TimeZone=UTC" + (" -c default_transaction_read_only=on" if purpose == "read" else "")
         extra = url.query.get("options")
         args["options"] = f"{extra} {opts}" if isinstance(extra, str) and extra else opts
-        if connect_timeout is not None:
-            args["connect_timeout"] = max(1, int(connect_timeout))
+        # libpq's own: a connect timeout (libpq reads under 2 s as 2 s), TCP keepalives on the client's side, and
+        # TCP_USER_TIMEOUT (data unacknowledged this long drops the connection). Not over a Unix socket.
+        libpq = {
+            "connect_timeout": max(2, math.ceil(timeouts.connect)),
+            "keepalives": 1,
+            "keepalives_idle": _whole(timeouts.keepalive_idle),
+            "keepalives_interval": _whole(timeouts.keepalive_interval),
+            "keepalives_count": timeouts.keepalive_count,
+            "tcp_user_timeout": int(timeouts.user_timeout * 1000),
+        }
+        args.update({k: v for k, v in libpq.items() if k not in url.query})
         return args
 
+    def on_connect(self, dbapi_conn: Any, purpose: Purpose, timeouts: Timeouts) -> None:
+        # The server's side of the same: keepalives and TCP_USER_TIMEOUT on its socket (any role may set them;
+        # ignored over a Unix socket), so the server drops the session of a reaper whose network vanished.
+        version = dbapi_conn.info.server_version
+        stmts = [
+            f"SET tcp_keepalives_idle = {_whole(timeouts.keepalive_idle)}",
+            f"SET tcp_keepalives_interval = {_whole(timeouts.keepalive_interval)}",
+            f"SET tcp_keepalives_count = {timeouts.keepalive_count}",
+        ]
+        if version >= 120000:
+            stmts.append(f"SET tcp_user_timeout = {int(timeouts.user_timeout * 1000)}")
+        stranded = int(timeouts.stranded_after * 1000)
+        if purpose == "write":
+            # A reap batch's transaction left idle (its reaper gone) holds row locks the auth server waits on.
+            stmts.append(f"SET idle_in_transaction_session_timeout = {stranded}")
+        elif purpose == "lock" and version >= 140000:
+            # The lock session is idle between its holder's check-ins: silent for longer, it is stranded, and the
+            # server ends it (and frees the lock) even when a middlebox keeps its TCP connection up.
+            stmts.append(f"SET idle_session_timeout = {stranded}")
+        with dbapi_conn.cursor() as cur:
+            for stmt in stmts:
+                cur.execute(stmt)
+        dbapi_conn.commit()
+
     def lock_connect_args(self, application_name: str) -> dict[str, Any]:
-        return {"application_name": application_name[:63], "options": "-c TimeZone=UTC"}
+        return {"application_name": application_name[:63]}
+
+    def abort(self, dbapi_conn: Any) -> None:
+        try:
+            fd = dbapi_conn.pgconn.socket
+        except Exception:  # noqa: BLE001 - closed already: nothing to cut
+            return
+        _shutdown_fd(fd)
 
     def now_query(self) -> str:
         return "SELECT EXTRACT(EPOCH FROM now())::float8"
 
-    def prepare_engine(self, engine: Engine, readonly: bool) -> None:
+    def prepare_engine(self, engine: Engine, readonly: bool, timeouts: Timeouts) -> None:
+        limit = timeouts.round_trip
+        if limit is not None and BOUNDED_WAITS:
+
+            @sa.event.listens_for(engine, "do_connect")
+            def _bounded(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+                conn = BoundedConnection.connect(*cargs, **cparams)
+                conn.round_trip = limit
+                return conn
+
         @sa.event.listens_for(engine, "connect")
         def _infinite_times(dbapi_conn: Any, _record: Any) -> None:
             # 'infinity' is a valid timestamp in PostgreSQL but no Python datetime: read it as the last one
@@ -248,10 +357,12 @@ class PostgresImpl(DatabaseImpl):
     def is_lock_timeout(self, exc: BaseException) -> bool:
         return getattr(getattr(exc, "orig", None), "sqlstate", None) == "55P03"
 
-    def prepare_scan(self, conn: Connection, work_mem_mb: int) -> None:
-        # One backend, no parallel workers (each would rebuild the whole token aggregate: 3x the work on the
-        # auth server's CPUs), no JIT (seconds of compile time for a query run once), enough memory to keep
-        # the aggregate off disk.
+    def prepare_scan(self, conn: Connection, work_mem_mb: int, statement_timeout: float) -> None:
+        # Each statement of the scan (the query's first rows, every later fetch of the server-side cursor) ends
+        # at the statement timeout. One backend, no parallel workers (each would rebuild the whole token
+        # aggregate: 3x the work on the auth server's CPUs), no JIT (seconds of compile time for a query run
+        # once), enough memory to keep the aggregate off disk.
+        conn.execute(sa.text(f"SET LOCAL statement_timeout = {max(1, int(statement_timeout * 1000))}"))
         conn.execute(sa.text("SET LOCAL max_parallel_workers_per_gather = 0"))
         conn.execute(sa.text("SET LOCAL jit = off"))
         conn.execute(sa.text(f"SET LOCAL work_mem = '{int(work_mem_mb)}MB'"))
@@ -318,22 +429,127 @@ class PostgresImpl(DatabaseImpl):
         where = row[1] or "local socket"
         return f"{row[0] or 'unknown'} (backend pid {row[2]}, from {where}, since {since})"
 
+    def lock_scope(self, conn: Connection) -> str:
+        # Advisory locks live in one database of one cluster (pg_locks.database): the key needs only the
+        # database's name as the server reports it, which every role and every route reads the same.
+        return f"postgresql/{conn.execute(sa.text('SELECT current_database()')).scalar_one()}"
+
+    def describe_database(self, conn: Connection) -> str:
+        db, addr, port = conn.execute(
+            sa.text("SELECT current_database(), host(inet_server_addr()), inet_server_port()")
+        ).one()
+        # The cluster's system identifier, where the role may read it (pg_control_system(), granted to PUBLIC by
+        # default; a hardened server may revoke it): checked first, so a refusal cannot abort the transaction.
+        allowed = conn.execute(sa.text("SELECT has_function_privilege('pg_control_system()', 'EXECUTE')")).scalar()
+        if allowed:
+            system = conn.execute(sa.text("SELECT system_identifier::text FROM pg_control_system()")).scalar()
+            return f"PostgreSQL cluster {system}, database {db}"
+        where = f"{addr}:{port}" if addr else "a local socket"
+        return f"PostgreSQL at {where} (as the server reports it), database {db}"
+
+    def session_id(self, conn: Connection) -> str | None:
+        row = conn.execute(
+            sa.text("SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+        ).first()
+        return f"{row[0]} {row[1]}" if row else None
+
+    def lock_holder_session(self, conn: Connection, key: int) -> str | None:
+        hi, lo = (key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF
+        row = conn.execute(
+            sa.text(
+                "SELECT a.pid, a.backend_start::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = :hi AND l.objid = :lo "
+                "AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            ),
+            {"hi": hi, "lo": lo},
+        ).first()
+        return f"{row[0]} {row[1]}" if row else None
+
+    def end_session(self, conn: Connection, session: str) -> bool:
+        # A backend pid and its start time name one session for good (a pid alone may be reused). A role may
+        # end its own sessions without any privilege.
+        pid, _, start = session.partition(" ")
+        ended = conn.execute(
+            sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = :pid AND backend_start::text = :s"
+            ),
+            {"pid": int(pid), "s": start},
+        ).scalar()
+        return bool(ended)
+
 
 class MySQLImpl(DatabaseImpl):
     name = "mysql"
     backends = ("mysql", "mariadb")
     drivers = {"mysql": "mysql+pymysql", "mariadb": "mariadb+pymysql"}
 
-    def connect_args(self, url: URL, readonly: bool, connect_timeout: float | None) -> dict[str, Any]:
-        return {"connect_timeout": max(1, int(connect_timeout))} if connect_timeout is not None else {}
+    def connect_args(self, url: URL, purpose: Purpose, timeouts: Timeouts) -> dict[str, Any]:
+        # PyMySQL's socket timeouts: connecting, then every read and write (a round trip's bound).
+        args: dict[str, Any] = {"connect_timeout": max(1, math.ceil(timeouts.connect))}
+        if timeouts.round_trip is not None:
+            args["read_timeout"] = timeouts.round_trip
+            args["write_timeout"] = timeouts.round_trip
+        return {k: v for k, v in args.items() if k not in url.query}
+
+    def on_connect(self, dbapi_conn: Any, purpose: Purpose, timeouts: Timeouts) -> None:
+        # PyMySQL has no keepalive settings: set them on its socket (TCP only, not a Unix socket).
+        sock = getattr(dbapi_conn, "_sock", None)
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            _keepalive(sock, timeouts)
+        # UTC sessions: TIMESTAMP columns are read and compared in UTC, like the scan's `now`. A long
+        # GROUP_CONCAT limit: values kept as rows (Keycloak's redirect URIs) are not cut at 1024 bytes.
+        stmts = ["SET SESSION time_zone = '+00:00'", "SET SESSION group_concat_max_len = 16777216"]
+        if purpose == "read":
+            stmts.append("SET SESSION TRANSACTION READ ONLY")
+        else:
+            # Read committed, as on PostgreSQL: each statement of a reap batch (the re-check, the deletes) sees
+            # what other transactions committed up to that moment, not a snapshot taken at the batch's first read.
+            stmts.append("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        if purpose != "read":
+            # The server ends a connection silent this long (a lock session between its holder's check-ins, a
+            # batch's transaction whose reaper is gone) and frees its GET_LOCK and row locks, whatever the
+            # network in between does. MariaDB and MySQL both.
+            stmts.append(f"SET SESSION wait_timeout = {max(1, math.ceil(timeouts.stranded_after))}")
+        cur = dbapi_conn.cursor()
+        try:
+            for stmt in stmts:
+                cur.execute(stmt)
+        finally:
+            cur.close()
+
+    def prepare_engine(self, engine: Engine, readonly: bool, timeouts: Timeouts) -> None:
+        @sa.event.listens_for(engine, "handle_error")
+        def _forget_unbuffered(context: Any) -> None:
+            # A streamed (unbuffered) result whose connection died (a read timeout, a cut) would try to read the
+            # rest of its rows when collected, and print a traceback: there is nothing left to read.
+            raw = getattr(getattr(context.execution_context, "cursor", None), "connection", None)
+            if raw is not None and getattr(raw, "_sock", None) is None:
+                result = getattr(raw, "_result", None)
+                if result is not None:
+                    result.unbuffered_active = False
+
+    def abort(self, dbapi_conn: Any) -> None:
+        sock = getattr(dbapi_conn, "_sock", None)
+        if isinstance(sock, socket.socket):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def prepare_scan(self, conn: Connection, work_mem_mb: int, statement_timeout: float) -> None:
+        self._statement_timeout(conn, statement_timeout)
 
     def set_timeouts(self, conn: Connection, lock_timeout: float, statement_timeout: float) -> None:
         conn.execute(sa.text(f"SET SESSION innodb_lock_wait_timeout = {max(1, round(lock_timeout))}"))
+        self._statement_timeout(conn, statement_timeout)
+
+    @staticmethod
+    def _statement_timeout(conn: Connection, seconds: float) -> None:
         # A `mysql://` URL on a MariaDB server still gets the "mysql" dialect name: ask the dialect.
         if getattr(conn.dialect, "is_mariadb", False):
-            conn.execute(sa.text(f"SET SESSION max_statement_time = {statement_timeout:g}"))
+            conn.execute(sa.text(f"SET SESSION max_statement_time = {seconds:g}"))
         else:
-            conn.execute(sa.text(f"SET SESSION max_execution_time = {int(statement_timeout * 1000)}"))
+            conn.execute(sa.text(f"SET SESSION max_execution_time = {int(seconds * 1000)}"))
 
     def delete_returning(self, conn: Connection, table: sa.Table, where: Any) -> list[dict[str, Any]]:
         # MySQL has no DELETE ... RETURNING: lock the rows first, then delete exactly those rows by primary
@@ -357,16 +573,6 @@ class MySQLImpl(DatabaseImpl):
 
     def now_query(self) -> str:
         return "SELECT UNIX_TIMESTAMP(NOW(6))"
-
-    def on_connect_statements(self, readonly: bool) -> list[str]:
-        # UTC sessions: TIMESTAMP columns are read and compared in UTC, like the scan's `now`. A long
-        # GROUP_CONCAT limit: values kept as rows (Keycloak's redirect URIs) are not cut at 1024 bytes.
-        stmts = ["SET SESSION time_zone = '+00:00'", "SET SESSION group_concat_max_len = 16777216"]
-        if readonly:
-            return stmts + ["SET SESSION TRANSACTION READ ONLY"]
-        # Read committed, as on PostgreSQL: each statement of a reap batch (the re-check, the deletes) sees
-        # what other transactions committed up to that moment, not a snapshot taken at the batch's first read.
-        return stmts + ["SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"]
 
     def add_seconds(self, ts: ColumnElement[Any], seconds: ColumnElement[Any]) -> ColumnElement[Any]:
         return sa.func.timestampadd(sa.text("SECOND"), seconds, ts)
@@ -406,6 +612,49 @@ class MySQLImpl(DatabaseImpl):
         ).first()
         return f"connection {cid}" + (f" ({row[0]}@{row[1]})" if row else "")
 
+    def lock_scope(self, conn: Connection) -> str:
+        # GET_LOCK names are one namespace per server: the key needs the database as the server names it.
+        return f"mysql/{conn.execute(sa.text('SELECT DATABASE()')).scalar() or ''}"
+
+    def describe_database(self, conn: Connection) -> str:
+        # MySQL has server_uuid, MariaDB server_uid; both have hostname and port. Readable by any account.
+        found = {
+            str(k).lower(): str(v)
+            for k, v in conn.execute(
+                sa.text(
+                    "SHOW GLOBAL VARIABLES WHERE Variable_name IN ('server_uuid', 'server_uid', 'hostname', 'port')"
+                )
+            )
+        }
+        db = conn.execute(sa.text("SELECT DATABASE()")).scalar() or ""
+        uid = found.get("server_uuid") or found.get("server_uid")
+        where = f"{found.get('hostname', '?')}:{found.get('port', '?')}"
+        server = f"server {uid} ({where})" if uid else where
+        return f"MySQL/MariaDB {server}, database {db}"
+
+    def session_id(self, conn: Connection) -> str | None:
+        # A connection id with the client address as the server saw it: ids restart with the server.
+        row = conn.execute(
+            sa.text("SELECT id, host FROM information_schema.processlist WHERE id = CONNECTION_ID()")
+        ).first()
+        return f"{row[0]} {row[1]}" if row else None
+
+    def lock_holder_session(self, conn: Connection, key: int) -> str | None:
+        cid = conn.execute(sa.text("SELECT IS_USED_LOCK(:n)"), {"n": self._lock_name(key)}).scalar()
+        if not cid:
+            return None
+        row = conn.execute(sa.text("SELECT id, host FROM information_schema.processlist WHERE id = :i"), {"i": cid})
+        found = row.first()
+        return f"{found[0]} {found[1]}" if found else None
+
+    def end_session(self, conn: Connection, session: str) -> bool:
+        cid = int(session.partition(" ")[0])
+        try:
+            conn.execute(sa.text(f"KILL CONNECTION {cid}"))  # an account may end its own connections
+        except DBAPIError:
+            return False
+        return True
+
 
 class SQLiteImpl(DatabaseImpl):
     name = "sqlite"
@@ -427,19 +676,52 @@ class SQLiteImpl(DatabaseImpl):
         if not readonly or not url.database:
             return url
         # Opened read-only by the OS as well: even a WAL checkpoint on close cannot touch the file (S1).
-        return url.set(
-            database=f"file:{Path(url.database).resolve()}", query={**url.query, "mode": "ro", "uri": "true"}
-        )
+        path = Path(url.database).resolve()
+        query = {**url.query, "mode": "ro", "uri": "true"}
+        if _wal_mode(path) and not _sidecars(path):
+            # A WAL database that no process has open: opening it, even read-only, would create its -wal and -shm
+            # files beside it (and leave them, since a read-only connection cannot clean up), or fail where the
+            # directory is not writable. Read it without SQLite's locks instead; read_guard() refuses the scan if
+            # the file changed meanwhile.
+            query["immutable"] = "1"
+        return url.set(database=f"file:{path}", query=query)
+
+    @contextmanager
+    def read_guard(self, engine: Engine) -> Iterator[None]:
+        if engine.url.query.get("immutable") != "1" or not engine.url.database:
+            yield
+            return
+        path = Path(engine.url.database.removeprefix("file:"))
+        before = _file_state(path)
+        if before[0]:
+            raise DatabaseError(f"{path} was opened by another process since this scan began; scan again")
+        yield
+        if _file_state(path) != before:
+            raise DatabaseError(
+                f"{path} changed while it was read without SQLite's locks (no process had it open when the scan "
+                "began); scan again"
+            )
 
     def now_query(self) -> str:
         return "SELECT (julianday('now') - 2440587.5) * 86400.0"  # the host's clock: SQLite has no server
 
-    def on_connect_statements(self, readonly: bool) -> list[str]:
+    def on_connect(self, dbapi_conn: Any, purpose: Purpose, timeouts: Timeouts) -> None:
         # query_only makes SQLite refuse every write on this connection (S1).
-        stmts = ["PRAGMA busy_timeout = 5000"]
-        return stmts + (["PRAGMA query_only = ON"] if readonly else [])
+        stmts = ["PRAGMA busy_timeout = 5000"] + (["PRAGMA query_only = ON"] if purpose == "read" else [])
+        cur = dbapi_conn.cursor()
+        try:
+            for stmt in stmts:
+                cur.execute(stmt)
+        finally:
+            cur.close()
 
-    def prepare_engine(self, engine: Engine, readonly: bool) -> None:
+    def abort(self, dbapi_conn: Any) -> None:
+        try:
+            dbapi_conn.interrupt()  # the one sqlite3 call safe from another thread
+        except Exception:  # noqa: BLE001 - closed already
+            pass
+
+    def prepare_engine(self, engine: Engine, readonly: bool, timeouts: Timeouts) -> None:
         if readonly:
 
             @sa.event.listens_for(engine, "connect")
@@ -497,6 +779,103 @@ class SQLiteImpl(DatabaseImpl):
     @property
     def file_lock(self) -> bool:
         return True
+
+    def lock_file(self, url: URL, lock_dir: str | None) -> Path:
+        # One file per database file, wherever it is named from: beside the file a symlink or a relative path
+        # resolves to, or, in a configured directory, named after the file's device and inode.
+        path = Path(url.database or "").resolve()
+        if lock_dir:
+            st = path.stat()
+            return Path(lock_dir) / f"{path.name}.{st.st_dev:x}-{st.st_ino:x}.dcr-reaper.lock"
+        return Path(f"{path}.dcr-reaper.lock")
+
+    def describe_file(self, url: URL) -> str:
+        path = Path(url.database or "").resolve()
+        try:
+            st = path.stat()
+        except OSError:
+            return f"SQLite file {path}"
+        return f"SQLite file {path} (device {st.st_dev:x}, inode {st.st_ino})"
+
+
+def _wal_mode(path: Path) -> bool:
+    """The database file's header says WAL (bytes 18 and 19 are 2)."""
+    try:
+        with path.open("rb") as fh:
+            header = fh.read(20)
+    except OSError:
+        return False
+    return header.startswith(b"SQLite format 3\x00") and header[18:20] == b"\x02\x02"
+
+
+def _sidecars(path: Path) -> bool:
+    """Whether a -wal or -shm file exists: some process has (or had) the database open in WAL mode."""
+    return Path(f"{path}-wal").exists() or Path(f"{path}-shm").exists()
+
+
+def _file_state(path: Path) -> tuple[bool, int, int]:
+    st = path.stat()
+    return _sidecars(path), st.st_size, st.st_mtime_ns
+
+
+def _whole(seconds: float) -> int:
+    """Whole seconds, at least one (the unit of TCP keepalive settings)."""
+    return max(1, math.ceil(seconds))
+
+
+def _keepalive(sock: socket.socket, timeouts: Timeouts) -> None:
+    """TCP keepalives and TCP_USER_TIMEOUT on a client socket (Linux option names; others skipped)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    options = (
+        ("TCP_KEEPIDLE", _whole(timeouts.keepalive_idle)),
+        ("TCP_KEEPINTVL", _whole(timeouts.keepalive_interval)),
+        ("TCP_KEEPCNT", timeouts.keepalive_count),
+        ("TCP_USER_TIMEOUT", int(timeouts.user_timeout * 1000)),
+    )
+    for name, value in options:
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+def _shutdown_fd(fd: int) -> None:
+    """Shut a socket down (both ways) through a duplicate of its descriptor: the owner's blocked call returns."""
+    try:
+        dup = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    try:
+        dup.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        dup.close()
+
+
+# psycopg 3.2+ bounds a wait (Connection.wait's `timeout`); every round trip of a connection goes through it:
+# statements, server-side cursor fetches, commits.
+BOUNDED_WAITS = {"interval", "timeout"} <= set(inspect.signature(psycopg.Connection.wait).parameters)
+
+
+class BoundedConnection(psycopg.Connection[Any]):
+    """psycopg's connection, with every round trip bounded by `round_trip` seconds: a network that goes silent
+    (a partition, a middlebox that stops forwarding) fails the call instead of hanging it."""
+
+    round_trip: float | None = None
+
+    def wait(self, gen: PQGen[Any], interval: float = 0.1, timeout: float | None = None) -> Any:
+        if timeout is not None or self.round_trip is None:  # the caller's own bound (notifies()) stands
+            return super().wait(gen, interval=interval, timeout=timeout)
+        try:
+            return super().wait(gen, interval=interval, timeout=self.round_trip)
+        except psycopg.OperationalError as exc:
+            if type(exc).__name__ != "_WaitTimeout":
+                raise
+            # The protocol is mid-message: the connection cannot be used again (SQLAlchemy sees it closed and
+            # drops it from its pool).
+            self.pgconn.finish()
+            raise psycopg.OperationalError(
+                f"no answer from the server within {self.round_trip:g}s; connection dropped (a silent network?)"
+            ) from None
 
 
 def lenient_text(raw: bytes) -> str:

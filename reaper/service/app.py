@@ -2,6 +2,12 @@
 
 One replica leads: the one holding the store's run lock (S6). A standby keeps serving metrics with dcr_leader 0
 and tries the lock on every tick, so it takes over within one interval when the leader dies.
+
+The leader checks its lock between ticks as well (every third of a lock check-in, or each interval if shorter):
+a lock it can no longer confirm makes it step down at once (dcr_leader 0, /readyz 503 with the reason), well
+before the database can free the lock for another replica; the next tick drops that lock session (ending it,
+if the database still holds it for us) and competes again. /readyz says 503 until the lock has been tried once,
+and whenever it cannot be checked.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from reaper import commands
 from reaper.backends import Backend, RunLock, open_backend
 from reaper.config import Config
-from reaper.errors import ConfigError, ReaperError
+from reaper.errors import ConfigError, LockUnavailable, ReaperError
 from reaper.reaping import runner
 from reaper.service.http import application, serve_http
 from reaper.service.metrics import ReaperMetrics
@@ -46,6 +52,10 @@ class Service:
         self.stop_event = threading.Event()
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.lock: RunLock | None = None
+        self._lock_tried = False  # readiness: not before the first attempt on the lock
+        self._lock_problem: str | None = None  # why the lock cannot be checked (or was lost), when it cannot
+        self._unlocked: str | None = None  # leading without a run lock, and why (reading only: see _ensure_leader)
+        self._phase: str | None = None  # "scan" or "reap" while a tick is in one
         self._last_error: str | None = None
         self._watermark: float | None = None
         self._at_watermark: dict[str, int] = {}  # per family: registrations seen exactly at the watermark
@@ -62,19 +72,44 @@ class Service:
             except Exception:  # noqa: BLE001 - a lock connection in any bad state is a lost lock
                 pass
             log_event("leadership_lost")
+            self.metrics.leader = 0  # at once: competing again may take a while on a bad network
             lock, self.lock = self.lock, None
             lock.discard()
         lock = self.backend.lock()
         try:
             got = lock.try_acquire()
+        except LockUnavailable as exc:
+            lock.discard()
+            if self.s.reap:
+                raise
+            # Reading only, and the lock cannot be taken at all (SQLite in a directory this replica cannot write,
+            # no database.sqlite_lock_dir): scanning needs no lock, so lead without one rather than never scan.
+            if self._unlocked is None:
+                log_event("leadership_unlocked", reason=str(exc))
+            self._unlocked = str(exc)
+            return True
         except Exception:
             lock.discard()  # connected but failed before the answer: close what it opened
             raise
+        self._unlocked = None
         if got:
             self.lock = lock
             log_event("leadership_acquired")
             return True
         return False
+
+    def watch_lock(self) -> None:
+        """Between ticks: a leader that can no longer confirm its lock steps down now; the next tick competes."""
+        lock = self.lock
+        if lock is None or self.stop_event.is_set():
+            return
+        try:
+            held = lock.alive()
+        except Exception:  # noqa: BLE001 - cannot confirm it: as good as lost
+            held = False
+        if not held and self.lock is lock:
+            self.metrics.leader = 0
+            self._lock_problem = "lost the run lock (it cannot be confirmed); competing for it again on the next tick"
 
     def tick(self) -> None:
         """Scan (and reap, when enabled) if this replica leads; never raises."""
@@ -85,8 +120,12 @@ class Service:
                 leader = self._ensure_leader()
             except Exception as exc:  # noqa: BLE001 - the database may be down; stay up and retry
                 self.metrics.leader = 0
+                self._lock_problem = f"the run lock cannot be checked: {_first_line(exc)}"
                 self._fail("lock", exc)
                 return
+            finally:
+                self._lock_tried = True
+            self._lock_problem = None
             self.metrics.leader = int(leader)
             if not leader:
                 return
@@ -99,6 +138,7 @@ class Service:
 
     def _scan(self) -> None:
         started = time.time()
+        self._phase = "scan"
         try:
             with commands.classified(
                 self.config, self.backend, new_since=self._watermark, seen_at_watermark=self._at_watermark
@@ -109,6 +149,8 @@ class Service:
         except Exception as exc:  # noqa: BLE001
             self._fail("scan", exc)
             return
+        finally:
+            self._phase = None
         first = self._watermark is None
         if snapshot.newest_registration and snapshot.newest_registration >= (self._watermark or 0.0):
             self._watermark = snapshot.newest_registration
@@ -129,14 +171,18 @@ class Service:
 
     def _reap(self) -> None:
         try:
+            self._phase = "scan"  # planning is a scan: a stop may cut it
             the_plan = commands.plan(self.config, self.backend)
             if the_plan.cap_problem:
                 log_event("reap_refused", reason=the_plan.cap_problem, planned=len(the_plan.candidates))
                 return
+            self._phase = "reap"  # acting: a stop lets the batch finish, within the grace
             result = runner.apply(self.config, self.backend, the_plan, stop=self.stop_event, held_lock=self.lock)
         except Exception as exc:  # noqa: BLE001
             self._fail("reap", exc)
             return
+        finally:
+            self._phase = None
         self.metrics.record_reaped(result.acted)
         log_event(
             "reap",
@@ -157,11 +203,16 @@ class Service:
     # -- HTTP ------------------------------------------------------------------------------------------------
 
     def ready(self) -> tuple[bool, str]:
-        """Ready when the database answers and (as leader) the last scan succeeded recently."""
+        """Ready when the lock has been tried and can be checked, the database answers, and (as leader) the last
+        scan succeeded recently."""
+        if not self._lock_tried:
+            return False, "starting: the run lock has not been tried yet"
         try:
             self.backend.ping()
         except Exception as exc:  # noqa: BLE001
-            return False, f"database unreachable: {str(exc).splitlines()[0][:200] if str(exc) else exc!r}"
+            return False, f"database unreachable: {_first_line(exc)}"
+        if self._lock_problem:
+            return False, self._lock_problem
         if not self.metrics.leader:
             return True, "standby: database answers"
         max_age = self.s.ready_max_age or 3 * self.s.scan_interval
@@ -170,7 +221,8 @@ class Service:
             return False, "no successful scan yet"
         if age > max_age or self._last_error:
             return False, f"last successful scan {age:.0f}s ago; last error: {self._last_error}"
-        return True, f"leader: last successful scan {age:.0f}s ago"
+        role = "leader" if self._unlocked is None else f"leader without a run lock ({self._unlocked})"
+        return True, f"{role}: last successful scan {age:.0f}s ago"
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -196,6 +248,14 @@ class Service:
             misfire_grace_time=None,
             next_run_time=datetime.now(UTC),
         )
+        # A lock check-in is a third of database.stranded_after (the database frees a silent lock session after
+        # it): checking three times per check-in steps a partitioned leader down well before that.
+        every = self.config.database.stranded_after / 9
+        if not self.s.scan_cron:
+            every = min(every, self.s.scan_interval)
+        self.scheduler.add_job(
+            self.watch_lock, IntervalTrigger(seconds=every), id="lock-watch", max_instances=1, coalesce=True
+        )
         self.scheduler.start()
         log_event(
             "started",
@@ -213,6 +273,10 @@ class Service:
         """Stop scheduling, let the current batch finish (up to the grace), release the lock. True if clean."""
         self.stop_event.set()
         self.scheduler.shutdown(wait=False)
+        if self._phase == "scan":
+            # Nothing of a scan is worth finishing: cut its connections, so one waiting on a silent network ends
+            # now instead of at its timeout. (A reap batch is left to finish within the grace.)
+            self.backend.interrupt()
         clean = self._busy.acquire(timeout=self.s.grace)
         if clean:
             self._busy.release()
@@ -228,6 +292,11 @@ class Service:
             self.backend.close()
         log_event("stopped", clean=clean)
         return clean
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0][:200] if text else repr(exc)
 
 
 def serve(config: Config) -> int:

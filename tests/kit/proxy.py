@@ -1,11 +1,13 @@
-"""A TCP proxy the test controls, in front of a database: refuse new connections, cut the open ones, or cut
-one in the middle of a big result."""
+"""A TCP proxy the test controls, in front of a database: refuse new connections, cut the open ones, cut one in
+the middle of a big result, or black-hole everything (stop forwarding, keep every socket open: a partition, or a
+middlebox that hangs) until healed."""
 
 from __future__ import annotations
 
 import selectors
 import socket
 import threading
+import time
 
 import sqlalchemy as sa
 
@@ -25,7 +27,12 @@ class _Pair:
 
 class FaultProxy:
     """127.0.0.1:<random> -> target. refuse()/accept() new connections, cut() every open one, or arm a cut
-    that fires once one connection has carried `n` bytes from the server (in the middle of a big result)."""
+    that fires once one connection has carried `n` bytes from the server (in the middle of a big result).
+
+    blackhole() stops forwarding in both directions on every connection, open or new, and keeps every socket
+    open: neither end sees a close or a reset, and TCP keepalives are answered by the proxy's own kernel. heal()
+    forwards again (what was sent meanwhile, closes included). arm_blackhole_after(n) black-holes once one
+    connection has carried `n` bytes from the server."""
 
     def __init__(self, target: tuple[str, int]):
         self.target = target
@@ -40,7 +47,10 @@ class FaultProxy:
         self.refused = 0
         self.cuts = 0
         self.largest_download = 0  # most bytes one finished connection carried from the server
+        self.holding = False  # black-holed: nothing is forwarded
+        self.held_at: float | None = None  # time.monotonic() when the black hole began
         self._cut_after: int | None = None
+        self._hole_after: int | None = None
         self._pairs: set[_Pair] = set()
         self._lock = threading.Lock()
         self._closing = threading.Event()
@@ -66,6 +76,21 @@ class FaultProxy:
 
     def arm_cut_after(self, n_bytes: int) -> None:
         self._cut_after = n_bytes
+
+    def blackhole(self) -> None:
+        """Stop forwarding anything, on every connection, and keep every socket open."""
+        self.held_at = time.monotonic()
+        self.holding = True
+
+    def heal(self) -> None:
+        self.holding = False
+
+    def arm_blackhole_after(self, n_bytes: int) -> None:
+        self._hole_after = n_bytes
+
+    @property
+    def hole_armed(self) -> bool:
+        return self._hole_after is not None
 
     @property
     def armed(self) -> bool:
@@ -111,7 +136,12 @@ class FaultProxy:
         sel.register(pair.upstream, selectors.EVENT_READ, pair.client)
         try:
             while not self._closing.is_set():
+                if self.holding:  # unread data waits in the kernel's buffers; the sender's window closes
+                    time.sleep(0.02)
+                    continue
                 for key, _ in sel.select(timeout=0.1):
+                    if self.holding:
+                        break
                     src, dst = key.fileobj, key.data
                     data = src.recv(65536)  # type: ignore[union-attr]
                     if not data:
@@ -124,6 +154,10 @@ class FaultProxy:
                             self._cut_after = None
                             self.cut()
                             return
+                        hole = self._hole_after
+                        if hole is not None and pair.down_bytes >= hole:
+                            self._hole_after = None
+                            self.blackhole()
         except OSError:
             return
         finally:

@@ -22,7 +22,7 @@ from reaper.backends.sql.backend import SqlBackend
 from reaper.backends.sql.lock import RunLock, lock_name
 from reaper.backends.sql.scan import credential_compiler, credential_filter, live_condition
 from reaper.config import Config
-from reaper.db import describe_error, redact, table_clause
+from reaper.db import describe_error, redact, table_clause, timeouts
 from reaper.errors import ConfigError, DatabaseError
 from reaper.ledger import Ledger, Tombstone
 from reaper.profiles import BoundProfile, credential_columns
@@ -179,7 +179,8 @@ class KeycloakBackend(SqlBackend):
     def lock(self) -> RunLock:
         self.api()  # every missing setting, listed before anything is taken
         engine = self._ledger_engine()
-        return RunLock(engine, lock_name(engine, self.config.ledger.prefix))
+        db = self.config.database
+        return RunLock(engine, lock_name(self.config.ledger.prefix), timeouts(db), db.sqlite_lock_dir)
 
     def _ledger_engine(self) -> Any:
         if not self.config.ledger.url:

@@ -23,7 +23,7 @@ from reaper.backends.kv.scan import KvScan, Reader, Refs, collections, sample_pr
 from reaper.backends.kv.store import FileTreeKv, RedisKv, Store, open_store
 from reaper.backends.ledger_check import ledger_findings
 from reaper.config import Config
-from reaper.db import DatabaseImpl, make_engine, parse_url, redact
+from reaper.db import DatabaseImpl, abort_connections, make_engine, parse_url, redact
 from reaper.errors import ConfigError, DatabaseError
 from reaper.ledger import Ledger
 from reaper.profiles import BoundProfile
@@ -138,6 +138,11 @@ class KvBackend:
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
+
+    def interrupt(self) -> None:
+        """Cut the ledger's connections; a Redis call is bounded by its socket timeout already."""
+        if self._engine is not None:
+            abort_connections(self._engine)
 
     @property
     def ledger_description(self) -> str:

@@ -18,7 +18,16 @@ from reaper.backends.sql.lock import RunLock, lock_name
 from reaper.backends.sql.preflight import preflight
 from reaper.backends.sql.scan import SqlScan
 from reaper.config import Config
-from reaper.db import DatabaseImpl, check_connection, describe_error, make_engine, parse_url, redact
+from reaper.db import (
+    DatabaseImpl,
+    abort_connections,
+    check_connection,
+    describe_error,
+    make_engine,
+    parse_url,
+    redact,
+    timeouts,
+)
 from reaper.errors import ConfigError, DatabaseError
 from reaper.ledger import Ledger
 from reaper.profiles import BoundProfile
@@ -45,15 +54,23 @@ class SqlBackend:
     def _engine(self, role: str) -> Engine:
         if role not in self._engines:
             assert self.config.database_url
+            db = self.config.database
             if role == "read":
-                self._engines[role] = make_engine(self.config.database_url, readonly=True)
+                # A scan statement may run for scan.statement_timeout at the server: wait that long, and
+                # read_timeout more, for any answer on the read connection.
+                scan_bound = self.config.scan.statement_timeout + db.read_timeout
+                self._engines[role] = make_engine(
+                    self.config.database_url, readonly=True, bounds=timeouts(db, round_trip=scan_bound)
+                )
             elif role == "write":
-                self._engines[role] = make_engine(self.config.database_url, readonly=False)
+                self._engines[role] = make_engine(self.config.database_url, readonly=False, bounds=timeouts(db))
             elif role == "ping":
+                quick = self.config.service.database_timeout
                 self._engines[role] = make_engine(
                     self.config.database_url,
                     readonly=True,
-                    connect_timeout=self.config.service.database_timeout,
+                    connect_timeout=quick,
+                    bounds=timeouts(db, round_trip=quick),
                     poolclass=NullPool,
                 )
             elif role == "ledger-read":
@@ -61,7 +78,7 @@ class SqlBackend:
                 self._engines[role] = make_engine(self.config.ledger.url, readonly=True)
             else:  # the ledger's own database
                 assert self.config.ledger.url
-                self._engines[role] = make_engine(self.config.ledger.url, readonly=False)
+                self._engines[role] = make_engine(self.config.ledger.url, readonly=False, bounds=timeouts(db))
         return self._engines[role]
 
     @property
@@ -76,6 +93,11 @@ class SqlBackend:
         for engine in self._engines.values():
             engine.dispose()
         self._engines.clear()
+
+    def interrupt(self) -> None:
+        """Cut every connection this backend has open (not the run lock's): a blocked call fails at once."""
+        for engine in list(self._engines.values()):
+            abort_connections(engine)
 
     # -- the seam ------------------------------------------------------------------------------------------
 
@@ -106,8 +128,8 @@ class SqlBackend:
     def scan(self, now: float | None = None) -> Iterator[SqlScan]:
         engine = self.read_engine
         try:
-            with engine.connect() as conn:
-                self.impl.prepare_scan(conn, self.config.scan.work_mem_mb)
+            with self.impl.read_guard(engine), engine.connect() as conn:
+                self.impl.prepare_scan(conn, self.config.scan.work_mem_mb, self.config.scan.statement_timeout)
                 at = self.impl.now(conn) if now is None else now
                 yield SqlScan(
                     conn,
@@ -131,7 +153,8 @@ class SqlBackend:
 
     def lock(self) -> RunLock:
         engine = self.write_engine
-        return RunLock(engine, lock_name(engine, self.config.ledger.prefix))
+        db = self.config.database
+        return RunLock(engine, lock_name(self.config.ledger.prefix), timeouts(db), db.sqlite_lock_dir)
 
     def ledger(self) -> Ledger:
         if self.config.ledger.url:
