@@ -133,6 +133,16 @@ class LedgerConfig(_Section):
     url: str | None = Field(None, description="a separate database; default: the auth database itself")
     schema_: str | None = Field(None, alias="schema", description="database schema for the ledger tables")
     prefix: str = Field("dcr_reaper_", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,30}$")
+    key: SecretStr | None = Field(
+        None,
+        description="Fernet key(s) that seal tombstone payloads (env DCR_REAPER_LEDGER__KEY); several, comma-"
+        "separated: the first seals, all open (key rotation). Restore needs it",
+    )
+    key_file: str | None = Field(None, description="a file holding the key(s), one a line")
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.key is not None and self.key_file is not None:
+            raise ValueError("give key or key_file, not both")
 
 
 class ServiceConfig(_Section):
