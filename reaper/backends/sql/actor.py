@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,7 +20,7 @@ from reaper.backends.base import BatchOutcome, Candidate
 from reaper.backends.sql.scan import credential_compiler, credential_filter, live_condition, tenant_filter
 from reaper.config import PolicyConfig
 from reaper.db import Compiler, DatabaseImpl, describe_error, exists_where, now_param, redact
-from reaper.errors import DatabaseError, RestoreConflict
+from reaper.errors import DatabaseError, RestoreConflict, SchemaError
 from reaper.ledger import Ledger, Tombstone, decode_row, encode_row
 from reaper.profiles import BoundProfile, CredentialMap
 
@@ -37,14 +38,29 @@ class SqlStatements:
         self.policy = policy
         self.impl = DatabaseImpl.for_engine(engine)
         md = sa.MetaData()
+        # Credentials that reference the client's key, and those that reference another of its columns (DOT's
+        # device grants hold the public client_id): both are re-checked and deleted; only the first are swept.
+        by_column = [c for c in profile.scan_credentials if c.client_column is not None and c.via is None]
         try:
             self.client = self._reflect(md, engine, profile.client.table)
             self.creds = [(c, self._reflect(md, engine, c.table)) for c in profile.credentials]
+            self.column_creds = [(c, self._reflect(md, engine, c.table)) for c in by_column]
         except DBAPIError as exc:
             raise DatabaseError(f"reflecting tables: {describe_error(exc, engine.url)}") from None
-        by_name = {c.name: (c, t) for c, t in self.creds}
-        self.children = [by_name[n] for n in profile.profile.delete.children]
-        self.tables = {t.name: t for _, t in self.creds}
+        self.all_creds = self.creds + self.column_creds
+        by_name = {c.name: (c, t) for c, t in self.all_creds}
+        self.children = [by_name[n] for n in profile.profile.delete.children if n in by_name]
+        self.tables = {t.name: t for _, t in self.all_creds}
+        self.detach: list[Detach] = []
+        for d in profile.profile.delete.detach:
+            (src_cred, src), (ref_cred, ref) = by_name[d.table], by_name[d.references]
+            ref_pk = list(ref.primary_key.columns)
+            if d.column not in src.c or len(ref_pk) != 1:
+                raise SchemaError(
+                    f"delete.detach: {src.name}.{d.column} must be a column pointing at the one-column primary key "
+                    f"of {ref.name}"
+                )
+            self.detach.append(Detach(src_cred, src, d.column, ref_cred, ref, ref_pk[0]))
 
     def _reflect(self, md: sa.MetaData, engine: Engine, name: str) -> sa.Table:
         schema, _, bare = name.rpartition(".")
@@ -53,6 +69,16 @@ class SqlStatements:
     @property
     def key_col(self) -> Any:
         return self.client.c[self.profile.client.key]
+
+    def owner(self, cred: CredentialMap) -> Any:
+        """The client column a credential's `ref` holds: the key, or its `client_column`."""
+        return self.client.c[cred.client_column] if cred.client_column else self.key_col
+
+    def refs(self, cred: CredentialMap, table: sa.Table, keys: list[str]) -> Any:
+        """A credential table's rows of these clients (by key)."""
+        if cred.client_column is None:
+            return self.impl.in_(table.c[cred.ref], keys)
+        return table.c[cred.ref].in_(sa.select(self.owner(cred)).where(self.impl.in_(self.key_col, keys)))
 
     def _compiler(self, cred: CredentialMap, table: sa.Table, now: datetime, strict: bool = False) -> Compiler:
         return credential_compiler(self.profile, cred, table, now, self.impl, strict)
@@ -69,10 +95,10 @@ class SqlStatements:
     def live_exists(self, now: datetime, idle_since: datetime | None = None) -> list[Any]:
         """One EXISTS per credential table: a live credential references the client."""
         out = []
-        for cred, table in self.creds:
+        for cred, table in self.all_creds:
             if cred.kind == "record":
                 continue
-            cond = [table.c[cred.ref] == self.key_col, self.alive(cred, table, now, idle_since)]
+            cond = [table.c[cred.ref] == self.owner(cred), self.alive(cred, table, now, idle_since)]
             cond += credential_filter(self.profile, cred, table, now, self.impl)
             out.append(exists_where(*cond))
         return out
@@ -105,9 +131,7 @@ class SqlStatements:
         dead = sa.case((self.alive(cred, table, now, idle_since), 1), else_=0) == 0
         if cred.exclude is not None:
             dead = sa.or_(dead, self._compiler(cred, table, now).compile(cred.exclude))
-        return sa.and_(
-            self.impl.in_(table.c[cred.ref], keys), dead, *tenant_filter(table, cred.tenant, self.profile.options)
-        )
+        return sa.and_(self.refs(cred, table, keys), dead, *tenant_filter(table, cred.tenant, self.profile.options))
 
     def client_delete(self, keys: list[str], now: datetime, idle_since: datetime | None = None) -> Any:
         """The client goes only if nothing references it any more: a child row left behind is live, and so is
@@ -117,10 +141,10 @@ class SqlStatements:
         else:
             child_names = {t.name for _, t in self.children}
             remaining = [
-                exists_where(t.c[c.ref] == self.key_col, *tenant_filter(t, c.tenant, self.profile.options))
+                exists_where(t.c[c.ref] == self.owner(c), *tenant_filter(t, c.tenant, self.profile.options))
                 for c, t in self.children
             ]
-            live_tables = [t.name for c, t in self.creds if c.kind != "record"]
+            live_tables = [t.name for c, t in self.all_creds if c.kind != "record"]
             remaining += [
                 e
                 for name, e in zip(live_tables, self.live_exists(now, idle_since), strict=True)
@@ -151,8 +175,14 @@ class SqlStatements:
                 stmts.append(self.disable(disabling, now, idle))
             if deleting:
                 if self.profile.profile.delete.cascade:
-                    stmts += [sa.select(t).where(self.impl.in_(t.c[c.ref], deleting)) for c, t in self.creds]
+                    stmts += [sa.select(t).where(self.refs(c, t, deleting)) for c, t in self.all_creds]
                 else:
+                    stmts += [
+                        sa.update(d.table)
+                        .where(d.table.c[d.column].in_(d.doomed(self, deleting, now, idle)))
+                        .values({d.column: None})
+                        for d in self.detach
+                    ]
                     stmts += [
                         sa.delete(t).where(self.dead_children(c, t, deleting, now, idle)) for c, t in self.children
                     ]
@@ -161,6 +191,31 @@ class SqlStatements:
             str(s.compile(dialect=dialect, compile_kwargs={"literal_binds": True, "render_postcompile": True}))
             for s in stmts
         ]
+
+
+@dataclass(frozen=True)
+class Detach:
+    """A pointer column set NULL before the rows it points at go (profile `[delete] detach`)."""
+
+    cred: CredentialMap
+    table: sa.Table
+    column: str
+    ref_cred: CredentialMap
+    ref: sa.Table
+    ref_pk: Any
+
+    def doomed(self, sql: SqlStatements, keys: list[str], now: datetime, idle: datetime | None) -> Any:
+        """The referenced rows this batch deletes."""
+        return sa.select(self.ref_pk).where(sql.dead_children(self.ref_cred, self.ref, keys, now, idle))
+
+
+def _pk_cols(table: sa.Table) -> list[Any]:
+    return list(table.primary_key.columns)
+
+
+def _norm(values: Sequence[Any]) -> tuple[str, ...]:
+    """A primary key as comparable text (a value read back may come in another Python type than decoded)."""
+    return tuple(str(v) for v in values)
 
 
 class SqlActor:
@@ -278,21 +333,72 @@ class SqlActor:
         idle: datetime | None,
     ) -> None:
         sql = self.sql
-        ref_of = {t.name: c.ref for c, t in sql.creds}
+        # Which client a child row belongs to: its ref is the key, or another client column (DOT's client_id).
+        owner_of: dict[str, dict[str, str]] = {}
+        for cred, table in sql.column_creds:
+            col = cred.client_column or ""
+            owner_of[table.name] = {str(payloads[k]["client"].get(col)): k for k in keys}
+        ref_of = {t.name: c.ref for c, t in sql.all_creds}
+
+        def owner(table: str, row: dict[str, Any]) -> str:
+            value = str(row[ref_of[table]])
+            return owner_of[table].get(value, value) if table in owner_of else value
+
         if self.profile.profile.delete.cascade:
-            for cred, table in sql.creds:
-                for row in conn.execute(sa.select(table).where(self.impl.in_(table.c[cred.ref], keys))):
+            for cred, table in sql.all_creds:
+                for row in conn.execute(sa.select(table).where(sql.refs(cred, table, keys))):
                     r = row._asdict()
-                    payloads[str(r[cred.ref])]["children"].setdefault(table.name, []).append(encode_row(r))
+                    payloads[owner(table.name, r)]["children"].setdefault(table.name, []).append(encode_row(r))
         else:
+            pointers = self._detach(conn, keys, now, idle)
             for cred, table in sql.children:
+                pk = _pk_cols(table)
                 for r in self.impl.delete_returning(conn, table, sql.dead_children(cred, table, keys, now, idle)):
-                    payloads[str(r[ref_of[table.name]])]["children"].setdefault(table.name, []).append(encode_row(r))
+                    if pointers:
+                        at = _norm([r[c.name] for c in pk])
+                        for d in sql.detach:
+                            if d.table is table and (table.name, d.column, at) in pointers:
+                                r[d.column] = pointers.pop((table.name, d.column, at))[0]
+                    payloads[owner(table.name, r)]["children"].setdefault(table.name, []).append(encode_row(r))
+            # Pointers of rows that stay (another client's, in theory): their tombstone sets them back.
+            for (name, column, _at), (value, who, pk_row) in pointers.items():
+                payloads[who].setdefault("detached", []).append(
+                    {"table": name, "pk": encode_row(pk_row), "column": column, "value": encode_row({"v": value})}
+                )
         key_name = self.profile.client.key
         gone = self.impl.delete_returning(conn, sql.client, sql.client_delete(keys, now, idle))
         late = set(keys) - {str(r[key_name]) for r in gone}
         if late:
             raise _LateCredential(late)
+
+    def _detach(
+        self, conn: Connection, keys: list[str], now: datetime, idle: datetime | None
+    ) -> dict[tuple[str, str, tuple[str, ...]], tuple[Any, str, dict[str, Any]]]:
+        """Set NULL the pointers at rows this batch deletes, as the server's own delete does; return what they held:
+        (table, column, primary key) -> (value, owning client's key, primary key row)."""
+        sql = self.sql
+        held: dict[tuple[str, str, tuple[str, ...]], tuple[Any, str, dict[str, Any]]] = {}
+        for d in sql.detach:
+            pk = _pk_cols(d.table)
+            src, col = d.table, d.table.c[d.column]
+            q = (
+                sa.select(*pk, col, d.ref.c[d.ref_cred.ref])
+                .select_from(src.join(d.ref, col == d.ref_pk))
+                .where(sql.dead_children(d.ref_cred, d.ref, keys, now, idle))
+            )
+            found = [tuple(r) for r in conn.execute(q)]
+            if not found:
+                continue
+            n = len(pk)
+            for r in found:
+                held[(src.name, d.column, _norm(r[:n]))] = (
+                    r[n],
+                    str(r[n + 1]),
+                    {c.name: v for c, v in zip(pk, r, strict=False)},
+                )
+            match = pk[0].in_([r[0] for r in found]) if n == 1 else sa.tuple_(*pk).in_([r[:n] for r in found])
+            conn.execute(sa.update(src).where(match).values({d.column: None}))
+        return held
 
     def act(self, batch: Sequence[Candidate], run_id: str) -> BatchOutcome:
         """Act on one batch in short transactions (stale candidates apart); a late credential drops that client
@@ -370,8 +476,8 @@ class SqlActor:
                     if cred.kind == "record":
                         continue
                     comp = self.sql._compiler(cred, table, now)
-                    for i in range(0, len(keys), 500):
-                        chunk = keys[i : i + 500]
+                    for i in range(0, len(keys), 5000):
+                        chunk = keys[i : i + 5000]
                         q = (
                             sa.select(table.c[cred.ref])
                             .where(self.impl.in_(table.c[cred.ref], chunk), live_condition(cred, comp))
@@ -385,73 +491,138 @@ class SqlActor:
 
     # -- restore ------------------------------------------------------------------------------------------
 
-    def _pk_where(self, table: sa.Table, row: dict[str, Any]) -> Any:
-        pk = list(table.primary_key.columns)
-        if not pk:
-            return None
-        return sa.and_(*(c == row[c.name] for c in pk))
+    def _present(self, conn: Connection, table: sa.Table, cols: list[Any], values: list[tuple[Any, ...]]) -> set[Any]:
+        """Which of these values of `cols` a table holds (as normalized tuples)."""
+        found: set[tuple[str, ...]] = set()
+        for i in range(0, len(values), 1000):
+            chunk = values[i : i + 1000]
+            if len(cols) == 1:
+                where = self.impl.in_(cols[0], [v[0] for v in chunk])
+            else:
+                where = sa.tuple_(*cols).in_(chunk)
+            found |= {_norm(tuple(r)) for r in conn.execute(sa.select(*cols).where(where))}
+        return found
 
-    def _conflicts(self, conn: Connection, tomb: Tombstone) -> list[str]:
-        if tomb.action == "disable":
-            return []
+    def _conflicts(self, conn: Connection, tombs: Sequence[Tombstone], clients: dict[int, dict[str, Any]]) -> list[str]:
+        """Every row of these tombstones that cannot go back because its key or primary key is taken (a few
+        queries per table for the whole batch)."""
         sql = self.sql
-        problems = []
+        problems: list[str] = []
+        deleting = [t for t in tombs if t.action != "disable"]
+        if not deleting:
+            return problems
         key_col = sql.key_col
-        client = decode_row(tomb.payload["client"])
-        if conn.execute(sa.select(sa.literal(1)).where(key_col == client[key_col.name])).first():
-            problems.append(f"client {tomb.client_id}: a client with {key_col.name} = {client[key_col.name]!r} exists")
-        else:
-            where = self._pk_where(sql.client, client)
-            if (
-                where is not None
-                and conn.execute(sa.select(sa.literal(1)).select_from(sql.client).where(where)).first()
-            ):
-                problems.append(f"client {tomb.client_id}: its primary key is taken by another client row")
-        for name, rows in tomb.payload["children"].items():
+        taken = self._present(conn, sql.client, [key_col], [(clients[t.id][key_col.name],) for t in deleting])
+        for t in deleting:
+            value = clients[t.id][key_col.name]
+            if _norm([value]) in taken:
+                problems.append(f"client {t.client_id}: a client with {key_col.name} = {value!r} exists")
+        pk = _pk_cols(sql.client)
+        if pk and [c.name for c in pk] != [key_col.name]:
+            rows = {t.id: tuple(clients[t.id][c.name] for c in pk) for t in deleting}
+            taken = self._present(conn, sql.client, pk, list(rows.values()))
+            problems += [
+                f"client {t.client_id}: its primary key is taken by another client row"
+                for t in deleting
+                if _norm(rows[t.id]) in taken and not any(p.startswith(f"client {t.client_id}:") for p in problems)
+            ]
+        by_table: dict[str, list[tuple[Tombstone, tuple[Any, ...]]]] = {}
+        for t in deleting:
+            for name, rows_ in t.payload["children"].items():
+                table = sql.tables[name]
+                tpk = _pk_cols(table)
+                if tpk:
+                    for raw in rows_:
+                        row = decode_row(raw)
+                        by_table.setdefault(name, []).append((t, tuple(row[c.name] for c in tpk)))
+        for name, entries in by_table.items():
             table = sql.tables[name]
-            for raw in rows:
-                where = self._pk_where(table, decode_row(raw))
-                if where is not None and conn.execute(sa.select(sa.literal(1)).select_from(table).where(where)).first():
-                    problems.append(f"client {tomb.client_id}: a row with the same primary key exists in {name}")
+            taken = self._present(conn, table, _pk_cols(table), [v for _, v in entries])
+            for t in dict.fromkeys(t for t, v in entries if _norm(v) in taken):
+                problems.append(f"client {t.client_id}: a row with the same primary key exists in {name}")
         return problems
 
-    def _put_back(self, conn: Connection, tomb: Tombstone) -> int:
-        sql = self.sql
-        client = decode_row(tomb.payload["client"])
-        if tomb.action == "disable":
-            cols = (self.profile.profile.delete.disable_set or {}).keys()
-            conn.execute(
-                sa.update(sql.client)
-                .where(sql.key_col == client[sql.key_col.name])
-                .values({c: client[c] for c in cols})
+    def _order(self, names: set[str]) -> list[str]:
+        """Child tables in the order their rows can go back: the reverse of the delete order (a row deleted first
+        references rows deleted after it), then the rest."""
+        children = [t.name for _, t in self.sql.children]
+        first = [n for n in reversed(children) if n in names]
+        return first + sorted(names - set(first))
+
+    def _fix_pointers(self, conn: Connection, fixes: dict[tuple[str, str], list[tuple[dict[str, Any], Any]]]) -> None:
+        """Set detached pointers back, one executemany per (table, column)."""
+        for (name, column), items in fixes.items():
+            table = self.sql.tables[name]
+            pk = _pk_cols(table)
+            stmt = (
+                sa.update(table)
+                .where(*(c == sa.bindparam(f"pk_{i}") for i, c in enumerate(pk)))
+                .values({column: sa.bindparam("v_")})
             )
-            return 1
-        conn.execute(sql.client.insert().values(client))
-        count = 1
-        for name, rows in tomb.payload["children"].items():
-            if rows:
-                conn.execute(sql.tables[name].insert(), [decode_row(r) for r in rows])
-                count += len(rows)
-        for move in tomb.payload.get("moved", []):
-            table = sql.tables[move["table"]]
-            where = sa.and_(self._pk_where(table, decode_row(move["pk"])), table.c[move["column"]] == move["to"])
-            conn.execute(sa.update(table).where(where).values({move["column"]: move["from"]}))
+            conn.execute(stmt, [{**{f"pk_{i}": row[c.name] for i, c in enumerate(pk)}, "v_": v} for row, v in items])
+
+    def _put_back(self, conn: Connection, tombs: Sequence[Tombstone], clients: dict[int, dict[str, Any]]) -> int:
+        sql = self.sql
+        count = 0
+        cols = (self.profile.profile.delete.disable_set or {}).keys()
+        for tomb in tombs:
+            if tomb.action == "disable":
+                client = clients[tomb.id]
+                conn.execute(
+                    sa.update(sql.client)
+                    .where(sql.key_col == client[sql.key_col.name])
+                    .values({c: client[c] for c in cols})
+                )
+                count += 1
+        deleting = [t for t in tombs if t.action != "disable"]
+        if not deleting:
+            return count
+        conn.execute(sql.client.insert(), [clients[t.id] for t in deleting])
+        count += len(deleting)
+        pointers: dict[str, list[str]] = {}
+        for d in sql.detach:
+            pointers.setdefault(d.table.name, []).append(d.column)
+        fixes: dict[tuple[str, str], list[tuple[dict[str, Any], Any]]] = {}
+        names = {name for t in deleting for name, rows in t.payload["children"].items() if rows}
+        for name in self._order(names):
+            rows = [decode_row(r) for t in deleting for r in t.payload["children"].get(name, [])]
+            for column in pointers.get(name, []):
+                # In with the pointer NULL, set once every row it may point at is back (immediate foreign keys).
+                for row in rows:
+                    if row.get(column) is not None:
+                        fixes.setdefault((name, column), []).append((row, row[column]))
+                        row[column] = None
+            conn.execute(sql.tables[name].insert(), rows)
+            count += len(rows)
+        for t in deleting:
+            for d in t.payload.get("detached", []):
+                fixes.setdefault((d["table"], d["column"]), []).append(
+                    (decode_row(d["pk"]), decode_row(d["value"])["v"])
+                )
+        self._fix_pointers(conn, fixes)
+        for tomb in deleting:
+            for move in tomb.payload.get("moved", []):
+                table = sql.tables[move["table"]]
+                where = sa.and_(
+                    *(c == v for c, v in zip(_pk_cols(table), decode_row(move["pk"]).values(), strict=False)),
+                    table.c[move["column"]] == move["to"],
+                )
+                conn.execute(sa.update(table).where(where).values({move["column"]: move["from"]}))
         return count
 
     def restore(self, tombs: Sequence[Tombstone]) -> int:
-        """Put clients back in one transaction; the ledger records it in the same transaction when it shares the
-        database, else only once the rows are committed."""
+        """Put a batch of clients back in one transaction; the ledger records it in the same transaction when it
+        shares the database, else only once the rows are committed."""
         if not tombs:
             return 0
-        rows = 0
+        clients = {t.id: decode_row(t.payload["client"]) for t in tombs}
         try:
             with self.engine.begin() as conn:
-                problems = [p for t in tombs for p in self._conflicts(conn, t)]
+                problems = self._conflicts(conn, tombs, clients)
                 if problems:
                     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
                     raise RestoreConflict(f"{problems[0]}{more}; nothing restored")
-                for t in tombs:
-                    rows += self._put_back(conn, t)
+                rows = self._put_back(conn, tombs, clients)
                 if self.ledger.shared:
                     self.ledger.mark_restored(conn, tombs)  # same transaction as the rows
             if not self.ledger.shared:
