@@ -28,6 +28,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from sqlalchemy.engine import Connection, Engine
@@ -453,9 +454,8 @@ class Ledger:
         }
 
     def add_tombstones(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        """Insert a batch's tombstones in one executemany (one statement per row cost ~0.5 ms each)."""
-        if rows:
-            conn.execute(self.tombstones.insert(), rows)
+        """Insert a batch's tombstones, many rows a statement."""
+        insert_many(conn, self.tombstones, rows)
 
     def set_state(self, run_id: str, keys: Sequence[str], state: str, only: str = "pending") -> None:
         """Move tombstones of a run from `only` (pending) to `state` (done or void)."""
@@ -714,12 +714,24 @@ def encode_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def decode_row(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: _decode(v) for k, v in row.items()}
+    return {k: _decode(v) if v.__class__ is dict else v for k, v in row.items()}
 
 
 def encode_payload(payload: dict[str, Any]) -> str:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS).decode()  # reflected names: str subclasses
+    except TypeError:  # a lone surrogate (SQLite text that is not UTF-8): the json module escapes it
+        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
 
 
 def decode_payload(text: str) -> dict[str, Any]:
-    return dict(json.loads(text))
+    try:
+        return dict(orjson.loads(text))
+    except orjson.JSONDecodeError:
+        return dict(json.loads(text))
+
+
+def insert_many(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert many rows of one table in the caller's transaction, the database's fastest way (COPY on
+    PostgreSQL)."""
+    DatabaseImpl.for_engine(conn).insert_rows(conn, table, list(rows))
