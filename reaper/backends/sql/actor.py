@@ -64,7 +64,16 @@ class SqlStatements:
 
     def _reflect(self, md: sa.MetaData, engine: Engine, name: str) -> sa.Table:
         schema, _, bare = name.rpartition(".")
-        return sa.Table(bare, md, autoload_with=engine, schema=schema or None, listeners=self.impl.reflect_listeners())
+        # resolve_fks=False: a table a foreign key refers to would be reflected on the way without the listeners
+        # (SQLite's untyped columns), and that copy would then be the one the metadata hands back.
+        return sa.Table(
+            bare,
+            md,
+            autoload_with=engine,
+            schema=schema or None,
+            listeners=self.impl.reflect_listeners(),
+            resolve_fks=False,
+        )
 
     @property
     def key_col(self) -> Any:
