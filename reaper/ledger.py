@@ -533,18 +533,20 @@ class Ledger:
     def iter_open(
         self, run_id: str | None = None, keys: list[str] | None = None, batch: int = 1000
     ) -> Iterator[list[Tombstone]]:
-        """Open tombstones in pages of `batch`, oldest first; each page is its own short query (keyset paging),
-        so a long restore holds no cursor open and sees what earlier pages restored."""
+        """Open tombstones in pages of `batch`, oldest first. The ids come first (one query on the run's index),
+        then each page by primary key: a page is a short query whatever the run's size (a keyset query on
+        `run_id, id > after` re-read the run's whole index for every page), and holds no cursor open."""
         t = self.tombstones
-        after = -1
-        while True:
-            q = self._open_query(run_id, None, keys).where(t.c.id > after).order_by(t.c.id).limit(batch)
+        with self.connect() as conn:
+            ids = [int(r[0]) for r in conn.execute(self._open_query(run_id, None, keys).with_only_columns(t.c.id))]
+        ids.sort()
+        for i in range(0, len(ids), batch):
+            chunk = ids[i : i + batch]
+            q = self._open_query(None, None, None).where(self.impl.in_(t.c.id, chunk)).order_by(t.c.id)
             with self.connect() as conn:
                 page = [self._tombstone(r) for r in conn.execute(q)]
-            if not page:
-                return
-            yield page
-            after = page[-1].id
+            if page:
+                yield page
 
     def restored_count(self, run_id: str) -> int:
         return self.run(run_id).restored
@@ -552,7 +554,8 @@ class Ledger:
     def mark_restored(self, conn: Connection, tombs: Sequence[Tombstone]) -> None:
         """Record a restore (inside the caller's transaction): tombstones closed, merge aliases dropped."""
         ids = [t.id for t in tombs]
-        conn.execute(sa.update(self.tombstones).where(self.tombstones.c.id.in_(ids)).values(restored_at=time.time()))
+        where = self.impl.in_(self.tombstones.c.id, ids)  # one array parameter on PostgreSQL, not thousands
+        conn.execute(sa.update(self.tombstones).where(where).values(restored_at=time.time()))
         aliases = [t.client_id for t in tombs if t.action == "merge"]
         if aliases:
             conn.execute(sa.delete(self.aliases).where(self.aliases.c.alias_client_id.in_(aliases)))

@@ -7,15 +7,19 @@ continues where it stopped: restoring a restored run is a no-op.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from reaper.backends.base import Backend, errors
 from reaper.errors import ConfigError, ReaperError, RestoreConflict, SchemaError
 from reaper.reaping.runner import holding, reconcile
 
 Progress = Callable[[int, int], None]
+T = TypeVar("T")
 
 
 @dataclass
@@ -25,6 +29,42 @@ class RestoreResult:
     run_id: str | None = None
     already: int = 0  # clients of this run (or this client) restored before: nothing left to do for them
     seconds: float = 0.0
+
+
+def prefetched(pages: Iterator[T]) -> Iterator[T]:
+    """The next page read (and its payloads opened) in a thread while the current one is restored: the ledger's
+    query and decoding overlap with the store's inserts."""
+    box: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=1)
+    done = threading.Event()
+
+    def reader() -> None:
+        try:
+            for page in pages:
+                while not done.is_set():
+                    try:
+                        box.put((True, page), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if done.is_set():
+                    return
+            box.put((False, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            box.put((False, exc))
+
+    thread = threading.Thread(target=reader, name="restore-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            more, item = box.get()
+            if not more:
+                if isinstance(item, BaseException):
+                    raise item
+                return
+            yield item
+    finally:
+        done.set()
+        thread.join(timeout=5)
 
 
 def restore_from_ledger(
@@ -60,7 +100,7 @@ def restore_from_ledger(
                     if info.purged:
                         raise ReaperError(f"run {run_id}: its tombstones were purged; nothing can be restored")
                     return result
-                pages = ledger.iter_open(run_id=run_id, batch=max(1, batch_size))
+                pages = prefetched(ledger.iter_open(run_id=run_id, batch=max(1, batch_size)))
             else:
                 assert client_id
                 key = ledger.resolve_client(client_id)

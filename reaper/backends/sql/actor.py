@@ -14,7 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from reaper.backends.base import BatchOutcome, Candidate
 from reaper.backends.sql.scan import credential_compiler, credential_filter, live_condition, tenant_filter
@@ -515,8 +515,8 @@ class SqlActor:
     def _present(self, conn: Connection, table: sa.Table, cols: list[Any], values: list[tuple[Any, ...]]) -> set[Any]:
         """Which of these values of `cols` a table holds (as normalized tuples)."""
         found: set[tuple[str, ...]] = set()
-        for i in range(0, len(values), 1000):
-            chunk = values[i : i + 1000]
+        for i in range(0, len(values), 5000):
+            chunk = values[i : i + 5000]
             if len(cols) == 1:
                 where = self.impl.in_(cols[0], [v[0] for v in chunk])
             else:
@@ -530,6 +530,7 @@ class SqlActor:
         tombs: Sequence[Tombstone],
         clients: dict[int, dict[str, Any]],
         children: dict[int, dict[str, list[dict[str, Any]]]],
+        keys_only: bool = False,
     ) -> list[str]:
         """Every row of these tombstones that cannot go back because its key or primary key is taken (a few
         queries per table for the whole batch)."""
@@ -544,6 +545,8 @@ class SqlActor:
             value = clients[t.id][key_col.name]
             if _norm([value]) in taken:
                 problems.append(f"client {t.client_id}: a client with {key_col.name} = {value!r} exists")
+        if keys_only:
+            return problems
         pk = _pk_cols(sql.client)
         if pk and [c.name for c in pk] != [key_col.name]:
             rows = {t.id: tuple(clients[t.id][c.name] for c in pk) for t in deleting}
@@ -565,6 +568,12 @@ class SqlActor:
             for t in dict.fromkeys(t for t, v in entries if _norm(v) in taken):
                 problems.append(f"client {t.client_id}: a row with the same primary key exists in {name}")
         return problems
+
+    @staticmethod
+    def _refuse(problems: list[str]) -> None:
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise RestoreConflict(f"{problems[0]}{more}; nothing restored")
 
     def _order(self, names: set[str]) -> list[str]:
         """Child tables in the order their rows can go back: the reverse of the delete order (a row deleted first
@@ -653,11 +662,15 @@ class SqlActor:
         }
         try:
             with self.engine.begin() as conn:
-                problems = self._conflicts(conn, tombs, clients, children)
-                if problems:
-                    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-                    raise RestoreConflict(f"{problems[0]}{more}; nothing restored")
-                rows = self._put_back(conn, tombs, clients, children)
+                # The client key first (it need not be unique in the schema: Authlib's client_id is not); a row
+                # whose primary key is taken fails the insert, and then the whole check says which.
+                self._refuse(self._conflicts(conn, tombs, clients, children, keys_only=True))
+                try:
+                    with conn.begin_nested():
+                        rows = self._put_back(conn, tombs, clients, children)
+                except IntegrityError:
+                    self._refuse(self._conflicts(conn, tombs, clients, children))
+                    raise
                 if self.ledger.shared:
                     self.ledger.mark_restored(conn, tombs)  # same transaction as the rows
             if not self.ledger.shared:
