@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from reaper.backends.base import Backend, errors
 from reaper.errors import ConfigError, ReaperError, RestoreConflict, SchemaError
-from reaper.reaping.runner import holding, reconcile
+from reaper.reaping.runner import frozen_heap, holding, reconcile
 
 Progress = Callable[[int, int], None]
 T = TypeVar("T")
@@ -82,7 +82,7 @@ def restore_from_ledger(
     problems = errors(backend.check())
     if problems:
         raise SchemaError(problems)
-    with holding(backend):
+    with holding(backend), frozen_heap():
         ledger = backend.ledger()
         if not ledger.exists():
             raise ReaperError("no ledger found: nothing has been reaped here yet")
