@@ -248,9 +248,16 @@ class PostgresImpl(DatabaseImpl):
         cols = ", ".join(prep.quote(n) for n in names)
         raw = conn.connection.driver_connection
         assert raw is not None
-        with raw.cursor() as cur, cur.copy(f"COPY {prep.format_table(table)} ({cols}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row([json.dumps(row[n]) if n in json_cols and row[n] is not None else row[n] for n in names])
+        statement = f"COPY {prep.format_table(table)} ({cols}) FROM STDIN"
+        try:
+            with raw.cursor() as cur, cur.copy(statement) as copy:
+                for row in rows:
+                    copy.write_row(
+                        [json.dumps(row[n]) if n in json_cols and row[n] is not None else row[n] for n in names]
+                    )
+        except psycopg.Error as exc:  # as SQLAlchemy would raise it: callers handle DBAPIError / IntegrityError
+            kind = sa.exc.IntegrityError if isinstance(exc, psycopg.IntegrityError) else sa.exc.DBAPIError
+            raise kind(statement, None, exc) from None
 
     def prepare_scan(self, conn: Connection, work_mem_mb: int) -> None:
         # One backend, no parallel workers (each would rebuild the whole token aggregate: 3x the work on the

@@ -565,8 +565,10 @@ class SqlActor:
         for name, entries in by_table.items():
             table = sql.tables[name]
             taken = self._present(conn, table, _pk_cols(table), [v for _, v in entries])
-            for t in dict.fromkeys(t for t, v in entries if _norm(v) in taken):
-                problems.append(f"client {t.client_id}: a row with the same primary key exists in {name}")
+            hit = {t.id: t for t, v in entries if _norm(v) in taken}
+            problems += [
+                f"client {t.client_id}: a row with the same primary key exists in {name}" for t in hit.values()
+            ]
         return problems
 
     @staticmethod
