@@ -578,11 +578,27 @@ class SqlActor:
             raise RestoreConflict(f"{problems[0]}{more}; nothing restored")
 
     def _order(self, names: set[str]) -> list[str]:
-        """Child tables in the order their rows can go back: the reverse of the delete order (a row deleted first
-        references rows deleted after it), then the rest."""
-        children = [t.name for _, t in self.sql.children]
-        first = [n for n in reversed(children) if n in names]
-        return first + sorted(names - set(first))
+        """Child tables in an order their rows can go back in where foreign keys are checked at once: a table
+        after those its foreign keys point at (pointers the profile detaches do not count: they go in NULL and
+        are set afterwards), else in the profile's order."""
+        sql = self.sql
+        base = [t.name for _, t in sql.all_creds if t.name in names]
+        base += sorted(names - set(base))
+        detached = {(d.table.name, d.column) for d in sql.detach}
+        needs = {
+            n: {
+                fk.target_fullname.split(".")[-2]
+                for fk in sql.tables[n].foreign_keys
+                if (n, fk.parent.name) not in detached
+            }
+            & (names - {n})
+            for n in base
+        }
+        out: list[str] = []
+        while len(out) < len(base):
+            ready = [n for n in base if n not in out and needs[n] <= set(out)]
+            out.append(ready[0] if ready else next(n for n in base if n not in out))  # a cycle: the profile's order
+        return out
 
     def _fix_pointers(self, conn: Connection, fixes: dict[tuple[str, str], list[tuple[dict[str, Any], Any]]]) -> None:
         """Set detached pointers back, one executemany per (table, column)."""
