@@ -193,3 +193,19 @@ def test_the_evidence_of_a_run_outlives_its_clients(sqlite_db, tmp_path: Path):
     from reaper.commands import report
 
     assert not report(config).loops
+
+
+@pytest.mark.parametrize(
+    ("description", "label"),
+    [
+        ("postgresql+psycopg://app:***@db.internal:5432/auth", "db.internal:5432/auth"),
+        ("mariadb+pymysql://root@127.0.0.1:3306/auth?charset=utf8mb4", "127.0.0.1:3306/auth"),
+        ("sqlite:////var/lib/mcp/oauth.db", "/var/lib/mcp/oauth.db"),
+        ("redis://:***@cache:6379/0", "cache:6379/0"),
+        ("/home/app/.fastmcp/oauth-proxy", "/home/app/.fastmcp/oauth-proxy"),
+    ],
+)
+def test_reports_name_the_database_by_host_and_name_without_the_user(description: str, label: str):
+    from reaper.output.text import database_label
+
+    assert database_label(description) == label

@@ -17,7 +17,7 @@ from reaper import __version__
 from reaper.analysis.fingerprint import ip_prefix
 from reaper.analysis.model import VERDICTS, Classified, FamilyStats, FloodEvidence, LoopEvidence, LoopStep, Snapshot
 from reaper.output.records import Filters, loops_sorted
-from reaper.output.text import clean, duration_text, format_time, iso, short_time
+from reaper.output.text import clean, database_label, duration_text, format_time, iso, short_time
 
 VERDICT_COLORS = {
     "live": "#1a9850",
@@ -49,14 +49,6 @@ class Point:
     ip: str
     redirect_uris: tuple[str, ...] = ()
     software: str = ""
-
-
-def database_label(description: str) -> str:
-    """The database as host and name, without the driver or the user (`postgresql+psycopg://app:***@db:5432/auth`
-    -> `db:5432/auth`): what the evidence report names, since it is handed to vendors."""
-    rest = description.split("://", 1)[-1]
-    rest = rest.rsplit("@", 1)[-1] if "@" in rest.split("/", 1)[0] else rest
-    return rest.split("?", 1)[0] or description
 
 
 def e(text: object) -> str:

@@ -19,7 +19,7 @@ from reaper.output.records import (
     loops_sorted,
     summary_record,
 )
-from reaper.output.text import clean, duration_text, iso, short_time
+from reaper.output.text import clean, database_label, duration_text, iso, short_time
 
 LOOP_STEPS_IN_TABLE = 10
 ACTIONABLE = (Verdict.ORPHAN, Verdict.ABANDONED)
@@ -260,7 +260,7 @@ def render_report(
         listed, matched = _collect(stream, use, snap, max_rows)
         title = "Clients a reap would act on (orphan, abandoned)" if default else "Clients"
         header = (
-            f"dcr-reaper report · profile {snap.profile} · {snap.database} · {iso(snap.started_at)} · "
+            f"dcr-reaper report · profile {snap.profile} · {database_label(snap.database)} · {iso(snap.started_at)} · "
             f"{snap.clients} clients, {len(snap.families)} families, scanned in {snap.duration:.2f}s"
         )
         lines = [f"# {header}" if fmt == "markdown" else header, ""]
