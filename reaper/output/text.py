@@ -64,6 +64,9 @@ def database_label(description: str) -> str:
     """The database as host and name, without the driver or the user (`postgresql+psycopg://app:***@db:5432/auth`
     -> `db:5432/auth`): what reports for people name (the evidence report is handed to vendors); the JSON keeps
     the redacted URL."""
-    rest = description.split("://", 1)[-1]
-    rest = rest.rsplit("@", 1)[-1] if "@" in rest.split("/", 1)[0] else rest
-    return rest.split("?", 1)[0] or description
+    if "://" not in description:
+        return description  # a path (a file tree)
+    authority, _, path = description.split("://", 1)[1].partition("/")
+    host = authority.rsplit("@", 1)[-1]
+    path = path.split("?", 1)[0]
+    return (f"{host}/{path}" if host else path) or description
