@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from kit.config import make_config
 from kit.schemas.dot import build
 from reaper.analysis.model import Verdict
-from reaper.commands import apply, classified, plan, restore
+from reaper.commands import apply, classified, plan, restore, statements
 from reaper.db import check_schema
 from reaper.ledger import decode_payload
 from reaper.profiles import bind_profile
@@ -248,6 +248,11 @@ def test_a_refresh_chain_is_reaped_and_restored_on_every_database(any_db):
             {"a": made["chain"]["id"]},
         ).scalar()
     assert pointers == 1, "the fixture really has a refresh token pointed at by an access token"
+    (review,) = statements(config, the_plan)  # `reap --sql` shows the pointers set NULL before the deletes
+    text = "\n".join(review)
+    detach = text.index("UPDATE oauth2_provider_accesstoken SET source_refresh_token_id")
+    assert detach < text.index("DELETE FROM oauth2_provider_refreshtoken")
+    assert "DELETE FROM oauth2_provider_devicegrant" in text
     result = apply(config, the_plan)
     assert result.total_acted == 2 and not result.skipped
     with any_db.engine.connect() as conn:

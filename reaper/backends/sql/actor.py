@@ -14,7 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import CompileError, DBAPIError, IntegrityError
 
 from reaper.backends.base import BatchOutcome, Candidate
 from reaper.backends.sql.scan import credential_compiler, credential_filter, live_condition, tenant_filter
@@ -206,10 +206,17 @@ class SqlStatements:
                         sa.delete(t).where(self.dead_children(c, t, deleting, now, idle)) for c, t in self.children
                     ]
                 stmts.append(sa.delete(self.client).where(self.client_delete(deleting, now, idle)))
-        return [
-            str(s.compile(dialect=dialect, compile_kwargs={"literal_binds": True, "render_postcompile": True}))
-            for s in stmts
-        ]
+        return [_review_text(s, dialect) for s in stmts]
+
+
+def _review_text(stmt: Any, dialect: Any) -> str:
+    """A statement with its values inline; where a value has no literal form (SQLite's untyped columns), with
+    its parameters after it."""
+    try:
+        return str(stmt.compile(dialect=dialect, compile_kwargs={"literal_binds": True, "render_postcompile": True}))
+    except CompileError:
+        compiled = stmt.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
+        return f"{compiled} -- parameters: {compiled.params!r}"
 
 
 @dataclass(frozen=True)
