@@ -208,19 +208,19 @@ class Ledger:
 
     def _denied(self, text: str) -> str:
         schema, found, role = self._whereabouts()
-        roles_doc = "deploy/sql/ and docs/deployment.md, 'Moving an existing ledger'"
         if found:
             where = ", ".join(f"{s}.{self.prefix}*" for s in found)
             return (
                 f"ledger: role {role} may not use the ledger tables in {where} ({text}); they were made by another "
-                f"role (a first run as the owner or a superuser). Fix: run the roles script again as the owner, it "
-                f"moves them into the schema the reap role owns ({roles_doc}), or set ledger.schema to a schema "
-                "this role owns"
+                "role (a first run as the owner or a superuser). Fix: run the roles script of deploy/sql/ again as "
+                "the owner, it moves them into the schema the reap role owns (docs/deployment.md, 'Moving an "
+                "existing ledger'), or set ledger.schema to a schema this role owns"
             )
         return (
             f"ledger: role {role} may not create the ledger tables in schema {schema or '(default)'} ({text}). "
-            f"Fix: reap and restore as the reap role of {roles_doc} (it owns the ledger schema), or give this "
-            "role a schema of its own and set ledger.schema; report, check and serve need no ledger"
+            "Fix: reap and restore as the reap role the roles script of deploy/sql/ makes (it owns the ledger "
+            "schema; docs/deployment.md), or give this role a schema of its own and set ledger.schema; report, "
+            "check and serve need no ledger"
         )
 
     # -- connections -----------------------------------------------------------------------------------------

@@ -920,7 +920,7 @@ def test_report_role_cannot_reap(roles: Roles, tmp_path: Path) -> None:
     (line,) = assert_errors(res, 1)
     assert "permission denied" in line
     assert f"role {roles.report}" in line and "schema public" in line
-    assert "Fix: reap and restore as the reap role of deploy/sql/" in line
+    assert "Fix: reap and restore as the reap role the roles script of deploy/sql/ makes" in line
     with roles.db.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM oauth2_client")).scalar() == 9
 
@@ -941,7 +941,7 @@ def test_a_ledger_a_superuser_made_moves_to_the_reap_role(roles: Roles, tmp_path
     )
     (line,) = assert_errors(res, 1)
     assert f"role {roles.reap}" in line and "public.dcr_reaper_*" in line
-    assert "run the roles script again as the owner" in line and "Moving an existing ledger" in line
+    assert "run the roles script of deploy/sql/ again as the owner" in line and "Moving an existing ledger" in line
 
     moved = roles.apply_sql()
     assert moved.returncode == 0, moved.stderr
