@@ -57,6 +57,7 @@ def test_a_killed_run_is_listed_interrupted_with_its_true_count_and_restores_who
     back = run_cli(["restore", "--run", run["id"][:6], *_args(db.url)], tmp_path)
     assert back.returncode == 0, back.stderr
     assert f"restored {len(gone)} client(s)" in back.stdout
+    assert f"restoring: {len(gone)}/{len(gone)} clients (100%)" in back.stderr, "progress, also when not a terminal"
     assert snapshot(db.engine) == before, "every client back, column for column"
     again = run_cli(["restore", "--run", run["id"][:6], *_args(db.url)], tmp_path)
     assert again.returncode == 0 and "nothing to restore" in again.stdout, again.stdout + again.stderr
