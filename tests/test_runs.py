@@ -210,3 +210,18 @@ def test_reports_name_the_database_by_host_and_name_without_the_user(description
     from reaper.output.text import database_label
 
     assert database_label(description) == label
+
+
+def test_progress_lines_carry_the_rate_and_an_eta(capsys, monkeypatch):
+    from reaper import cli
+
+    clock = iter([100.0, 110.0, 120.0])
+    monkeypatch.setattr(cli.time, "monotonic", lambda: next(clock))
+    progress = cli.Progress("restoring", enabled=True, every=0)
+    progress(5_000, 20_000)  # 10 s in: 500/s, 15,000 left
+    progress(20_000, 20_000)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "restoring: 5,000/20,000 clients (25%), 500/s, about 30s left",
+        "restoring: 20,000/20,000 clients (100%), 1,000/s",
+    ]
