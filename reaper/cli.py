@@ -103,6 +103,10 @@ def stoppable(body: Callable[[Stop], T]) -> T:
             _leave_now(received[0])  # a second signal: no more waiting
         received.append(signum)
         stop.requested.set()
+        if stop.acting:
+            with contextlib.suppress(Exception):
+                sys.stderr.write("\ndcr-reaper: stopping after this batch (Ctrl-C again to interrupt at once)\n")
+                sys.stderr.flush()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -202,25 +206,40 @@ class ReaperGroup(click.Group):
 
 
 class Progress:
-    """A one-line progress indicator on stderr when it is a terminal."""
+    """Progress on stderr: one line redrawn on a terminal; elsewhere (a log, a pipe) a line every `every`
+    seconds. Enabled on a terminal unless told otherwise."""
 
-    def __init__(self, label: str, enabled: bool | None = None):
+    def __init__(self, label: str, enabled: bool | None = None, every: float = 5.0):
         self.label = label
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.tty = sys.stderr.isatty()
+        self.enabled = self.tty if enabled is None else enabled
+        self.every = 0.2 if self.tty else every
         self.last = 0.0
         self.started = time.monotonic()
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
-        if not self.enabled or (now - self.last < 0.2 and done < total):
+        if not self.enabled or (now - self.last < self.every and 0 < done < total):
             return
         self.last = now
         pct = f" ({100 * done / total:.0f}%)" if total else ""
-        rate = done / max(now - self.started, 1e-6)
-        sys.stderr.write(f"\r{self.label}: {done:,}/{total:,} clients{pct}, {rate:,.0f}/s ")
-        if done >= total:
-            sys.stderr.write("\n")
+        elapsed = max(now - self.started, 1e-6)
+        rate = done / elapsed
+        eta = f", about {_eta((total - done) / rate)} left" if rate > 0 and 0 < done < total else ""
+        line = f"{self.label}: {done:,}/{total:,} clients{pct}, {rate:,.0f}/s{eta}"
+        if self.tty:
+            sys.stderr.write(f"\r{line} \x1b[K" + ("\n" if done >= total else ""))
+        else:
+            sys.stderr.write(line + "\n")
         sys.stderr.flush()
+
+
+def _eta(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _pairs(items: tuple[str, ...], flag: str) -> dict[str, str]:
@@ -464,6 +483,7 @@ def reap(
 ) -> None:
     """Plan what the policy would reap (dry-run, the default); --apply does it, with tombstones."""
     from reaper.output.plan import render_run
+    from reaper.reaping.evidence import EvidenceCollector
     from reaper.reaping.plan import RunResult, Selection
 
     if show_sql and do_apply:
@@ -478,9 +498,12 @@ def reap(
         covered = ", ".join(config.policy.verdicts)
         raise ConfigError(f"--verdict: {', '.join(sorted(unknown))} is not among policy.verdicts ({covered})")
     selection = Selection(family, wanted, frozenset(clients), age, limit)
+    evidence = EvidenceCollector()  # what the scan showed, kept with the run
 
     def body(stop: Stop) -> None:
-        the_plan = commands.plan(config, progress=Progress("scanning", progress), selection=selection)
+        the_plan = commands.plan(
+            config, progress=Progress("scanning", progress), selection=selection, evidence=evidence
+        )
         if show_sql:
             for n, batch in enumerate(commands.statements(config, the_plan), 1):
                 click.echo(f"-- batch {n}")
@@ -496,21 +519,125 @@ def reap(
             return  # stopped while planning: act on nothing
         stop.acting = True  # a stop now lets the batch in flight finish; the runner stops between batches
         result = commands.apply(
-            config, the_plan, force=force, stop=stop.requested, progress=Progress("reaping", progress)
+            config,
+            the_plan,
+            force=force,
+            stop=stop.requested,
+            progress=Progress("reaping", progress),
+            evidence=evidence,
         )
         render_run(result, fmt, sys.stdout, config.report.max_rows)
+        if stop.requested.is_set() and result.run_id:
+            click.echo(
+                f"dcr-reaper: stopped after {result.total_acted} client(s); run {result.run_id} is recorded and "
+                f"`dcr-reaper restore --run {result.run_id[:8]}` puts them back",
+                err=True,
+            )
 
     stoppable(body)
 
 
 @cli.command()
 @source_options
-@click.option("--run", "run_id", help="Restore every client reaped by this run.")
-@click.option("--client", "client_id", help="Restore one client (client_id or key).")
-def restore(config: Config, run_id: str | None, client_id: str | None) -> None:
-    """Put reaped clients back exactly as they were, from their tombstones."""
-    result = stoppable(lambda _stop: commands.restore(config, run_id=run_id, client_id=client_id))
-    click.echo(f"restored {len(result.restored)} client(s), {result.rows} row(s)")
+@click.option("--run", "run_id", help="Restore every client reaped by this run (its id or a unique prefix).")
+@click.option("--client", "client_id", help="Restore one client (client_id, key, or a unique prefix of either).")
+@click.option("--progress/--no-progress", default=True, help="Progress and ETA on stderr (default: on).")
+def restore(config: Config, run_id: str | None, client_id: str | None, progress: bool) -> None:
+    """Put reaped clients back exactly as they were, from their tombstones, in batches; running it again
+    continues where it stopped, and a restored run restores as a no-op."""
+    result = stoppable(
+        lambda _stop: commands.restore(
+            config, run_id=run_id, client_id=client_id, progress=Progress("restoring", progress)
+        )
+    )
+    if not result.restored:
+        what = f"run {result.run_id}" if result.run_id else f"client {client_id}"
+        click.echo(f"nothing to restore: {what} is restored already ({result.already} client(s))")
+        return
+    rate = len(result.restored) / max(result.seconds, 1e-6)
+    before = f"; {result.already} restored before" if result.already else ""
+    click.echo(
+        f"restored {len(result.restored)} client(s), {result.rows} row(s) in {result.seconds:.1f}s "
+        f"({rate:,.0f}/s){before}"
+    )
+
+
+@cli.group(invoke_without_command=True)
+@source_options
+@click.option("--limit", type=int, default=50, show_default=True, help="Newest runs to list (0: all).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.pass_context
+def runs(ctx: click.Context, config: Config, limit: int, fmt: str) -> None:
+    """List the runs in the ledger: id, started, status, acted, restored. A run a crash left behind shows as
+    interrupted, with the count its tombstones prove."""
+    from reaper.output.plan import render_runs
+
+    if ctx.invoked_subcommand is None:
+        render_runs(commands.runs(config, limit or None), fmt, sys.stdout)
+
+
+@runs.command("show")
+@source_options
+@click.argument("run")
+@click.option("--limit", type=int, default=50, show_default=True, help="Clients to list (0: all).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "html"]), default="table", show_default=True)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    default="-",
+    help="Write to a file (replaced only once complete).",
+)
+def runs_show(config: Config, run: str, limit: int, fmt: str, output: str) -> None:
+    """One run (its id or a unique prefix): counts and clients; --format html: the evidence report of what it
+    acted on, from the evidence kept with it."""
+    from reaper.output.html import render_html
+    from reaper.output.plan import render_run_detail
+    from reaper.output.records import Filters
+
+    if fmt == "html":
+        info, snap, items = commands.past_report(config, run)
+        run_facts = {"id": info.id, "acted": info.acted, "started_at": info.started_at}
+        software = (commands.run_show(config, info.id, limit=1).evidence or {}).get("software")
+        run_facts["software"] = software or ""
+        rep = config.report
+        with output_file(output) as out:
+            render_html(items, snap, out, Filters(), rep.top_families, rep.max_rows, run=run_facts)
+    else:
+        detail = commands.run_show(config, run, limit or None)
+        with output_file(output) as out:
+            render_run_detail(detail.info, detail.clients, fmt, out, detail.evidence is not None)
+
+
+@cli.group()
+def ledger() -> None:
+    """The reaper's ledger: retention and the key that seals tombstones."""
+
+
+@ledger.command("purge")
+@source_options
+@click.option("--older-than", "older_than", required=True, help="Delete tombstones and evidence older than this (90d).")
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+def ledger_purge(config: Config, older_than: str, dry_run: bool) -> None:
+    """Retention: delete tombstones (the secrets they keep) and evidence older than --older-than. The runs stay
+    listed, as purged; their clients can no longer be restored."""
+    from reaper.config import parse_duration
+
+    try:
+        seconds = parse_duration(older_than)
+    except ValueError as exc:
+        raise ConfigError(f"--older-than: {exc}") from None
+    tombs, evidence = commands.purge(config, seconds, dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {tombs} tombstone(s) and {evidence} evidence record(s) older than {older_than}")
+
+
+@ledger.command("keygen")
+def ledger_keygen() -> None:
+    """Print a new key for ledger.key / ledger.key_file (tombstones sealed with Fernet)."""
+    from reaper.ledger import new_key
+
+    click.echo(new_key())
 
 
 @cli.command()

@@ -5,10 +5,13 @@ Each verb opens the backend the configuration names, or uses the one it is given
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 from reaper.analysis.model import Classified, Snapshot
 from reaper.analysis.pipeline import Progress
@@ -16,10 +19,14 @@ from reaper.analysis.pipeline import classified as classify_source
 from reaper.backends import Backend, RunLock, open_backend
 from reaper.backends.base import Finding, errors
 from reaper.config import Config
-from reaper.errors import SchemaError
+from reaper.errors import ReaperError, SchemaError
+from reaper.ledger import Ledger, RunInfo
 from reaper.reaping import runner
+from reaper.reaping.evidence import EvidenceCollector, replay
 from reaper.reaping.plan import Plan, RunResult, Selection, check_actions, choose
 from reaper.reaping.restore import RestoreResult, restore_from_ledger
+
+log = logging.getLogger("reaper.commands")
 
 
 @contextmanager
@@ -99,12 +106,19 @@ def plan(
     progress: Progress | None = None,
     now: float | None = None,
     selection: Selection | None = None,
+    evidence: EvidenceCollector | None = None,
 ) -> Plan:
-    """Scan read-only (S1) and account for every reapable client: acted on, or skipped and why (S3, S4)."""
+    """Scan read-only (S1) and account for every reapable client: acted on, or skipped and why (S3, S4). With
+    `evidence`, what the scan showed is collected on the way (for `apply` to keep with the run)."""
     with _backend(config, backend) as b:
         check_actions(config, b.profile)
         with classified(config, b, progress, now=now) as (stream, snapshot):
-            return choose(config, stream, snapshot, snapshot.started_at, selection)
+            if evidence is not None:
+                stream = evidence.tee(stream)
+            the_plan = choose(config, stream, snapshot, snapshot.started_at, selection)
+            if evidence is not None:
+                evidence.snapshot = snapshot
+            return the_plan
 
 
 def apply(
@@ -115,10 +129,15 @@ def apply(
     progress: Progress | None = None,
     held_lock: RunLock | None = None,
     backend: Backend | None = None,
+    evidence: EvidenceCollector | None = None,
 ) -> RunResult:
-    """Execute a plan under the run lock (S6), in batches, tombstoning everything (S5)."""
+    """Execute a plan under the run lock (S6), in batches, tombstoning everything (S5); the evidence the plan
+    collected is kept with the run."""
+    record = None
+    if evidence is not None and evidence.snapshot is not None:
+        record = evidence.record(evidence.snapshot, (c.family for c in the_plan.candidates))
     with _backend(config, backend) as b:
-        return runner.apply(config, b, the_plan, force, stop, progress, held_lock)
+        return runner.apply(config, b, the_plan, force, stop, progress, held_lock, record)
 
 
 def reap(
@@ -131,10 +150,11 @@ def reap(
 ) -> RunResult:
     """Plan (always) and, with do_apply, execute. Dry-run is the default."""
     with _backend(config, None) as b:
-        the_plan = plan(config, b, progress, selection=selection)
+        evidence = EvidenceCollector()
+        the_plan = plan(config, b, progress, selection=selection, evidence=evidence)
         if not do_apply:
             return RunResult(the_plan, applied=False)
-        return runner.apply(config, b, the_plan, force, stop)
+        return apply(config, the_plan, force, stop, backend=b, evidence=evidence)
 
 
 def statements(config: Config, the_plan: Plan, backend: Backend | None = None) -> list[list[str]]:
@@ -146,8 +166,69 @@ def statements(config: Config, the_plan: Plan, backend: Backend | None = None) -
 
 
 def restore(
-    config: Config, run_id: str | None = None, client_id: str | None = None, backend: Backend | None = None
+    config: Config,
+    run_id: str | None = None,
+    client_id: str | None = None,
+    backend: Backend | None = None,
+    progress: Progress | None = None,
 ) -> RestoreResult:
-    """Restore every open tombstone of a run, or of one client (by client_id or key)."""
+    """Restore every open tombstone of a run, or of one client (by client_id or key; unique prefixes do), in
+    batches of policy.batch_size; a restored run restores as a no-op."""
     with _backend(config, backend) as b:
-        return restore_from_ledger(b, run_id, client_id)
+        return restore_from_ledger(b, run_id, client_id, progress, config.policy.batch_size)
+
+
+def _ledger(b: Backend) -> Ledger:
+    ledger = b.ledger()
+    if not ledger.exists():
+        raise ReaperError(f"no ledger on {b.description}: nothing has been reaped here yet")
+    return ledger
+
+
+def runs(config: Config, limit: int | None = 50, backend: Backend | None = None) -> list[RunInfo]:
+    """The runs in the ledger, newest first; runs a crash left `running` are reconciled first (when no reaper
+    holds the lock) and listed as `interrupted`, with the count their tombstones prove."""
+    with _backend(config, backend) as b:
+        ledger = _ledger(b)
+        try:
+            runner.reconciled(b)
+        except ReaperError as exc:  # a role that may only read the ledger still gets the listing
+            log.warning("could not reconcile interrupted runs: %s", exc)
+        return ledger.list_runs(limit)
+
+
+@dataclass
+class RunDetail:
+    info: RunInfo
+    clients: list[Any]
+    evidence: dict[str, Any] | None
+
+
+def run_show(config: Config, run: str, limit: int | None = None, backend: Backend | None = None) -> RunDetail:
+    """One run (by id or a unique prefix): its counts, its clients (tombstones without payloads), its evidence."""
+    with _backend(config, backend) as b:
+        ledger = _ledger(b)
+        try:
+            runner.reconciled(b)
+        except ReaperError as exc:
+            log.warning("could not reconcile interrupted runs: %s", exc)
+        run_id = ledger.resolve_run(run)
+        return RunDetail(ledger.run(run_id), ledger.clients_of(run_id, limit), ledger.evidence(run_id))
+
+
+def past_report(config: Config, run: str, backend: Backend | None = None) -> tuple[RunInfo, Snapshot, list[Classified]]:
+    """What the evidence report of a past run renders: the scan it planned from, as kept in the ledger."""
+    detail = run_show(config, run, limit=1, backend=backend)
+    if detail.evidence is None:
+        raise ReaperError(f"run {detail.info.id} kept no evidence (runs of older releases and of the service do not)")
+    snap, items = replay(detail.evidence)
+    return detail.info, snap, items
+
+
+def purge(config: Config, older_than: float, dry_run: bool = False, backend: Backend | None = None) -> tuple[int, int]:
+    """Retention: delete tombstones and evidence older than `older_than` seconds (under the run lock, so no
+    restore reads them meanwhile). Returns (tombstones, evidence records)."""
+    with _backend(config, backend) as b:
+        ledger = _ledger(b)
+        with runner.holding(b):
+            return ledger.purge(older_than, dry_run)

@@ -55,3 +55,9 @@ class RestoreConflict(ReaperError):
 
 class ApiError(ReaperError):
     """A server's admin API refused or failed (exit 1)."""
+
+
+class Interrupted(ReaperError):
+    """The operator interrupted a run (Ctrl-C): what was done is recorded and restorable (exit 130)."""
+
+    exit_code = 130

@@ -51,3 +51,29 @@ def test_bench_harness_runs_end_to_end(tmp_path):
     assert result["reap"]["clients"] == 1000 and result["reap"]["clients_per_s"] > 0
     assert result["load"]["samples"]["idle"] > 0 and result["load"]["samples"]["reap"] > 0
     assert "reap throughput" in proc.stdout and "auth p99 idle" in proc.stdout
+
+
+@pytest.mark.pg
+@pytest.mark.slow
+def test_reap_bench_runs_end_to_end(tmp_path):
+    """bench.reap at small N: Authlib's mixins under renamed tables, reap without and with the index, restore,
+    the floor; it asserts that every phase ran and reaped and restored the same clients, not how fast."""
+    require("postgresql")
+    url = make_url(SERVER_URLS["postgresql"])
+    admin = f"host={url.host or '127.0.0.1'} user={url.username or 'postgres'} dbname={url.database}"
+    out = tmp_path / "reap.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.reap", "--clients", "3000", "--unindexed", "500", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(REAPER_BENCH_ADMIN_DSN=admin),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    indexed = result["indexed"]
+    assert result["unindexed"]["clients"] == 500
+    assert indexed["clients"] == indexed["restore"]["clients"] == result["floor"]["clients"] > 2500
+    assert indexed["clients_per_s"] > 0 and indexed["restore"]["clients_per_s"] > 0
+    assert "reap, indexes" in proc.stdout and "restore of that run" in proc.stdout

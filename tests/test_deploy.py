@@ -24,7 +24,7 @@ import sqlalchemy as sa
 import yaml
 from sqlalchemy.engine import make_url
 
-from kit.cli import REPO, ServeProcess, clean_env, run_cli, tool
+from kit.cli import REPO, ServeProcess, assert_errors, clean_env, run_cli, tool
 from kit.databases import TestDB
 from kit.prometheus import (
     DASHBOARD,
@@ -870,6 +870,7 @@ def test_reap_role_applies_with_a_ledger_and_restores(roles: Roles, tmp_path: Pa
         ).all()
         assert ledger == [
             ("dcr_reaper_aliases", roles.reap),
+            ("dcr_reaper_evidence", roles.reap),
             ("dcr_reaper_runs", roles.reap),
             ("dcr_reaper_tombstones", roles.reap),
         ]
@@ -902,16 +903,61 @@ def test_reap_role_applies_with_a_ledger_and_restores(roles: Roles, tmp_path: Pa
         engine.dispose()
 
 
+REAP_ENV = {
+    "DCR_REAPER_POLICY__MIN_AGE": "1h",
+    "DCR_REAPER_POLICY__MAX_FRACTION": "1.0",
+    "DCR_REAPER_POLICY__LATE_TOKEN_SWEEP": "0.2s",
+}
+
+
 @pytest.mark.slow
 def test_report_role_cannot_reap(roles: Roles, tmp_path: Path) -> None:
-    env = clean_env(DCR_REAPER_POLICY__MIN_AGE="1h", DCR_REAPER_POLICY__MAX_FRACTION="1.0")
+    """The read-only role may not make the ledger: one line names the schema, the role and the fix."""
+    env = clean_env(**REAP_ENV)
     res = run_cli(
         ["reap", "--apply", "--profile", "authlib", "--database-url", roles.url(roles.report)], tmp_path, env=env
     )
-    assert res.returncode == 1, res.stdout + res.stderr
-    assert "permission denied" in res.stderr
+    (line,) = assert_errors(res, 1)
+    assert "permission denied" in line
+    assert f"role {roles.report}" in line and "schema public" in line
+    assert "Fix: reap and restore as the reap role the roles script of deploy/sql/ makes" in line
     with roles.db.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM oauth2_client")).scalar() == 9
+
+
+@pytest.mark.slow
+def test_a_ledger_a_superuser_made_moves_to_the_reap_role(roles: Roles, tmp_path: Path) -> None:
+    """A first run as a superuser leaves its ledger in public: the reap role's error names it and the fix, and
+    running the roles script again moves it into the reap role's schema, earlier runs still restorable."""
+    superuser = roles.db.url
+    first = run_json(["reap", "--apply", "--profile", "authlib", "--database-url", superuser], tmp_path, **REAP_ENV)
+    assert first["planned"] == 7
+    with roles.db.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM public.dcr_reaper_tombstones")).scalar() == 7
+
+    url = roles.url(roles.reap)
+    res = run_cli(
+        ["reap", "--apply", "--profile", "authlib", "--database-url", url], tmp_path, env=clean_env(**REAP_ENV)
+    )
+    (line,) = assert_errors(res, 1)
+    assert f"role {roles.reap}" in line and "public.dcr_reaper_*" in line
+    assert "run the roles script of deploy/sql/ again as the owner" in line and "Moving an existing ledger" in line
+
+    moved = roles.apply_sql()
+    assert moved.returncode == 0, moved.stderr
+    with roles.db.engine.connect() as conn:
+        owners = conn.execute(
+            sa.text("SELECT schemaname, tablename, tableowner FROM pg_tables WHERE tablename LIKE 'dcr_reaper_%'")
+        ).all()
+    assert {(s, o) for s, _, o in owners} == {(roles.ledger_schema, roles.reap)}, owners
+
+    listed = run_json(["runs", "--profile", "authlib", "--database-url", url], tmp_path)
+    assert [(r["id"], r["status"], r["acted"]) for r in listed] == [(first["run_id"], "ok", 7)]
+    back = run_cli(["restore", "--run", first["run_id"][:8], "--profile", "authlib", "--database-url", url], tmp_path)
+    assert back.returncode == 0, back.stderr
+    assert "restored 7 client(s)" in back.stdout
+    again = run_json(["reap", "--apply", "--profile", "authlib", "--database-url", url], tmp_path, **REAP_ENV)
+    assert again["applied"] is True and len(again["acted"]) > 0
 
 
 def test_roles_sql_documents_its_variables() -> None:
@@ -923,6 +969,7 @@ def test_roles_sql_documents_its_variables() -> None:
         "token_table",
         "code_table",
         "ledger_schema",
+        "ledger_prefix",
         "report_role",
         "reap_role",
     ):

@@ -13,9 +13,8 @@ import sqlalchemy as sa
 from kit.config import make_config
 from kit.schemas.dot import build
 from reaper.analysis.model import Verdict
-from reaper.commands import apply, classified, plan, restore
+from reaper.commands import apply, classified, plan, restore, statements
 from reaper.db import check_schema
-from reaper.errors import DatabaseError
 from reaper.ledger import decode_payload
 from reaper.profiles import bind_profile
 
@@ -220,32 +219,73 @@ CHAIN = [
 ]
 
 
-def test_a_refresh_chain_is_deleted_whole_against_deferred_foreign_keys(db):
-    """PostgreSQL checks DOT's DEFERRABLE INITIALLY DEFERRED keys at commit, SQLite does not enforce them: the
-    cross-referencing rows go in one transaction, children first."""
-    made = build(db.url, CHAIN)
-    config = make_config(db.url, profile="django-oauth-toolkit", options={"refresh_lifetime": "1d"})
+def _dot_rows(engine: sa.Engine) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the application and its child tables, pointers included, ordered by primary key."""
+    with engine.connect() as conn:
+        return {
+            t: [tuple(r) for r in conn.execute(sa.text(f"SELECT * FROM {t} ORDER BY id"))]
+            for t in (APP, *CHILDREN, DEVICE)
+        }
+
+
+def test_a_refresh_chain_is_reaped_and_restored_on_every_database(any_db):
+    """Access and refresh tokens of a refreshed client point at each other. PostgreSQL and SQLite check DOT's
+    keys at commit, MariaDB at once: the reaper sets the pointers NULL first, as DOT's own delete does, so the
+    chain goes on every database with DOT's real migrations; the tombstone keeps the pointers, and restore puts
+    every row back as it was. The client's expired device grant (by client_id) goes and comes back with it."""
+    made = build(any_db.url, [*CHAIN, DEVICE_EXPIRED])
+    before = _dot_rows(any_db.engine)
+    config = make_config(any_db.url, profile="django-oauth-toolkit", options={"refresh_lifetime": "1d"})
     the_plan = plan(config)
-    assert [c.client_id for c in the_plan.candidates] == [made["chain"]["client_id"]]
-    assert apply(config, the_plan).total_acted == 1
-    with db.engine.connect() as conn:
+    chain, expired = made["chain"]["client_id"], made["device_old"]["client_id"]
+    assert {c.client_id for c in the_plan.candidates} == {chain, expired}
+    with any_db.engine.connect() as conn:
+        pointers = conn.execute(
+            sa.text(
+                "SELECT count(*) FROM oauth2_provider_accesstoken a JOIN oauth2_provider_refreshtoken r "
+                "ON a.source_refresh_token_id = r.id WHERE r.application_id = :a"
+            ),
+            {"a": made["chain"]["id"]},
+        ).scalar()
+    assert pointers == 1, "the fixture really has a refresh token pointed at by an access token"
+    (review,) = statements(config, the_plan)  # `reap --sql` shows the pointers set NULL before the deletes
+    text = "\n".join(review)
+    detach = text.index("UPDATE oauth2_provider_accesstoken SET source_refresh_token_id")
+    assert detach < text.index("DELETE FROM oauth2_provider_refreshtoken")
+    assert "DELETE FROM oauth2_provider_devicegrant" in text
+    result = apply(config, the_plan)
+    assert result.total_acted == 2 and not result.skipped
+    with any_db.engine.connect() as conn:
         for t in CHILDREN:
-            n = conn.execute(
-                sa.text(f"SELECT count(*) FROM {t} WHERE application_id = :a"), {"a": made["chain"]["id"]}
-            ).scalar()
-            assert n == 0, t
+            ids = f"{made['chain']['id']}, {made['device_old']['id']}"
+            assert conn.execute(sa.text(f"SELECT count(*) FROM {t} WHERE application_id IN ({ids})")).scalar() == 0
+        assert (
+            conn.execute(sa.text(f"SELECT count(*) FROM {DEVICE} WHERE client_id = :c"), {"c": expired}).scalar() == 0
+        )
+        live = conn.execute(sa.text(f"SELECT count(*) FROM {DEVICE}")).scalar()
+    assert live == 0
+    tombs = payloads(any_db.engine)
+    assert [r["status"] for r in tombs[expired]["children"][DEVICE]] == ["expired"]
+    refreshes = tombs[chain]["children"]["oauth2_provider_refreshtoken"]
+    assert any(r["access_token_id"] is not None for r in refreshes), "the tombstone keeps the pointers"
+
+    back = restore(config, run_id=result.run_id)
+    assert len(back.restored) == 2
+    assert _dot_rows(any_db.engine) == before, "every row back, pointers included"
 
 
-def test_mariadb_checks_foreign_keys_at_once_so_a_refresh_chain_batch_fails_whole(mariadb_db):
-    """Known limit (profile note): MariaDB has no deferred foreign keys, and the chain's rows reference each
-    other in both directions, so deleting one table after the other fails; the batch rolls back, nothing is
-    lost."""
-    made = build(mariadb_db.url, CHAIN)
-    config = make_config(mariadb_db.url, profile="django-oauth-toolkit", options={"refresh_lifetime": "1d"})
-    with mariadb_db.engine.connect() as conn:
-        before = {t: conn.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar() for t in (APP, *CHILDREN)}
-    with pytest.raises(DatabaseError, match="foreign key constraint fails"):
-        apply(config, plan(config))
-    with mariadb_db.engine.connect() as conn:
-        after = {t: conn.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar() for t in (APP, *CHILDREN)}
-    assert after == before and made
+DEVICE = "oauth2_provider_devicegrant"
+DEVICE_EXPIRED = {
+    "label": "device_old",
+    "name": "Claude Code (api)",  # an older registration of the chain's family, whose device login expired
+    "redirect": loop(55002),
+    "age": 4 * DAY,
+    "flow": "device_expired",
+}
+
+
+def payloads(engine: sa.Engine) -> dict[str, dict[str, Any]]:
+    """client_id -> its tombstone's payload."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT client_id, payload FROM dcr_reaper_tombstones")).all()
+    return {cid: decode_payload(payload) for cid, payload in rows}

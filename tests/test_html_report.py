@@ -72,7 +72,10 @@ def test_self_contained_and_escaped(db):
         assert not any(k.startswith("on") for k in attrs), (tag, attrs)
         assert "src" not in attrs and "href" not in attrs, (tag, attrs)
     assert "url(" not in text and "@import" not in text
-    assert not re.search(r"(?<!xmlns=\")https?://", text), "no resource address (the SVG namespace is a name)"
+    # No resource address outside the evidence itself: redirect URIs are shown as escaped text in <code>.
+    markup = re.sub(r'<code class="uri">[^<]*</code>', "", text)
+    assert not re.search(r"(?<!xmlns=\")https?://", markup), "no resource address (the SVG namespace is a name)"
+    assert '<code class="uri">http://localhost:' in text, "the redirect URIs are part of the evidence"
     assert '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'' in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text, "the name is shown, escaped"
     assert "\\u202e" in text and "\\x07" in text, "control and bidi characters are shown as escapes"

@@ -11,6 +11,7 @@
 --   token_table     the OAuth2TokenMixin table                 (default: oauth2_token)
 --   code_table      the OAuth2AuthorizationCodeMixin table     (default: oauth2_code)
 --   ledger_schema   schema for dcr-reaper's ledger tables      (default: dcr_reaper)
+--   ledger_prefix   the ledger tables' prefix (ledger.prefix)   (default: dcr_reaper_)
 --   report_role     read-only role: report, check, serve       (default: dcr_reaper_report)
 --   reap_role       report + reap --apply, restore             (default: dcr_reaper_reap)
 --
@@ -38,6 +39,10 @@
 \if :{?ledger_schema}
 \else
   \set ledger_schema dcr_reaper
+\endif
+\if :{?ledger_prefix}
+\else
+  \set ledger_prefix dcr_reaper_
 \endif
 \if :{?report_role}
 \else
@@ -94,5 +99,24 @@ GRANT UPDATE (client_id_issued_at) ON :"schema".:"client_table" TO :"reap_role";
 CREATE SCHEMA IF NOT EXISTS :"ledger_schema" AUTHORIZATION :"reap_role";
 ALTER SCHEMA :"ledger_schema" OWNER TO :"reap_role";
 ALTER ROLE :"reap_role" IN DATABASE :"dbname" SET search_path = :"ledger_schema", :"schema";
+
+-- A ledger that a first run as the owner or a superuser made in :schema (PostgreSQL's default) moves into the
+-- ledger schema, runs, tombstones and evidence included, unless that schema has one already; then every ledger
+-- table there (with its id sequence) is handed to the reap role. Without this the reap role finds the old tables
+-- first and fails with "permission denied for table dcr_reaper_runs".
+SELECT format('ALTER TABLE %I.%I SET SCHEMA %I', n.nspname, c.relname, :'ledger_schema')
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind = 'r' AND n.nspname = :'schema' AND :'schema' <> :'ledger_schema'
+   AND c.relname IN (:'ledger_prefix' || 'runs', :'ledger_prefix' || 'tombstones', :'ledger_prefix' || 'aliases',
+                     :'ledger_prefix' || 'evidence')
+   AND NOT EXISTS (SELECT FROM pg_class c2 JOIN pg_namespace n2 ON n2.oid = c2.relnamespace
+                    WHERE n2.nspname = :'ledger_schema' AND c2.relname = :'ledger_prefix' || 'tombstones')
+\gexec
+SELECT format('ALTER TABLE %I.%I OWNER TO %I', n.nspname, c.relname, :'reap_role')
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind = 'r' AND n.nspname = :'ledger_schema'
+   AND c.relname IN (:'ledger_prefix' || 'runs', :'ledger_prefix' || 'tombstones', :'ledger_prefix' || 'aliases',
+                     :'ledger_prefix' || 'evidence')
+\gexec
 
 COMMIT;

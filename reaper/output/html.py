@@ -17,7 +17,7 @@ from reaper import __version__
 from reaper.analysis.fingerprint import ip_prefix
 from reaper.analysis.model import VERDICTS, Classified, FamilyStats, FloodEvidence, LoopEvidence, LoopStep, Snapshot
 from reaper.output.records import Filters, loops_sorted
-from reaper.output.text import clean, duration_text, format_time, iso, short_time
+from reaper.output.text import clean, database_label, duration_text, format_time, iso, short_time
 
 VERDICT_COLORS = {
     "live": "#1a9850",
@@ -47,6 +47,8 @@ class Point:
     verdict: str
     reason: str
     ip: str
+    redirect_uris: tuple[str, ...] = ()
+    software: str = ""
 
 
 def e(text: object) -> str:
@@ -77,6 +79,8 @@ class _Collector:
             str(item.verdict),
             item.reason,
             (row.ip_network or ip_prefix(row.ip)) if row.ip else "",
+            row.redirect_uris,
+            " ".join(x for x in (row.software_id, row.software_version) if x),
         )
         entry = (row.created_at, row.client_id, point)
         if heap is None:
@@ -339,7 +343,10 @@ def _family_section(
     shown = [p for p in points if not filters.verdicts or p.verdict in filters.verdicts]
     limit = max_rows or len(shown)
     has_ip = any(p.ip for p in shown)
-    headers = ["client_id", "registered at", "last token", "verdict", "reason"]
+    has_software = any(p.software for p in shown)
+    headers = ["client_id", "registered at", "last token", "verdict", "reason", "redirect URIs"]
+    if has_software:
+        headers.append("software")
     if steps:
         headers += ["refresh revoked", "re-registered after"]
     if has_ip:
@@ -352,7 +359,11 @@ def _family_section(
             _time(p.last_used),
             _verdict(p.verdict),
             e(p.reason),
+            "<br>".join(f'<code class="uri">{e(clean(u, 120))}</code>' for u in p.redirect_uris[:5])
+            + (f" (+{len(p.redirect_uris) - 5})" if len(p.redirect_uris) > 5 else ""),
         ]
+        if has_software:
+            row.append(e(clean(p.software, 60)))
         if steps:
             st = revoked.get(p.client_id)
             row += (
@@ -377,8 +388,10 @@ def render_html(
     filters: Filters,
     top_k: int = 10,
     max_rows: int = 50,
+    run: dict[str, object] | None = None,
 ) -> None:
-    """Write the whole report; the stream is consumed first (families are known only at its end)."""
+    """Write the whole report; the stream is consumed first (families are known only at its end). `run` (id,
+    acted, when, software): the report of a past run, from the evidence kept with it."""
     collector = _Collector()
     for item in stream:
         collector.add(item)
@@ -396,9 +409,16 @@ def render_html(
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{e(title)}</title><style>{STYLE}</style></head><body>",
         f"<h1>{e(title)}</h1>",
-        f'<p class="meta">{e(snap.database)} · scanned {e(iso(snap.started_at))} · {snap.clients} clients in '
-        f"{len(snap.families)} families · loop detection: {e(snap.loop_detection)} · dcr-reaper "
-        f"{e(__version__)}</p>",
+        (
+            f'<p class="meta">Evidence kept with run <code>{e(run["id"])}</code>, which acted on {e(run["acted"])} '
+            f"client(s) on {e(iso(float(str(run['started_at']))))}: the scan below is the one that run planned "
+            "from, as it was before the reap.</p>"
+            if run
+            else ""
+        ),
+        f'<p class="meta">{e(database_label(snap.database))} · scanned {e(iso(snap.started_at))} · {snap.clients} '
+        f"clients in {len(snap.families)} families · loop detection: {e(snap.loop_detection)} · "
+        f"{e(run.get('software') if run else f'dcr-reaper {__version__}')}</p>",
         "<h2>Clients by verdict</h2>",
         _table(["verdict", "clients", "reasons"], verdict_rows, frozenset({1})),
         _loops_section(snap),

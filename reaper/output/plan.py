@@ -1,4 +1,4 @@
-"""Render a reap plan and a run result for people (table) and machines (JSON)."""
+"""Render a reap plan, a run result and the runs in the ledger for people (table) and machines (JSON)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from reaper.backends.base import Candidate
+from reaper.ledger import RunInfo
 from reaper.output.text import clean, iso, short_time, utf8_safe
 from reaper.reaping.plan import SKIP_REASONS, Plan, RunResult
 
@@ -94,13 +95,13 @@ def render_run(result: RunResult, fmt: str, out: IO[str], max_rows: int = 50) ->
             lines.append(f"restored at once (a credential arrived after the delete): {len(result.restored_late)}")
         if result.stopped:
             lines.append("stopped between batches on request; the next run finishes the job")
-    lines += _table("Planned", p.candidates, max_rows, lambda c: c.action)
+    lines += _client_table("Planned", p.candidates, max_rows, lambda c: c.action)
     skips = {id(s.candidate): s.why for s in p.skipped}
-    lines += _table("Skipped", [s.candidate for s in p.skipped], max_rows, lambda c: f"skip: {skips[id(c)]}")
+    lines += _client_table("Skipped", [s.candidate for s in p.skipped], max_rows, lambda c: f"skip: {skips[id(c)]}")
     out.write("\n".join(lines) + "\n")
 
 
-def _table(title: str, cands: list[Candidate], max_rows: int, what: Callable[[Candidate], str]) -> list[str]:
+def _client_table(title: str, cands: list[Candidate], max_rows: int, what: Callable[[Candidate], str]) -> list[str]:
     shown = cands if max_rows == 0 else cands[:max_rows]
     if not shown:
         return []
@@ -125,3 +126,100 @@ def _table(title: str, cands: list[Candidate], max_rows: int, what: Callable[[Ca
     if len(shown) < len(cands):
         lines.append(f"... and {len(cands) - len(shown)} more (--format json lists all)")
     return lines
+
+
+def run_record(info: RunInfo) -> dict[str, Any]:
+    return {
+        "id": info.id,
+        "kind": info.kind,
+        "profile": info.profile,
+        "status": info.status,
+        "started_at": iso(info.started_at),
+        "finished_at": iso(info.finished_at),
+        "planned": info.planned,
+        "acted": info.acted,
+        "restored": info.restored,
+        "restored_late": info.late,
+        "pending": info.pending,
+        "purged": info.purged,
+        "holder": info.holder,
+        "message": info.message,
+    }
+
+
+def render_runs(runs: list[RunInfo], fmt: str, out: IO[str]) -> None:
+    """The runs in the ledger, newest first: full ids (any unique prefix names a run)."""
+    if fmt == "json":
+        out.write(json.dumps([run_record(r) for r in runs], ensure_ascii=False, indent=1) + "\n")
+        return
+    if not runs:
+        out.write("no runs in the ledger\n")
+        return
+    headers = ["run", "started", "status", "planned", "acted", "restored", "profile"]
+    rows = [
+        [
+            r.id,
+            short_time(r.started_at),
+            r.status,
+            str(r.planned),
+            str(r.acted),
+            "purged" if r.purged else str(r.restored),
+            r.profile,
+        ]
+        for r in runs
+    ]
+    _table(headers, rows, out)
+
+
+def _table(headers: list[str], rows: list[list[str]], out: IO[str]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    out.write("\n".join(lines) + "\n")
+
+
+def render_run_detail(info: RunInfo, clients: list[Any], fmt: str, out: IO[str], has_evidence: bool) -> None:
+    """One run: its record, then its clients (full client_ids: paste one into `restore --client`)."""
+    listed = [
+        {
+            "client_id": c.client_id,
+            "key": c.client_key,
+            "action": c.action,
+            "verdict": c.verdict,
+            "reason": c.reason,
+            "family": c.family,
+            "state": "restored" if c.restored_at is not None and c.state == "done" else c.state,
+            "acted_at": iso(c.acted_at),
+            "restored_at": iso(c.restored_at),
+        }
+        for c in clients
+    ]
+    if fmt == "json":
+        record = {**run_record(info), "evidence": has_evidence, "clients": listed}
+        out.write(json.dumps(record, ensure_ascii=False, indent=1) + "\n")
+        return
+    lines = [
+        f"run       {info.id}",
+        f"status    {info.status}" + (f" ({clean(info.message, 200)})" if info.message else ""),
+        f"profile   {info.profile}",
+        f"started   {short_time(info.started_at)}    finished {short_time(info.finished_at)}",
+        f"clients   planned {info.planned}, acted on {info.acted}, restored {info.restored}"
+        + (f", restored at once (late credential) {info.late}" if info.late else "")
+        + (f", pending {info.pending}" if info.pending else ""),
+        f"by        {info.holder}",
+        f"evidence  {'kept: `dcr-reaper runs show ' + info.id[:8] + ' --format html`' if has_evidence else 'none'}",
+    ]
+    if info.purged:
+        lines.append("tombstones purged (ledger purge): nothing of this run can be restored")
+    out.write("\n".join(lines) + "\n")
+    if listed:
+        out.write("\n")
+        headers = ["client_id", "action", "verdict", "reason", "state", "acted"]
+        rows = [
+            [c["client_id"], c["action"], c["verdict"], c["reason"], c["state"], short_time(c2.acted_at)]
+            for c, c2 in zip(listed, clients, strict=True)
+        ]
+        _table(headers, rows, out)
+        if len(listed) < info.tombstones:
+            out.write(f"... and {info.tombstones - len(listed)} more (--limit 0 lists all)\n")

@@ -19,7 +19,7 @@ from reaper.output.records import (
     loops_sorted,
     summary_record,
 )
-from reaper.output.text import clean, csv_cell, duration_text, iso, md_cell, md_code, short_time
+from reaper.output.text import clean, csv_cell, database_label, duration_text, iso, md_cell, md_code, short_time
 
 LOOP_STEPS_IN_TABLE = 10
 
@@ -277,7 +277,7 @@ def render_report(
             else "Clients"
         )
         header = (
-            f"dcr-reaper report · profile {snap.profile} · {snap.database} · {iso(snap.started_at)} · "
+            f"dcr-reaper report · profile {snap.profile} · {database_label(snap.database)} · {iso(snap.started_at)} · "
             f"{snap.clients} clients, {len(snap.families)} families, scanned in {snap.duration:.2f}s"
         )
         lines = [f"# {header}" if fmt == "markdown" else header, ""]

@@ -151,10 +151,22 @@ class CredentialMap(_Model):
                 yield cond
 
 
+class DetachMap(_Model):
+    """A pointer between two credential tables to set NULL before their rows go, as the server's own delete does
+    (DOT: Django's collector nulls `source_refresh_token` and `access_token`, which point at each other): on a
+    database that checks foreign keys at once (MySQL/MariaDB), rows that reference each other cannot go one table
+    after the other otherwise. Tombstones keep the values, and restore puts them back."""
+
+    table: str = Field(description="the credential (by name) whose rows hold the pointer")
+    column: str = Field(description="the pointer column (NULLable, holding the referenced row's primary key)")
+    references: str = Field(description="the credential (by name) whose rows it points at")
+
+
 class DeleteMap(_Model):
     """How a client is removed."""
 
     children: tuple[str, ...] = Field((), description="credential names to delete first, in order")
+    detach: tuple[DetachMap, ...] = Field((), description="pointers set NULL before the children go, in order")
     cascade: bool = False
     actions: tuple[Action, ...] = Field(("delete", "merge"), description="SQL actions allowed ([] = none)")
     disable_set: dict[str, Any] | None = Field(None, description="{column: value} that disables a client")
@@ -237,6 +249,9 @@ class Profile(_Model):
         missing = [c for c in self.delete.children if c not in names]
         if missing:
             raise ValueError(f"delete.children names unknown credentials {missing}")
+        unknown = [n for d in self.delete.detach for n in (d.table, d.references) if n not in self.delete.children]
+        if unknown:
+            raise ValueError(f"delete.detach names credentials that are not delete.children: {unknown}")
         if self.naming_option is not None and self.naming_option not in self.options:
             raise ValueError(f"naming_option '{self.naming_option}' is not one of the profile's options")
         if any(isinstance(c, EqualsClient) for cond in self.client_conditions() for c in cond.walk()):
@@ -292,7 +307,12 @@ class Profile(_Model):
         if not names:
             return self
         loops = self.loops if self.loops is None or self.loops.credential not in names else None
-        delete = self.delete.model_copy(update={"children": tuple(c for c in self.delete.children if c not in names)})
+        delete = self.delete.model_copy(
+            update={
+                "children": tuple(c for c in self.delete.children if c not in names),
+                "detach": tuple(d for d in self.delete.detach if not {d.table, d.references} & names),
+            }
+        )
         creds = tuple(c for c in self.credentials if c.name not in names)
         return self.model_copy(update={"credentials": creds, "delete": delete, "loops": loops})
 

@@ -107,9 +107,12 @@ class _Names:
         )
 
     def delete(self, d: DeleteMap) -> DeleteMap:
-        if not d.disable_set:
-            return d
-        return d.model_copy(update={"disable_set": {self.column(k): v for k, v in d.disable_set.items()}})
+        update: dict[str, object] = {
+            "detach": tuple(x.model_copy(update={"column": self.column(x.column)}) for x in d.detach)
+        }
+        if d.disable_set:
+            update["disable_set"] = {self.column(k): v for k, v in d.disable_set.items()}
+        return d.model_copy(update=update)
 
     def loops(self, lm: LoopMap | None) -> LoopMap | None:
         if lm is None:

@@ -1,40 +1,133 @@
-"""Restore: put reaped clients back exactly as they were, from their tombstones, through any backend."""
+"""Restore: put reaped clients back exactly as they were, from their tombstones, through any backend.
+
+A run comes back in batches (`policy.batch_size` clients a transaction, the ledger marking each batch in the same
+transaction where it shares the database), so an interrupted restore keeps what it restored, and running it again
+continues where it stopped: restoring a restored run is a no-op.
+"""
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from reaper.backends.base import Backend, errors
-from reaper.errors import ConfigError, ReaperError, SchemaError
-from reaper.reaping.runner import holding
+from reaper.errors import ConfigError, ReaperError, RestoreConflict, SchemaError
+from reaper.reaping.runner import frozen_heap, holding, reconcile
+
+Progress = Callable[[int, int], None]
+T = TypeVar("T")
 
 
 @dataclass
 class RestoreResult:
-    restored: list[str] = field(default_factory=list)
+    restored: list[str] = field(default_factory=list)  # client keys put back now
     rows: int = 0
+    run_id: str | None = None
+    already: int = 0  # clients of this run (or this client) restored before: nothing left to do for them
+    seconds: float = 0.0
 
 
-def restore_from_ledger(backend: Backend, run_id: str | None = None, client_id: str | None = None) -> RestoreResult:
-    """Restore every open tombstone of a run, or the latest of one client (by client_id or key)."""
+def prefetched(pages: Iterator[T]) -> Iterator[T]:
+    """The next page read (and its payloads opened) in a thread while the current one is restored: the ledger's
+    query and decoding overlap with the store's inserts."""
+    box: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=1)
+    done = threading.Event()
+
+    def reader() -> None:
+        try:
+            for page in pages:
+                while not done.is_set():
+                    try:
+                        box.put((True, page), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if done.is_set():
+                    return
+            box.put((False, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            box.put((False, exc))
+
+    thread = threading.Thread(target=reader, name="restore-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            more, item = box.get()
+            if not more:
+                if isinstance(item, BaseException):
+                    raise item
+                return
+            yield item
+    finally:
+        done.set()
+        thread.join(timeout=5)
+
+
+def restore_from_ledger(
+    backend: Backend,
+    run_id: str | None = None,
+    client_id: str | None = None,
+    progress: Progress | None = None,
+    batch_size: int = 1000,
+) -> RestoreResult:
+    """Restore every open tombstone of a run, or the latest of one client (by client_id or key); either may be
+    given as a unique prefix."""
     if bool(run_id) == bool(client_id):
         raise ConfigError("restore needs exactly one of --run or --client")
+    started = time.monotonic()
     problems = errors(backend.check())
     if problems:
         raise SchemaError(problems)
-    with holding(backend):
+    with holding(backend), frozen_heap():
         ledger = backend.ledger()
         if not ledger.exists():
             raise ReaperError("no ledger found: nothing has been reaped here yet")
-        tombs = ledger.open_tombstones(run_id=run_id, client_id=client_id)
-        if not tombs:
-            what = f"run {run_id}" if run_id else f"client {client_id}"
-            raise ReaperError(f"no unrestored tombstone for {what}")
-        if client_id:
-            tombs = tombs[-1:]
         actor = backend.actor()
         try:
-            rows = actor.restore(tombs)
+            reconcile(actor)  # a run a crash interrupted is restorable like any other
+            result = RestoreResult()
+            if run_id:
+                run_id = ledger.resolve_run(run_id)
+                result.run_id = run_id
+                total = ledger.count_open(run_id=run_id)
+                info = ledger.run(run_id)
+                result.already = info.restored
+                if total == 0:
+                    if info.purged:
+                        raise ReaperError(f"run {run_id}: its tombstones were purged; nothing can be restored")
+                    return result
+                pages = prefetched(ledger.iter_open(run_id=run_id, batch=max(1, batch_size)))
+            else:
+                assert client_id
+                key = ledger.resolve_client(client_id)
+                tombs = ledger.open_tombstones(keys=[key])
+                if not tombs:
+                    result.already = 1
+                    return result
+                pages = iter([tombs[-1:]])
+                total = 1
+            done = 0
+            if progress:
+                progress(0, total)
+            for page in pages:
+                try:
+                    result.rows += actor.restore(page)
+                except RestoreConflict as exc:
+                    if not done:
+                        raise
+                    raise RestoreConflict(
+                        f"{exc} from this batch; the {done} client(s) of the batches before it stay restored: "
+                        "resolve the conflict and run restore again, it continues where it stopped"
+                    ) from None
+                result.restored += [t.client_key for t in page]
+                done += len(page)
+                if progress:
+                    progress(done, total)
         finally:
             actor.close()
-    return RestoreResult([t.client_key for t in tombs], rows)
+    result.seconds = time.monotonic() - started
+    return result

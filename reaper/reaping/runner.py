@@ -8,14 +8,17 @@ the re-check, the act and its tombstones (S2, S5).
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from reaper.backends.base import Actor, Backend, RunLock, errors
 from reaper.config import Config
-from reaper.errors import CapExceeded, ClockSkew, LockHeld, ReaperError, SchemaError
+from reaper.errors import CapExceeded, ClockSkew, Interrupted, LockHeld, ReaperError, SchemaError
+from reaper.ledger import RunInfo
 from reaper.reaping.plan import Plan, RunResult
 
 log = logging.getLogger("reaper.reaping")
@@ -46,14 +49,54 @@ def holding(backend: Backend, held: RunLock | None = None) -> Iterator[RunLock]:
 
 
 def _sweep(actor: Actor, keys: Sequence[str], reason: str) -> list[str]:
-    """Restore the latest tombstone of each key a credential now references (issued after the act)."""
+    """Restore the latest tombstone of each key a credential now references (issued after the act); those
+    tombstones are marked `late`, so the run does not count them as acted on."""
     late = actor.live_now(keys)
     if not late:
         return []
     latest = {t.client_key: t for t in actor.ledger.open_tombstones(keys=list(late))}
     actor.restore(list(latest.values()))
+    actor.ledger.mark_late([t.id for t in latest.values()])
     log.info("restored %d client(s): %s", len(latest), reason)
     return list(latest)
+
+
+def reconcile(actor: Actor) -> list[RunInfo]:
+    """What a crashed run left (call under the run lock): pending tombstones settled against the store, runs
+    still `running` marked `interrupted` with the count their tombstones prove."""
+    actor.recover()
+    return actor.ledger.reconcile()
+
+
+def reconciled(backend: Backend) -> list[RunInfo]:
+    """`reconcile` when no other reaper holds the lock (then no run is really running); else nothing."""
+    lock = backend.lock()
+    if not lock.try_acquire():
+        return []
+    try:
+        ledger = backend.ledger()
+        if not ledger.exists() or errors(backend.check()):
+            return []
+        actor = backend.actor()
+        try:
+            return reconcile(actor)
+        finally:
+            actor.close()
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Keep what exists now (the plan: a Candidate per client, the scan's families) out of the garbage collector's
+    full passes while batches allocate and drop their rows: at 200k candidates those passes, rescanning the plan
+    again and again, cost a quarter of the reap's time."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def check_clock(config: Config, backend: Backend) -> float:
@@ -76,8 +119,10 @@ def apply(
     stop: threading.Event | None = None,
     progress: Progress | None = None,
     held_lock: RunLock | None = None,
+    evidence: dict[str, Any] | None = None,
 ) -> RunResult:
-    """Execute a plan under the run lock (S6), in batches, tombstoning everything (S5)."""
+    """Execute a plan under the run lock (S6), in batches, tombstoning everything (S5). `evidence` (what the
+    plan's scan showed: loops, floods, families) is kept with the run, so it outlives the clients."""
     started = time.monotonic()
     check_clock(config, backend)  # first: a clock that disagrees stops everything, --force included
     if the_plan.cap_problem and not force:
@@ -87,14 +132,17 @@ def apply(
     problems = errors(backend.check())  # resolves the profile against the live store, too
     if problems:
         raise SchemaError(problems)
-    with holding(backend, held_lock) as lock:
+    with holding(backend, held_lock) as lock, frozen_heap():
         ledger = backend.ledger()
         ledger.create()
         actor = backend.actor()
         try:
-            actor.recover()
+            for info in reconcile(actor):
+                log.warning("run %s was interrupted; %d client(s) acted on, restorable", info.id, info.acted)
             run_id = ledger.start_run("reap", backend.profile.name, len(the_plan.candidates))
             result.run_id = run_id
+            if evidence is not None:
+                ledger.add_evidence(run_id, evidence)
             status, message = "ok", ""
             done_keys: list[str] = []
             cands = the_plan.candidates
@@ -121,6 +169,8 @@ def apply(
                     done_keys += deleted
                     if deleted:
                         result.restored_late += _sweep(actor, deleted, "late credential after delete")
+                    if outcome.done:
+                        ledger.progress(run_id, result.total_acted - len(result.restored_late))
                     if progress:
                         progress(min(i + size, len(cands)), len(cands))
                     if pol.pause and i + size < len(cands):
@@ -129,6 +179,13 @@ def apply(
                     pause(pol.late_token_sweep, stop)  # on a stop request: sweep at once
                     left = [k for k in done_keys if k not in result.restored_late]
                     result.restored_late += _sweep(actor, left, "late credential after run")
+            except KeyboardInterrupt:
+                status, message = "interrupted", "interrupted by the operator (Ctrl-C)"
+                n = result.total_acted - len(result.restored_late)
+                raise Interrupted(
+                    f"interrupted: run {run_id} acted on {n} client(s) before it stopped, each with its tombstone; "
+                    f"`dcr-reaper restore --run {run_id[:8]}` puts them back"
+                ) from None
             except BaseException as exc:
                 status, message = "failed", f"{type(exc).__name__}: {exc}"
                 raise

@@ -9,7 +9,7 @@ The plan is a list of clients: {label, source: dcr|manual|cimd, name, redirect, 
 once, then the old refresh token replayed: DOT revokes the whole family), `refreshed` (refreshed once, the new
 access token expired since, the new refresh token unused), `refresh_only` (code exchanged, the
 access token expired, the refresh token unused), `pending_code` (authorized, code not exchanged yet),
-`device_pending` (a device authorization waiting for the user).
+`device_pending` (a device authorization waiting for the user), `device_expired` (one that expired unused).
 """
 
 from __future__ import annotations
@@ -228,6 +228,15 @@ def make_rows(plan: list[dict[str, object]]) -> dict[str, dict[str, object]]:
             )
         elif flow == "pending_code":
             server.authorize(client_id, redirect)
+        elif flow == "device_expired":
+            DeviceGrant.objects.create(
+                device_code=f"dev-{label}",
+                user_code=f"X-{label}"[:20],
+                client_id=client_id,
+                expires=now - timedelta(days=1),
+                scope="read",
+                status="expired",
+            )
         elif flow == "device_pending":
             DeviceGrant.objects.create(
                 device_code=f"dev-{label}",
