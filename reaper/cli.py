@@ -31,7 +31,7 @@ from reaper import __version__, commands
 from reaper.analysis.model import VERDICTS, FamilyStats
 from reaper.backends import interrupt_all
 from reaper.config import Config, load_config, parse_duration, with_overrides
-from reaper.errors import CapExceeded, ConfigError, ReaperError, SchemaError
+from reaper.errors import CapExceeded, ConfigError, ReaperError, RestoreConflict, SchemaError
 
 EXIT_CODES = (
     "Exit codes: 0 ok, 1 runtime or database error, 2 usage or configuration error, 3 schema mismatch, "
@@ -42,6 +42,17 @@ EXIT_CODES = (
 )
 CHECK_WARNINGS = 7
 ERROR = "dcr-reaper: error: "
+ROOT_CONFIG = "dcr_reaper.config_path"  # --config given before the subcommand
+REPORT_FORMATS = ("table", "json", "csv", "markdown", "html")
+FORMAT_OF_SUFFIX = {
+    ".json": "json",
+    ".csv": "csv",
+    ".md": "markdown",
+    ".markdown": "markdown",
+    ".html": "html",
+    ".htm": "html",
+    ".txt": "table",
+}
 STOP_GRACE = 2.0  # seconds a reap batch in flight gets to finish after SIGINT/SIGTERM
 UNWIND = 3.0  # seconds a command gets to unwind once its connections are cut
 T = TypeVar("T")
@@ -160,14 +171,23 @@ def output_file(path: str) -> Iterator[IO[str]]:
         _partial_outputs.discard(tmp)
 
 
+def hoist_debug(argv: list[str]) -> list[str]:
+    """`--debug` anywhere before a `--` is the root's flag: `dcr-reaper report --debug` works as
+    `dcr-reaper --debug report` does."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    if "--debug" not in argv[:end]:
+        return argv
+    return ["--debug", *(a for i, a in enumerate(argv) if i >= end or a != "--debug")]
+
+
 class ReaperGroup(click.Group):
     """The root command: every failure becomes one line on stderr and its documented exit code."""
 
     def main(  # type: ignore[override]
         self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any
     ) -> NoReturn:
-        argv = list(sys.argv[1:] if args is None else args)
-        debug = "--debug" in argv
+        argv = hoist_debug(list(sys.argv[1:] if args is None else args))
+        debug = argv[:1] == ["--debug"]
         if not debug:
             # SQLAlchemy logs some errors (e.g. closing a cursor after `| head`) with a traceback through
             # logging's last-resort handler; the CLI speaks in one-line errors, so keep its logs quiet.
@@ -288,6 +308,10 @@ def source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         options: tuple[str, ...],
         **kwargs: Any,
     ) -> Any:
+        root = click.get_current_context().meta.get(ROOT_CONFIG)
+        if root and config_path and Path(root) != Path(config_path):
+            raise ConfigError(f"--config given twice: {root} and {config_path}")
+        config_path = config_path or root
         overrides: dict[str, Any] = {"database_url": database_url, "profile": profile}
         if tables:
             overrides["tables"] = _pairs(tables, "--table")
@@ -301,9 +325,35 @@ def source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group(cls=ReaperGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
 @click.version_option(__version__, prog_name="dcr-reaper")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
-def cli(debug: bool) -> None:
+@click.option("--debug", is_flag=True, help="Show tracebacks (also accepted after the subcommand).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="TOML config file, for any subcommand (also accepted after it).",
+)
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, config_path: str | None) -> None:
     """Find and safely reap the orphaned clients that OAuth Dynamic Client Registration leaves behind."""
+    ctx.meta[ROOT_CONFIG] = config_path
+
+
+def output_format(given: str | None, output: str, allowed: Sequence[str], default: str = "table") -> str:
+    """The format: --format, or the one -o's extension names; a contradiction, or without --format a file named
+    after a format (`-o json`, meant as `--format json`), is a usage error."""
+    path = Path(output)
+    inferred = FORMAT_OF_SUFFIX.get(path.suffix.lower()) if output != "-" else None
+    if not given and output != "-" and not path.suffix and path.name.lower() in {*allowed, "md"}:
+        raise ConfigError(f"-o {output}: a file named like a format; for that format say --format {path.name}")
+    if given and inferred and given != inferred:
+        raise ConfigError(f"--format {given} contradicts -o {output} (a {inferred} file name); drop one of them")
+    if given:
+        return given
+    if inferred is not None and inferred in allowed:
+        return inferred
+    if inferred:
+        raise ConfigError(f"-o {output}: this command writes {', '.join(allowed)}, not {inferred}")
+    return default
 
 
 def _verdicts(value: tuple[str, ...]) -> frozenset[str]:
@@ -319,9 +369,8 @@ def _verdicts(value: tuple[str, ...]) -> frozenset[str]:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["table", "json", "csv", "markdown", "html"]),
-    default="table",
-    show_default=True,
+    type=click.Choice(REPORT_FORMATS),
+    help="table (default), json, csv, markdown or html; -o FILE.json etc. implies it.",
 )
 @click.option("--verdict", multiple=True, help="Only list clients with these verdicts (comma-separated or repeated).")
 @click.option("--family", help="Only list clients of this family (id prefix or normalized name).")
@@ -336,7 +385,7 @@ def _verdicts(value: tuple[str, ...]) -> frozenset[str]:
 @click.option("--wide", is_flag=True, help="Full client_ids in the terminal table (CSV, Markdown and JSON have them).")
 def report(
     config: Config,
-    fmt: str,
+    fmt: str | None,
     verdict: tuple[str, ...],
     family: str | None,
     output: str,
@@ -347,6 +396,8 @@ def report(
     from reaper.output import Filters, render
     from reaper.reaping.plan import resolve_family
 
+    chosen = output_format(fmt, output, REPORT_FORMATS)
+
     filters = Filters(_verdicts(verdict), family, reapable=frozenset(config.policy.verdicts))
     rep = config.report
 
@@ -355,7 +406,7 @@ def report(
             output_file(output) as out,
             commands.classified(config, progress=Progress("scanning", progress)) as (stream, snapshot),
         ):
-            render(fmt, stream, snapshot, out, filters, rep.top_families, rep.max_rows, rep.show_ips, wide)
+            render(chosen, stream, snapshot, out, filters, rep.top_families, rep.max_rows, rep.show_ips, wide)
         return snapshot.families
 
     families = stoppable(body)
@@ -542,9 +593,28 @@ def reap(
 @click.option("--run", "run_id", help="Restore every client reaped by this run (its id or a unique prefix).")
 @click.option("--client", "client_id", help="Restore one client (client_id, key, or a unique prefix of either).")
 @click.option("--progress/--no-progress", default=True, help="Progress and ETA on stderr (default: on).")
-def restore(config: Config, run_id: str | None, client_id: str | None, progress: bool) -> None:
+@click.option("--dry-run", is_flag=True, help="Say what would come back, and what is in the way; write nothing.")
+def restore(config: Config, run_id: str | None, client_id: str | None, progress: bool, dry_run: bool) -> None:
     """Put reaped clients back exactly as they were, from their tombstones, in batches; running it again
     continues where it stopped, and a restored run restores as a no-op."""
+    if dry_run:
+        preview = stoppable(lambda _stop: commands.restore_preview(config, run_id=run_id, client_id=client_id))
+        what = f"run {preview.run_id}" if preview.run_id else f"client {client_id}"
+        if not preview.clients:
+            click.echo(f"nothing to restore: {what} is restored already ({preview.already} client(s))")
+            return
+        per_table = ", ".join(f"{table} {n}" for table, n in preview.rows.items())
+        click.echo(f"would restore {len(preview.clients)} client(s) of {what}: {per_table} row(s)")
+        for cid, _key in preview.clients[: config.report.max_rows or None]:
+            click.echo(f"  {cid}")
+        if config.report.max_rows and len(preview.clients) > config.report.max_rows:
+            click.echo(f"  ... and {len(preview.clients) - config.report.max_rows} more")
+        if preview.present:
+            shown = ", ".join(preview.present[:5]) + (" ..." if len(preview.present) > 5 else "")
+            raise RestoreConflict(
+                f"{len(preview.present)} of them are in the store again ({shown}): a restore would stop there"
+            )
+        return
     result = stoppable(
         lambda _stop: commands.restore(
             config, run_id=run_id, client_id=client_id, progress=Progress("restoring", progress)
@@ -580,7 +650,9 @@ def runs(ctx: click.Context, config: Config, limit: int, fmt: str) -> None:
 @source_options
 @click.argument("run")
 @click.option("--limit", type=int, default=50, show_default=True, help="Clients to list (0: all).")
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "html"]), default="table", show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json", "html"]), help="table (default), json or html; -o implies."
+)
 @click.option(
     "--output",
     "-o",
@@ -588,12 +660,14 @@ def runs(ctx: click.Context, config: Config, limit: int, fmt: str) -> None:
     default="-",
     help="Write to a file (replaced only once complete).",
 )
-def runs_show(config: Config, run: str, limit: int, fmt: str, output: str) -> None:
+def runs_show(config: Config, run: str, limit: int, fmt: str | None, output: str) -> None:
     """One run (its id or a unique prefix): counts and clients; --format html: the evidence report of what it
     acted on, from the evidence kept with it."""
     from reaper.output.html import render_html
     from reaper.output.plan import render_run_detail
     from reaper.output.records import Filters
+
+    fmt = output_format(fmt, output, ("table", "json", "html"))
 
     if fmt == "html":
         info, snap, items = commands.past_report(config, run)

@@ -178,6 +178,47 @@ def restore(
         return restore_from_ledger(b, run_id, client_id, progress, config.policy.batch_size)
 
 
+@dataclass
+class RestorePreview:
+    """What `restore` would do, read-only: the tombstones it would open (their payloads opened, so a missing or
+    wrong key shows now), the rows they hold, and the clients already back in the store (a restore stops there)."""
+
+    run_id: str | None
+    clients: list[tuple[str, str]]  # (client_id, key), oldest first
+    rows: dict[str, int]  # per table, the client table included
+    already: int
+    present: list[str]  # client_ids in the store again
+
+
+def restore_preview(
+    config: Config, run_id: str | None = None, client_id: str | None = None, backend: Backend | None = None
+) -> RestorePreview:
+    """`restore --dry-run`: read the ledger and scan the store; write nothing, take no lock."""
+    if bool(run_id) == bool(client_id):
+        raise ReaperError("restore needs exactly one of --run or --client")
+    with _backend(config, backend) as b:
+        ledger = _ledger(b)
+        if run_id:
+            run_id = ledger.resolve_run(run_id)
+            tombs = ledger.open_tombstones(run_id=run_id)
+            already = ledger.run(run_id).restored
+        else:
+            assert client_id
+            tombs = ledger.open_tombstones(keys=[ledger.resolve_client(client_id)])[-1:]
+            already = 0 if tombs else 1
+        rows: dict[str, int] = {}
+        for t in tombs:
+            rows[b.profile.client.table] = rows.get(b.profile.client.table, 0) + 1
+            for table, children in (t.payload.get("children") or {}).items():
+                rows[table] = rows.get(table, 0) + len(children)
+        wanted = {t.client_key for t in tombs}
+        present: list[str] = []
+        if wanted:
+            with classified(config, b) as (stream, _):
+                present = [c.row.client_id for c in stream if c.row.key in wanted]
+        return RestorePreview(run_id, [(t.client_id, t.client_key) for t in tombs], rows, already, present)
+
+
 def _ledger(b: Backend) -> Ledger:
     ledger = b.ledger()
     if not ledger.exists():
