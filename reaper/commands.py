@@ -266,6 +266,23 @@ def past_report(config: Config, run: str, backend: Backend | None = None) -> tup
     return detail.info, snap, items
 
 
+def kept_loops(config: Config, since: float, backend: Backend | None = None) -> list[tuple[str, float]]:
+    """The re-auth loops past runs kept as evidence in the ledger, with a last step at or after `since`:
+    (family, last refresh revoked)."""
+    with _backend(config, backend) as b:
+        ledger = b.ledger()
+        if not ledger.exists() or not ledger.has_evidence_table():
+            return []
+        out = []
+        for info in ledger.list_runs(limit=500):
+            if info.started_at < since:
+                break  # newest first
+            for lp in (ledger.evidence(info.id) or {}).get("loops", []):
+                if lp["last_revoked_at"] >= since:
+                    out.append((str(lp["family"]), float(lp["last_revoked_at"])))
+        return out
+
+
 def purge(config: Config, older_than: float, dry_run: bool = False, backend: Backend | None = None) -> tuple[int, int]:
     """Retention: delete tombstones and evidence older than `older_than` seconds (under the run lock, so no
     restore reads them meanwhile). Returns (tombstones, evidence records)."""

@@ -248,3 +248,56 @@ def test_a_malformed_loop_map_is_a_config_error(schema, tmp_path, raw, message):
     with pytest.raises(ConfigError) as err:
         report(_config(schema, profile=_profile_with_loops(tmp_path, raw)))
     assert message in str(err.value)
+
+
+# --- evidence that outlives the reap ---------------------------------------------------------------------
+
+
+def _loops_gauge(metrics: Any) -> float | None:
+    from prometheus_client import generate_latest
+
+    from kit.prometheus import value
+
+    return value(generate_latest(metrics.registry).decode(), "dcr_suspected_reauth_loops")
+
+
+def test_a_loop_still_counts_after_the_service_reaped_its_evidence(schema):
+    """The service reaps a loop's orphans: the run keeps the loop as evidence, and `dcr_suspected_reauth_loops`
+    keeps counting the family for loops.lookback, also in a service started after the reap."""
+    from kit.config import OPEN_POLICY
+    from kit.databases import client_ids
+    from reaper.commands import past_report, runs
+    from reaper.service import Service
+
+    ids = _loop(schema, 4, delta=40)
+    config = _config(schema, policy={**OPEN_POLICY, "min_age": 0}, service={"reap": True, "port": 0})
+    service = Service(config)
+    try:
+        service.tick()
+        assert client_ids(schema.engine) == {ids[-1]}, "the loop's three orphans reaped by the service"
+        assert _loops_gauge(service.metrics) == 1
+        service.tick()  # a scan of what is left: the loop's evidence is gone from the database
+        assert len(service.metrics._snapshot.loops) == 0  # type: ignore[union-attr]
+        assert _loops_gauge(service.metrics) == 1, "the family still loops, as far as loops.lookback knows"
+    finally:
+        service.stop()
+    (run,) = runs(config)
+    info, snap, _ = past_report(config, run.id)
+    assert info.acted == 3 and [lp.name for lp in snap.loops.values()] == [LOOP_NAME], "evidence kept with the run"
+
+    restarted = Service(config)
+    try:
+        restarted.tick()
+        assert _loops_gauge(restarted.metrics) == 1, "a new process reads the loop from the ledger's evidence"
+    finally:
+        restarted.stop()
+
+
+def test_remembered_loops_age_out_after_the_lookback():
+    from reaper.service.metrics import ReaperMetrics
+
+    m = ReaperMetrics(loop_lookback=HOUR)
+    m.remember_loops([("old", NOW - 2 * HOUR), ("new", NOW - 60)], NOW)
+    assert set(m._loops) == {"new"}
+    m.remember_loops([], NOW + HOUR)
+    assert m._loops == {}

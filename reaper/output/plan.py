@@ -81,7 +81,9 @@ def render_run(result: RunResult, fmt: str, out: IO[str], max_rows: int = 50) ->
         )
     if p.cap_problem:
         lines.append(f"STOP: {p.cap_problem}")
-    if result.applied:
+    if result.applied and result.run_id is None:
+        lines.append("nothing to act on: no run recorded")
+    elif result.applied:
         done = ", ".join(f"{a}/{r} {n}" for (a, r), n in sorted(result.acted.items())) or "nothing"
         lines.append(
             f"run {result.run_id}: acted on {result.total_acted} ({done}) in {result.batches} batches, "

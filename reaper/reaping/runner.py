@@ -132,6 +132,9 @@ def apply(
     problems = errors(backend.check())  # resolves the profile against the live store, too
     if problems:
         raise SchemaError(problems)
+    if not the_plan.candidates:
+        result.duration = time.monotonic() - started
+        return result  # nothing to act on: no run to record (a service ticking over a clean table adds none)
     with holding(backend, held_lock) as lock, frozen_heap():
         ledger = backend.ledger()
         ledger.create()

@@ -29,7 +29,7 @@ from reaper import commands
 from reaper.backends import Backend, RunLock, open_backend
 from reaper.config import Config
 from reaper.errors import ConfigError, LockUnavailable, ReaperError
-from reaper.reaping import runner
+from reaper.reaping.evidence import EvidenceCollector
 from reaper.service.http import application, serve_http
 from reaper.service.metrics import ReaperMetrics
 
@@ -48,7 +48,7 @@ class Service:
         self.config = config
         self.s = config.service
         self.backend = backend or open_backend(config)
-        self.metrics = ReaperMetrics(self.s.top_families)
+        self.metrics = ReaperMetrics(self.s.top_families, config.loops.lookback)
         self.stop_event = threading.Event()
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.lock: RunLock | None = None
@@ -158,6 +158,8 @@ class Service:
         elif self._watermark is None:
             self._watermark = started
         self.metrics.record_scan(snapshot, first)
+        if first and self.s.reap:
+            self._remember_kept_loops(snapshot.started_at)
         self._last_error = None
         log_event(
             "scan",
@@ -169,15 +171,33 @@ class Service:
             duration_seconds=round(snapshot.duration, 3),
         )
 
+    def _remember_kept_loops(self, now: float) -> None:
+        """Loops a reap before this process removed from the database still count for loops.lookback: read
+        them from the evidence the runs kept (only when this service reaps: the ledger is then its own)."""
+        try:
+            kept = commands.kept_loops(self.config, now - self.config.loops.lookback, self.backend)
+        except Exception as exc:  # noqa: BLE001 - a metric's memory is not worth a failed tick
+            log.warning("could not read the loops kept in the ledger: %s", _first_line(exc))
+            return
+        self.metrics.remember_loops(kept, now)
+
     def _reap(self) -> None:
         try:
             self._phase = "scan"  # planning is a scan: a stop may cut it
-            the_plan = commands.plan(self.config, self.backend)
+            evidence = EvidenceCollector()  # kept with the run, as the CLI's reaps keep it
+            the_plan = commands.plan(self.config, self.backend, evidence=evidence)
             if the_plan.cap_problem:
                 log_event("reap_refused", reason=the_plan.cap_problem, planned=len(the_plan.candidates))
                 return
             self._phase = "reap"  # acting: a stop lets the batch finish, within the grace
-            result = runner.apply(self.config, self.backend, the_plan, stop=self.stop_event, held_lock=self.lock)
+            result = commands.apply(
+                self.config,
+                the_plan,
+                stop=self.stop_event,
+                held_lock=self.lock,
+                backend=self.backend,
+                evidence=evidence,
+            )
         except Exception as exc:  # noqa: BLE001
             self._fail("reap", exc)
             return
@@ -272,7 +292,8 @@ class Service:
     def stop(self) -> bool:
         """Stop scheduling, let the current batch finish (up to the grace), release the lock. True if clean."""
         self.stop_event.set()
-        self.scheduler.shutdown(wait=False)
+        if self.scheduler.running:  # a service driven tick by tick (never started) has nothing scheduled
+            self.scheduler.shutdown(wait=False)
         if self._phase == "scan":
             # Nothing of a scan is worth finishing: cut its connections, so one waiting on a silent network ends
             # now instead of at its timeout. (A reap batch is left to finish within the grace.)

@@ -50,8 +50,12 @@ def top_names(snapshot: Snapshot, k: int) -> list[str]:
 class ReaperMetrics(Collector):
     """Holds the last snapshot and the service's counters; yields metric families on scrape."""
 
-    def __init__(self, top_k: int = 20):
+    def __init__(self, top_k: int = 20, loop_lookback: float = 7 * 86400.0):
         self.top_k = top_k
+        self.loop_lookback = loop_lookback
+        # family -> its last loop step (refresh revoked), for loops.lookback: a reap removes a loop's orphans,
+        # and with them its evidence in the database, not the fact that the family loops.
+        self._loops: dict[str, float] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self._lock = threading.Lock()
         self._snapshot: Snapshot | None = None
@@ -79,6 +83,7 @@ class ReaperMetrics(Collector):
         with self._lock:
             self._snapshot = snapshot
             self._top = top
+            self._remember_loops(((f, lp.last_revoked_at) for f, lp in snapshot.loops.items()), snapshot.started_at)
             self.scans += 1
             self.last_scan = self.last_success = snapshot.finished_at or time.time()
             if not first:
@@ -87,6 +92,17 @@ class ReaperMetrics(Collector):
                     if fam.new:
                         self._registrations[self._bounded(label_value(fam.normalized_name), topset)] += fam.new
         self.scan_duration.observe(snapshot.duration)
+
+    def remember_loops(self, loops: Iterable[tuple[str, float]], now: float) -> None:
+        """Loops seen before this process (the evidence past runs kept in the ledger)."""
+        with self._lock:
+            self._remember_loops(loops, now)
+
+    def _remember_loops(self, loops: Iterable[tuple[str, float]], now: float) -> None:
+        for family, last in loops:
+            self._loops[family] = max(last, self._loops.get(family, last))
+        for family in [f for f, last in self._loops.items() if last < now - self.loop_lookback]:
+            del self._loops[family]
 
     def _bounded(self, name: str, topset: set[str]) -> str:
         # Counters keep the labels they ever had; cap them so churn in the top-K cannot grow series forever:
@@ -113,7 +129,7 @@ class ReaperMetrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
-            snap, top = self._snapshot, list(self._top)
+            snap, top, loops = self._snapshot, list(self._top), len(self._loops)
             registrations, reaped = dict(self._registrations), dict(self._reaped)
             scans, failures, last_scan, last_success, leader = (
                 self.scans,
@@ -158,10 +174,10 @@ class ReaperMetrics(Collector):
         yield c
         if snap is None:
             return
-        yield from _snapshot_metrics(snap, top)
+        yield from _snapshot_metrics(snap, top, loops)
 
 
-def _snapshot_metrics(snap: Snapshot, top: list[str]) -> Iterator[Metric]:
+def _snapshot_metrics(snap: Snapshot, top: list[str], loops: int) -> Iterator[Metric]:
     g = GaugeMetricFamily("dcr_clients", "Clients by verdict, from the last scan.", labels=["verdict"])
     for v in VERDICTS:
         g.add_metric([str(v)], snap.by_verdict.get(v, 0))
@@ -209,8 +225,8 @@ def _snapshot_metrics(snap: Snapshot, top: list[str]) -> Iterator[Metric]:
     yield GaugeMetricFamily(
         "dcr_suspected_reauth_loops",
         "Families whose clients lost a rotated refresh token and registered again within the loop window, "
-        "from the last scan (see docs/loops.md).",
-        value=len(snap.loops),
+        "seen within loops.lookback: by the last scan, or before a reap removed their evidence (docs/loops.md).",
+        value=loops,
     )
     yield GaugeMetricFamily(
         "dcr_registration_floods",
