@@ -132,16 +132,16 @@ def apply(
     problems = errors(backend.check())  # resolves the profile against the live store, too
     if problems:
         raise SchemaError(problems)
-    if not the_plan.candidates:
-        result.duration = time.monotonic() - started
-        return result  # nothing to act on: no run to record (a service ticking over a clean table adds none)
     with holding(backend, held_lock) as lock, frozen_heap():
         ledger = backend.ledger()
-        ledger.create()
+        ledger.create()  # even with nothing to act on: a ledger the reap role cannot use fails now, not later
         actor = backend.actor()
         try:
             for info in reconcile(actor):
                 log.warning("run %s was interrupted; %d client(s) acted on, restorable", info.id, info.acted)
+            if not the_plan.candidates:
+                result.duration = time.monotonic() - started
+                return result  # no run to record: a service ticking over a clean table adds none
             run_id = ledger.start_run("reap", backend.profile.name, len(the_plan.candidates))
             result.run_id = run_id
             if evidence is not None:
