@@ -5,6 +5,8 @@ SELECT: any SQL write would fail the test."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,7 +187,7 @@ def _config(url: str, standin: KeycloakStandIn, tmp_path: Path, **extra: Any) ->
         url,
         profile=PROFILE,
         options={"realm": "mcp"},
-        policy={"actions": {"orphan": "delete", "abandoned": "disable"}},
+        policy={"actions": {"orphan": "delete", "abandoned": "disable"}, **extra.pop("policy", {})},
         keycloak={"url": standin.url, "client_id": standin.client_id, "client_secret": standin.secret},
         ledger={"url": f"sqlite:///{tmp_path / 'ledger.sqlite'}"},
         **extra,
@@ -254,6 +256,34 @@ def test_a_session_after_the_scan_saves_the_client(server_db, kc, tmp_path):
         assert result.skipped["changed_since_scan"] == 1 and result.total_acted == 3
         assert ("DELETE", f"/admin/realms/mcp/clients/{keys['old1']}") not in standin.calls
     assert scan(server_db.url)["old1"].verdict is Verdict.LIVE
+
+
+@pytest.mark.slow
+def test_a_stop_during_the_pause_between_api_batches_ends_the_run_within_a_second(server_db, kc, tmp_path):
+    """The Keycloak path pauses through the runner like every backend: a stop request wakes the pause at once,
+    and the run ends between batches, recorded as stopped."""
+    _churn(kc)
+    with KeycloakStandIn(kc) as standin:
+        config = _config(server_db.url, standin, tmp_path, policy={"batch_size": 1, "pause": 30})
+        the_plan = plan(config)
+        assert len(the_plan.candidates) == 4
+        stop = threading.Event()
+        out: dict[str, Any] = {}
+        worker = threading.Thread(target=lambda: out.update(result=apply(config, the_plan, stop=stop)))
+        worker.start()
+        deadline = time.monotonic() + 20
+        while not any(m in ("DELETE", "PUT") for m, _ in standin.calls) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # the first batch is done: the runner is in its 30 s pause
+        asked = time.monotonic()
+        stop.set()
+        worker.join(5)
+        took = time.monotonic() - asked
+        assert not worker.is_alive() and took < 1.0, f"the run ended {took:.2f}s after the stop request"
+        result = out["result"]
+        assert result.stopped and result.total_acted == 1
+        with _ledger(tmp_path).connect() as conn:
+            assert conn.execute(sa.text("SELECT status FROM dcr_reaper_runs")).scalar_one() == "stopped"
 
 
 def _realm(kc: Keycloak) -> str:

@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session
 from kit.schemas.authlib import AuthorizationCode, Base, Client, Token
 from reaper.analysis.model import Verdict
 from reaper.backends.sql import SqlBackend, SqlScan
-from reaper.commands import classified, report
+from reaper.backends.sql import backend as backend_module
+from reaper.commands import classified, plan, report, statements
 from reaper.config import load_config
 from reaper.db import make_engine
 from reaper.errors import DatabaseError
@@ -246,3 +247,50 @@ def test_report_command_leaves_postgres_rows_untouched(pg_db, tmp_path):
     _check_report(_run_report(pg_db.url, tmp_path))
 
     assert state(pg_db.engine) == before
+
+
+def test_reap_sql_opens_no_read_write_connection(db, monkeypatch):
+    """`reap --sql` plans and prints each batch's statements on read-only connections only: no read-write engine
+    is ever made, and the store is as it was."""
+    populate(db.engine)
+    before = state(db.engine)
+    made: list[bool] = []
+    real = backend_module.make_engine
+
+    def recording(url: str, readonly: bool, **kw: Any) -> sa.Engine:
+        made.append(readonly)
+        return real(url, readonly=readonly, **kw)
+
+    monkeypatch.setattr(backend_module, "make_engine", recording)
+    config = load_config(None, {"database_url": db.url, "profile": "authlib", "policy": {"min_age": 60}}, {})
+    the_plan = plan(config)
+    batches = statements(config, the_plan)
+
+    assert len(the_plan.candidates) == CHURN - 1
+    text = "\n".join(s for batch in batches for s in batch)
+    assert "DELETE FROM oauth2_client" in text
+    assert made and all(made), f"engines made (readonly flags): {made}"
+    assert state(db.engine) == before
+
+
+@pytest.mark.slow
+def test_reap_sql_command_leaves_the_sqlite_file_byte_identical(sqlite_db, tmp_path):
+    populate(sqlite_db.engine)
+    sqlite_db.engine.dispose()
+    path = sqlite_db.engine.url.database
+    before = file_hash(path)
+    files_before = sorted(os.listdir(os.path.dirname(path)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DCR_REAPER_")}
+    env["DCR_REAPER_POLICY__MIN_AGE"] = "60"
+    proc = subprocess.run(
+        [sys.executable, "-m", "reaper", "reap", "--sql", "--profile", "authlib", "--database-url", sqlite_db.url],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("-- batch 1") and "DELETE FROM oauth2_client" in proc.stdout
+    assert file_hash(path) == before
+    assert sorted(os.listdir(os.path.dirname(path))) == files_before, "no journal, WAL or ledger left behind"

@@ -8,7 +8,6 @@ database to it. No other module compares database names.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -341,7 +340,7 @@ class PostgresImpl(DatabaseImpl):
 
     def prepare_engine(self, engine: Engine, readonly: bool, timeouts: Timeouts) -> None:
         limit = timeouts.round_trip
-        if limit is not None and BOUNDED_WAITS:
+        if limit is not None:
 
             @sa.event.listens_for(engine, "do_connect")
             def _bounded(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
@@ -882,14 +881,10 @@ def _shutdown_fd(fd: int) -> None:
         dup.close()
 
 
-# psycopg 3.2+ bounds a wait (Connection.wait's `timeout`); every round trip of a connection goes through it:
-# statements, server-side cursor fetches, commits.
-BOUNDED_WAITS = {"interval", "timeout"} <= set(inspect.signature(psycopg.Connection.wait).parameters)
-
-
 class BoundedConnection(psycopg.Connection[Any]):
-    """psycopg's connection, with every round trip bounded by `round_trip` seconds: a network that goes silent
-    (a partition, a middlebox that stops forwarding) fails the call instead of hanging it."""
+    """psycopg's connection, with every round trip bounded by `round_trip` seconds (Connection.wait's `timeout`,
+    psycopg 3.3.6 and later; statements, server-side cursor fetches and commits all go through it): a network that
+    goes silent (a partition, a middlebox that stops forwarding) fails the call instead of hanging it."""
 
     round_trip: float | None = None
 
