@@ -128,9 +128,10 @@ class McpMemoryClient:
         return new
 
 
-async def _mcp_memory_story(server: McpMemoryClient, now: float) -> list[str]:
-    """Four sessions of the looping CLI; two healthy editors on two machines and a single-machine client,
-    rotating and keeping their tokens; one registration never used. Returns the looping members."""
+async def _mcp_memory_story(server: McpMemoryClient, now: float, replay: bool = True) -> list[str]:
+    """Four sessions of the looping CLI (replaying its old refresh token before it registers again, or not);
+    an editor on three machines and a single-machine client, rotating and keeping their tokens; one
+    registration never used. Returns the looping members."""
     loopers = []
     t = now - 20 * HOUR
     for i in range(4):
@@ -140,7 +141,8 @@ async def _mcp_memory_story(server: McpMemoryClient, now: float) -> list[str]:
         if i == 3:
             break  # the newest session: still logged in
         assert await server.refresh(cid, old, t + HOUR) is not None  # rotated: the new token is never stored
-        assert await server.refresh(cid, old, t + 2 * HOUR) is None  # the old one replayed: invalid_grant
+        if replay:
+            assert await server.refresh(cid, old, t + 2 * HOUR) is None  # the old one replayed: invalid_grant
         t += 2 * HOUR + 30  # ... and the CLI registers again
 
     # Three machines of one editor and a single-machine client, each refreshing twice a day with the token it
@@ -164,6 +166,14 @@ def test_mcp_memory_service_storage_loop(tmp_path, monkeypatch):
     [loop] = report(make_config(url, profile="mcp-memory-service")).loops.values()
     # No revocation time is stored: a step's time is the newest revoked row's creation, the lost rotation.
     assert all(s.gap == pytest.approx(HOUR + 30) for s in loop.steps)
+
+
+def test_mcp_memory_service_without_a_replay_leaves_no_step(tmp_path, monkeypatch):
+    """The lost successor stays unrevoked, and the newest revoked row is the one before the rotation: the
+    client was issued something after it (docs/loops.md: the evidence is the replay's chain revocation)."""
+    path = tmp_path / "oauth.db"
+    asyncio.run(_mcp_memory_story(McpMemoryClient(path, monkeypatch), time.time(), replay=False))
+    assert not report(make_config(f"sqlite:///{path}", profile="mcp-memory-service", loops={"min_cycles": 1})).loops
 
 
 def test_the_kits_mcp_memory_schema_is_the_storage_one(tmp_path):
