@@ -1,6 +1,7 @@
 """Re-auth loops found on every server, from rows written the way that server writes them (docs/loops.md).
 
-mcp-memory-service through its own SQLite OAuth storage, Django OAuth Toolkit through its own endpoints and
+mcp-memory-service through its own SQLite OAuth storage (installed without its dependencies:
+tests/requirements-upstream.txt), Django OAuth Toolkit through its own endpoints and
 rotation code, Better Auth 1.7 through the real npm server over HTTP; Hydra, Spring Authorization Server and
 Doorkeeper through the kit's schemas, with the statements their sources issue. Each server's loop: a client
 software that registers, logs in, has its refresh token rotated, never stores the new one, and registers anew.
@@ -61,8 +62,11 @@ def mcp_memory_storage() -> Any:
     warning at import, which is theirs to fix)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        from mcp_memory_service.web.oauth import models
-        from mcp_memory_service.web.oauth.storage import sqlite
+        try:
+            from mcp_memory_service.web.oauth import models
+            from mcp_memory_service.web.oauth.storage import sqlite
+        except ModuleNotFoundError as exc:
+            pytest.fail(f"{exc}: run pip install --no-deps -r tests/requirements-upstream.txt (see that file)")
 
     return sqlite, models
 
