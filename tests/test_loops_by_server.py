@@ -41,16 +41,15 @@ MINUTE, HOUR, DAY = 60, 3600, 86400
 LOOPER = "Claude Code (memory)"
 
 
-def assert_only_loop(url: str, profile: str, members: list[str], name: str = LOOPER, **options: Any) -> None:
+def assert_only_loop(url: str, profile: str, members: list[str], name: str = LOOPER) -> None:
     """The looping family is the one suspected loop, each of its members but the newest one step; no other
     family shows a single step (checked with min_cycles = 1)."""
-    extra = {"options": options} if options else {}
-    snap = report(make_config(url, profile=profile, **extra))
+    snap = report(make_config(url, profile=profile))
     assert snap.loop_detection == "on"
     [loop] = snap.loops.values()
     assert loop.name == name and loop.cycles == len(members) - 1
     assert [s.client_id for s in loop.steps] == members[-2::-1], "each lost login, newest first"
-    strict = report(make_config(url, profile=profile, loops={"min_cycles": 1}, **extra))
+    strict = report(make_config(url, profile=profile, loops={"min_cycles": 1}))
     assert [x.name for x in strict.loops.values()] == [name], "the healthy families show no step"
 
 
