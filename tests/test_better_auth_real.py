@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from kit.better_auth.driver import age_client
 from kit.config import make_config
 from reaper.analysis.model import Verdict
 from reaper.commands import check, classified
@@ -28,27 +29,6 @@ def _driver() -> Any:
     from kit.better_auth.driver import BetterAuthServer
 
     return BetterAuthServer
-
-
-def _age(engine: sa.Engine, client_id: str, seconds: int) -> None:
-    """Move every time of one client's rows back (the server wrote them now; the scenario happened earlier)."""
-    with engine.begin() as conn:
-        columns = conn.execute(
-            sa.text(
-                "SELECT c.table_name, c.column_name FROM information_schema.columns c "
-                "WHERE c.table_schema = 'public' AND c.data_type = 'timestamp with time zone' "
-                "AND c.table_name IN (SELECT table_name FROM information_schema.columns "
-                "WHERE table_schema = 'public' AND column_name = 'clientId')"
-            )
-        ).all()
-        tables: dict[str, list[str]] = {}
-        for table, column in columns:
-            tables.setdefault(table, []).append(column)
-        for table, cols in tables.items():
-            sets = ", ".join(f'"{c}" = "{c}" - make_interval(secs => :s)' for c in cols)
-            conn.execute(
-                sa.text(f'UPDATE "{table}" SET {sets} WHERE "clientId" = :cid'), {"s": seconds, "cid": client_id}
-            )
 
 
 def _write(version: str, url: str) -> tuple[dict[str, str], dict[str, int]]:
@@ -91,7 +71,7 @@ def _verdicts(url: str, profile: str, ids: dict[str, str]) -> dict[str, tuple[Ve
 def test_real_better_auth_verdicts_do_not_depend_on_the_database_time_zone(pg_db, version, profile):
     ids, ages = _write(version, pg_db.url)
     for label, age in ages.items():
-        _age(pg_db.engine, ids[label], age)
+        age_client(pg_db.engine, ids[label], age)
 
     description, findings = check(make_config(pg_db.url, profile=profile))
     assert [f.message for f in findings if f.level == "error"] == []

@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import requests
+import sqlalchemy as sa
 
 KIT = Path(__file__).resolve().parent
 # version -> (directory, flavour). "oauth-provider": @better-auth/oauth-provider (oauthClient tables);
@@ -522,3 +523,25 @@ class BetterAuthServer:
         """The authorization server metadata document (RFC 8414) as this version serves it."""
         resp = requests.get(self.url("/.well-known/oauth-authorization-server"), headers=self._headers(), timeout=10)
         return self._json(resp, "metadata")
+
+
+def age_client(engine: sa.Engine, client_id: str, seconds: float) -> None:
+    """Move every time of one client's rows back (the server wrote them now; the scenario happened earlier):
+    every timestamptz column of every table with a clientId column (PostgreSQL)."""
+    with engine.begin() as conn:
+        columns = conn.execute(
+            sa.text(
+                "SELECT c.table_name, c.column_name FROM information_schema.columns c "
+                "WHERE c.table_schema = 'public' AND c.data_type = 'timestamp with time zone' "
+                "AND c.table_name IN (SELECT table_name FROM information_schema.columns "
+                "WHERE table_schema = 'public' AND column_name = 'clientId')"
+            )
+        ).all()
+        tables: dict[str, list[str]] = {}
+        for table, column in columns:
+            tables.setdefault(table, []).append(column)
+        for table, cols in tables.items():
+            sets = ", ".join(f'"{c}" = "{c}" - make_interval(secs => :s)' for c in cols)
+            conn.execute(
+                sa.text(f'UPDATE "{table}" SET {sets} WHERE "clientId" = :cid'), {"s": seconds, "cid": client_id}
+            )

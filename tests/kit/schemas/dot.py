@@ -10,6 +10,10 @@ once, then the old refresh token replayed: DOT revokes the whole family), `refre
 access token expired since, the new refresh token unused), `refresh_only` (code exchanged, the
 access token expired, the refresh token unused), `pending_code` (authorized, code not exchanged yet),
 `device_pending` (a device authorization waiting for the user), `device_expired` (one that expired unused).
+With `at` (seconds ago) a client's whole story runs on Django's clock held at that time and later ones, so DOT
+stamps every row itself: `kept` (code exchanged, then refreshed `refresh_after` seconds after registering, each
+time with the token it was given last) and `lost` (the same, then the client lost the newest refresh token and
+replays the one before it `replay_after` seconds after registering: reuse protection revokes the family).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -162,6 +166,20 @@ class Server:
         return tok
 
 
+class Clock:
+    """Django's clock (`timezone.now`, what Django and DOT stamp rows with), held at a chosen time or real."""
+
+    def __init__(self) -> None:
+        from django.utils import timezone
+
+        self.real = timezone.now
+        self.at: datetime | None = None
+        timezone.now = self.now
+
+    def now(self) -> datetime:
+        return self.at or self.real()
+
+
 def build(url: str, plan: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Run DOT on the database: migrate, then register and authorize as the plan says (in a subprocess)."""
     from kit.cli import REPO, TESTS, clean_env
@@ -185,11 +203,14 @@ def make_rows(plan: list[dict[str, object]]) -> dict[str, dict[str, object]]:
     from oauth2_provider.models import AccessToken, Application, DeviceGrant, RefreshToken
 
     server = Server()
+    clock = Clock()
     now = timezone.now()
     out: dict[str, dict[str, object]] = {}
     for spec in plan:
         label, name, redirect = str(spec["label"]), str(spec["name"]), str(spec["redirect"])
         source, flow = spec.get("source", "dcr"), spec.get("flow", "none")
+        start = now - timedelta(seconds=float(spec["at"])) if "at" in spec else None
+        clock.at = start
         if source == "dcr":
             client_id = server.register(name, redirect)
         else:
@@ -212,6 +233,20 @@ def make_rows(plan: list[dict[str, object]]) -> dict[str, dict[str, object]]:
             assert second["status"] == 200, second
             replay = server.token(client_id, grant_type="refresh_token", refresh_token=str(first["refresh_token"]))
             assert replay["status"] == 400, replay  # reuse detected: the whole family is revoked
+        elif flow in ("kept", "lost"):
+            assert start is not None, "kept and lost run on the clock: give `at`"
+            clock.at = start + timedelta(seconds=20)
+            tokens = [str(server.exchange(client_id, redirect)["refresh_token"])]
+            for after in spec["refresh_after"]:
+                clock.at = start + timedelta(seconds=float(after))
+                res = server.token(client_id, grant_type="refresh_token", refresh_token=tokens[-1])
+                assert res["status"] == 200, res
+                tokens.append(str(res["refresh_token"]))
+            if flow == "lost":  # the newest refresh token never reached the client's store: it replays the last
+                clock.at = start + timedelta(seconds=float(spec["replay_after"]))
+                res = server.token(client_id, grant_type="refresh_token", refresh_token=tokens[-2])
+                assert res["status"] == 400, res  # reuse detected: DOT revokes the whole token family
+            clock.at = None
         elif flow == "refreshed":
             # Refreshed once, then left: the new access token points at the old (revoked) refresh token
             # (source_refresh_token) and the new refresh token points at the new access token.
@@ -247,11 +282,13 @@ def make_rows(plan: list[dict[str, object]]) -> dict[str, dict[str, object]]:
             )
         else:
             assert flow == "none", flow
-        age = timedelta(seconds=float(spec.get("age", 0)))
-        Application.objects.filter(pk=app.pk).update(created=now - age)
-        if spec.get("age_tokens"):
-            # The client's tokens were issued when it registered, not just now.
-            RefreshToken.objects.filter(application=app).update(created=now - age)
+        clock.at = None
+        if start is None:
+            age = timedelta(seconds=float(spec.get("age", 0)))
+            Application.objects.filter(pk=app.pk).update(created=now - age)
+            if spec.get("age_tokens"):
+                # The client's tokens were issued when it registered, not just now.
+                RefreshToken.objects.filter(application=app).update(created=now - age)
         out[label] = {"id": app.pk, "client_id": client_id}
     return out
 

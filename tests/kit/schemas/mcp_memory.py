@@ -98,7 +98,7 @@ def insert_tokens(
             "cid": client_id,
             "exp": at + 30 * 86400,
             "rev": bool(revoked),
-            "parent": "PARENT-" + refresh,
+            "parent": None,  # a code exchange's refresh token starts a chain: the storage leaves parent_token NULL
             "at": at,
         },
     )
