@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -19,6 +19,9 @@ from reaper.backends.values import MAX_EPOCH, MIN_EPOCH, invalid_text, parse_jso
 from reaper.db import Compiler, DatabaseImpl, Owner, now_param, table_clause, untyped
 from reaper.profiles import FIELDS, BoundProfile, ClientMap, CredentialMap, TenantMap, credential_columns, profile_reads
 from reaper.profiles.conditions import Lifetime
+
+if TYPE_CHECKING:
+    from reaper.backends.sql.delta import SqlDelta
 
 # What a field may cost, in characters read from the database: memory stays bounded whatever a row holds.
 CAPS = {"name": 1024, "redirect_uris": 8192, "json": 16384}
@@ -106,8 +109,16 @@ def _data_columns(cm: ClientMap) -> list[str]:
     return sorted({f.column for _, f in cm.fields() if f.column})
 
 
-def build_query(profile: BoundProfile, impl: DatabaseImpl, now: datetime) -> sa.Select[Any]:
-    """The scan query: clients LEFT JOIN per-credential aggregates, newest first."""
+def keys_in(column: Any, keys: Sequence[str]) -> Any:
+    """`column IN keys`, each key untyped: keys travel as text and the database reads them as the column's type."""
+    return column.in_([untyped(k) for k in keys])
+
+
+def build_query(
+    profile: BoundProfile, impl: DatabaseImpl, now: datetime, only: Sequence[str] | None = None
+) -> sa.Select[Any]:
+    """The scan query: clients LEFT JOIN per-credential aggregates. With `only`, just the clients with these keys
+    (the aggregates narrowed to them too where a credential references the key)."""
     cm = profile.client
     reads = profile_reads(profile.profile)
     client = table_clause(cm.table, reads[cm.table]).alias("c")
@@ -130,6 +141,8 @@ def build_query(profile: BoundProfile, impl: DatabaseImpl, now: datetime) -> sa.
         if cred.issued_at and cred.issued_at.column:
             aggs.append(sa.func.max(t.c[cred.issued_at.column]).label("last"))
         where = credential_filter(profile, cred, t, now, impl)
+        if only is not None and cred.client_column in (None, cm.key):
+            where.append(keys_in(t.c[cred.ref], only))
         sub = sa.select(*aggs).where(*where).group_by(t.c[cred.ref]).subquery(f"a{i}")
         query_from = query_from.outerjoin(sub, sub.c.ref == client.c[cred.client_column or cm.key])
         cols += [sub.c.live.label(f"live_{i}"), sub.c.total.label(f"total_{i}")]
@@ -143,6 +156,8 @@ def build_query(profile: BoundProfile, impl: DatabaseImpl, now: datetime) -> sa.
             rt = table_clause(f.rows.table, {f.rows.ref, f.rows.column}).alias(f"r_{name}")
             agg = impl.group_concat(rt.c[f.rows.column])
             rsel = sa.select(rt.c[f.rows.ref].label("ref"), agg.label("vals")).group_by(rt.c[f.rows.ref])
+            if only is not None:
+                rsel = rsel.where(keys_in(rt.c[f.rows.ref], only))
             subq = rsel.subquery(f"rows_{name}")
             query_from = query_from.outerjoin(subq, subq.c.ref == client.c[cm.key])
             cols.append(subq.c.vals.label(f"rows_{name}"))
@@ -161,6 +176,8 @@ def build_query(profile: BoundProfile, impl: DatabaseImpl, now: datetime) -> sa.
             looked_up[name] = lsub.c.v
             cols.append(lsub.c.v.label(f"lk_{name}"))
     tenant = tenant_filter(client, cm.tenant, profile.options)
+    if only is not None:
+        tenant.append(keys_in(client.c[cm.key], only))
     query = sa.select(*cols).select_from(query_from).where(*tenant)
     # No ORDER BY: a sort would keep the database busy before the first row; the classifier needs no order.
     return query
@@ -517,6 +534,12 @@ class SqlScan:
                     yield at
         finally:
             close_streamed(result)
+
+    def delta(self) -> SqlDelta:
+        """What changed since an earlier scan, and re-reads by key (for `serve`'s incremental ticks)."""
+        from reaper.backends.sql.delta import SqlDelta
+
+        return SqlDelta(self)
 
     def rows(self) -> Generator[ClientRow, None, None]:
         """Stream every client, in the order the database reads them, with its credential facts.
