@@ -127,7 +127,7 @@ def tick(
                         fresh.record(item)
             if fresh is not None:
                 assert delta is not None
-                fresh.finish(snapshot, delta.counts())
+                fresh.finish(snapshot, delta)
             return snapshot, fresh
 
 

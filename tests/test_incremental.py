@@ -152,6 +152,7 @@ OPS = st.one_of(
     st.tuples(st.just("delete"), st.integers(0, 50)),
     st.tuples(st.just("advance"), st.sampled_from([1, 30, 299, 301, 1000, 1801, 3601, 5001])),
     st.tuples(st.just("tick")),
+    st.tuples(st.just("tick")),
 )
 
 
@@ -163,7 +164,7 @@ def _reset(engine: sa.Engine) -> None:
 
 @pytest.mark.slow
 @settings(
-    max_examples=25,
+    max_examples=15,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

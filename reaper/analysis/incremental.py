@@ -21,7 +21,15 @@ from typing import Protocol
 from reaper.analysis.classify import Classifier
 from reaper.analysis.fingerprint import family_id, parts_of
 from reaper.analysis.loops import LoopDetector, RevokedIndex
-from reaper.analysis.model import Classified, ClientRow, FamilyStats, Snapshot, Verdict
+from reaper.analysis.model import (
+    Classified,
+    ClientRow,
+    FamilyStats,
+    FloodEvidence,
+    LoopEvidence,
+    Snapshot,
+    Verdict,
+)
 from reaper.analysis.pipeline import ScanSource, with_ips
 from reaper.config import Config
 
@@ -47,6 +55,10 @@ class Delta(Protocol):
 
     def revoked(self, keys: Sequence[str], since: float) -> dict[str, float]: ...
 
+    def revoked_in_seconds(self) -> bool:
+        """Whether the store compares revocation times with the lookback's start cut to a whole second."""
+        ...
+
 
 @dataclass(slots=True)
 class _Client:
@@ -69,6 +81,8 @@ class _Family:
     newest: float = 0.0
     newest_count: int = 0
     valid_until: float = math.inf
+    loop: LoopEvidence | None = None
+    flood: FloodEvidence | None = None  # a flood within the family (floods by IP prefix span families)
 
 
 class ClientState:
@@ -81,6 +95,8 @@ class ClientState:
         self.now = 0.0
         self.dangling = 0  # credential rows no kept client accounts for (their client is gone, or never was)
         self.loop_evidence: str | None = None  # None: the profile has no loop map
+        self.revoked_in_seconds = False
+        self.ips = False  # rows carry registrant IPs: floods by IP prefix span families
         self._revoked: RevokedIndex | None = None
 
     # -- a full scan ------------------------------------------------------------------------------------------
@@ -88,6 +104,7 @@ class ClientState:
     def watch(self, source: ScanSource) -> ScanSource:
         """The source, with its revoked index kept here when the pipeline reads it."""
         state = self
+        self.ips = source.has_ips
 
         class Watched:
             def __getattr__(self, name: str) -> object:
@@ -106,10 +123,14 @@ class ClientState:
         self.clients[item.row.key] = _Client(item.row, item.family, item.verdict, _nan(revoked))
         self._absorb(item)
 
-    def finish(self, snapshot: Snapshot, counts: tuple[int, int]) -> None:
-        """The full scan is over: keep each family's stats, and the counts a tick compares."""
+    def finish(self, snapshot: Snapshot, delta: Delta) -> None:
+        """The full scan is over: keep each family's stats, loops and floods, and the counts a tick compares."""
+        floods = {f.key: f for f in snapshot.floods if f.scope == "family"}
         for fid, fam in self.families.items():
             fam.stats = snapshot.families[fid]
+            fam.loop, fam.flood = snapshot.loops.get(fid), floods.get(fid)
+        self.revoked_in_seconds = delta.revoked_in_seconds()
+        counts = delta.counts()
         self._close_families(self.families.values(), snapshot.started_at)
         self.now = snapshot.started_at
         self.dangling = counts[1] - self._credentials()
@@ -176,8 +197,13 @@ class ClientState:
         for fid in touched:
             self.families[fid].stats = scratch.families[fid]
         self._close_families((self.families[f] for f in touched), now)
+        if settings.loops.enabled and not self.ips:
+            for fid in touched:
+                self._family_loops(fid, now)
         self._assemble(snapshot, touched)
-        self._loops(snapshot, now)
+        self._loop_status(snapshot)
+        if settings.loops.enabled and self.ips:
+            self._loops(snapshot, now)
         snapshot.finished_at = now + (time.monotonic() - began)
         self.now = now
         return snapshot
@@ -207,6 +233,7 @@ class ClientState:
     def _close_families(self, families: Iterable[_Family], now: float) -> None:
         """Until when each family's verdicts and churn count hold by time alone."""
         s = self.config.classify
+        lookback = self.config.loops.lookback if self.config.loops.enabled else None
         for fam in families:
             until = math.inf
             for key in fam.keys:
@@ -227,6 +254,12 @@ class ClientState:
                     at = math.nextafter(last + s.stale_after, math.inf)
                     if now < at < until:
                         until = at
+                if lookback is not None:  # leaving the loop lookback, as a registration or as a revocation
+                    revoked = self.clients[key].revoked
+                    leave = (created + lookback, revoked + lookback)
+                    for at in (*(math.nextafter(t, math.inf) for t in leave), revoked + 1 + lookback):
+                        if now < at < until:
+                            until = at
             fam.valid_until = until
 
     def _credentials(self) -> int:
@@ -249,7 +282,7 @@ class ClientState:
         is new: every member was there at the last scan)."""
         for fid, fam in self.families.items():
             stats = fam.stats
-            if fid not in touched:
+            if fid not in touched and (stats.new or stats.tied):
                 stats = copy.copy(stats)
                 stats.new = stats.tied = 0
             snapshot.families[fid] = stats
@@ -262,35 +295,56 @@ class ClientState:
             snapshot.problem_count += fam.problem_count
             if len(snapshot.problems) < 1000:
                 snapshot.problems.extend(fam.problems[: 1000 - len(snapshot.problems)])
+            if fam.loop is not None:
+                snapshot.loops[fid] = fam.loop
+            if fam.flood is not None:
+                snapshot.floods.append(fam.flood)
             if fam.newest_count:
                 if fam.newest > snapshot.newest_registration:
                     snapshot.newest_registration = fam.newest
                     snapshot.newest_by_family.clear()
                 if fam.newest == snapshot.newest_registration:
                     snapshot.newest_by_family[fid] += fam.newest_count
+        snapshot.floods.sort(key=lambda f: (-f.registrations, f.scope, f.key))
 
-    def _loops(self, snapshot: Snapshot, now: float) -> None:
-        """Loops and floods, detected again over the kept clients (as the pipeline's detector would)."""
+    def _loop_status(self, snapshot: Snapshot) -> None:
         settings = self.config.loops
         snapshot.loop_window = settings.window
         if not settings.enabled:
             snapshot.loop_detection = "disabled (loops.enabled = false)"
-            return
-        since = now - settings.lookback
-        if self.loop_evidence is None:
+        elif self.loop_evidence is None:
             snapshot.loop_detection = f"floods only: profile '{snapshot.profile}' has no loop map"
-            revoked = RevokedIndex()
         else:
             snapshot.loop_detection = "on"
             snapshot.loop_evidence = self.loop_evidence
-            pairs = ((k, c.revoked) for k, c in self.clients.items() if c.revoked >= since)
-            revoked = RevokedIndex(pairs, self.loop_evidence)
-        detector = LoopDetector(settings, revoked, now, snapshot.families)
-        for client in self.clients.values():
-            created = client.row.created_at
-            if created is not None and created >= since:
-                detector.observe(Classified(client.row, client.family, client.verdict, ""))
-        detector.finish(snapshot)
+
+    def _detector(self, clients: Iterable[_Client], now: float, families: dict[str, FamilyStats]) -> LoopDetector:
+        """The pipeline's loop detector, given these clients (those within the lookback)."""
+        settings = self.config.loops
+        since = now - settings.lookback
+        bound = math.floor(since) if self.revoked_in_seconds else since  # as the store's revoked index reads it
+        members = [c for c in clients if c.row.created_at is not None and c.row.created_at >= since]
+        if self.loop_evidence is None:
+            revoked = RevokedIndex()
+        else:
+            revoked = RevokedIndex(((c.row.key, c.revoked) for c in members if c.revoked >= bound), self.loop_evidence)
+        detector = LoopDetector(settings, revoked, now, families)
+        for c in members:
+            detector.observe(Classified(c.row, c.family, c.verdict, ""))
+        return detector
+
+    def _family_loops(self, fid: str, now: float) -> None:
+        """One family's loop and flood, detected again over its members."""
+        fam = self.families[fid]
+        scratch = Snapshot("", "", now)
+        self._detector((self.clients[k] for k in fam.keys), now, {fid: fam.stats}).finish(scratch)
+        fam.loop = scratch.loops.get(fid)
+        fam.flood = next(iter(scratch.floods), None)
+
+    def _loops(self, snapshot: Snapshot, now: float) -> None:
+        """Loops and floods over every kept client: floods by IP prefix span families."""
+        snapshot.loops, snapshot.floods = {}, []
+        self._detector(self.clients.values(), now, snapshot.families).finish(snapshot)
 
     def size(self) -> int:
         """Clients kept."""

@@ -34,7 +34,7 @@ from reaper.profiles import BoundProfile, credential_columns, profile_reads
 if TYPE_CHECKING:
     from reaper.backends.sql.scan import SqlScan
 
-CHUNK = 500  # keys per re-read statement
+CHUNK = 2000  # keys per re-read statement
 
 
 def _flag(cond: Any) -> Any:
@@ -52,6 +52,11 @@ class SqlDelta:
     def unsupported(self) -> str | None:
         """None when a delta is sound for this profile; otherwise why a tick must scan fully."""
         return delta_unsupported(self.profile)
+
+    def revoked_in_seconds(self) -> bool:
+        """revoked_query cuts the lookback's start to a whole second for epoch columns."""
+        lmap = self.profile.profile.loops
+        return lmap is not None and lmap.revoked_at.encoding == "epoch"
 
     def changed_keys(self, previous: float, since: float) -> set[str]:
         """Keys of the clients to re-read: registered or credentials stamped at or after `since`, or a time

@@ -110,8 +110,9 @@ def _data_columns(cm: ClientMap) -> list[str]:
 
 
 def keys_in(column: Any, keys: Sequence[str]) -> Any:
-    """`column IN keys`, each key untyped: keys travel as text and the database reads them as the column's type."""
-    return column.in_([untyped(k) for k in keys])
+    """`column IN keys`, untyped: keys travel as text and the database reads them as the column's type. One
+    expanding parameter, so the statement compiles once whatever the number of keys."""
+    return column.in_(sa.bindparam(None, list(keys), expanding=True, type_=sa.types.NullType()))
 
 
 def build_query(
