@@ -23,6 +23,9 @@ from reaper.config import Config, load_config
 
 TARGET = 0.10  # an incremental tick costs at most this share of a full scan
 INTERVAL = 300.0  # seconds between ticks (service.scan_interval's default)
+# The datasets were written around their `now`; judging the first scan this much later leaves the write time
+# outside the watermark's overlap, as on a database nothing has changed in for a while.
+QUIET = 900.0
 
 
 def _config(url: str) -> Config:
@@ -92,8 +95,8 @@ def main() -> None:
         dsn, now = ensure_pg(ADMIN_DSN, n, log)
         url = sqla_url(dsn)
         log(f"ticks, {n:,} clients (PostgreSQL):")
-        r = measure(url, float(now), args.repeats, log)
-        kept, clients = state_bytes(url, float(now)) if n <= 100_000 else (0, 0)
+        r = measure(url, now + QUIET, args.repeats, log)
+        kept, clients = state_bytes(url, now + QUIET) if n <= 100_000 else (0, 0)
         per = f", state {kept / clients:.0f} bytes/client" if clients else ""
         verdict = "ok" if r["ratio"] <= TARGET else "MISS"
         print(

@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from reaper.analysis.classify import Classifier
 from reaper.analysis.fingerprint import family_id, parts_of
@@ -98,6 +98,9 @@ class ClientState:
         self.revoked_in_seconds = False
         self.ips = False  # rows carry registrant IPs: floods by IP prefix span families
         self._revoked: RevokedIndex | None = None
+        self._shared: dict[Any, Any] = {}  # values many rows hold, kept once
+        self._no_live: dict[str, int] = {}
+        self._no_problems: list[str] = []
 
     # -- a full scan ------------------------------------------------------------------------------------------
 
@@ -119,9 +122,24 @@ class ClientState:
 
     def record(self, item: Classified) -> None:
         """One client of the full scan, as the pipeline classified it."""
-        revoked = self._revoked.get(item.row.key) if self._revoked is not None else None
-        self.clients[item.row.key] = _Client(item.row, item.family, item.verdict, _nan(revoked))
+        revoked = self._revoked.get(item.row.key) if self._revoked else None
+        self.clients[item.row.key] = _Client(self._compact(item.row), item.family, item.verdict, _nan(revoked))
         self._absorb(item)
+
+    def _compact(self, row: ClientRow) -> ClientRow:
+        """The row, its values shared with the rows that have the same (a family's members share a name and
+        usually their redirect URIs): memory per client is then mostly the client's own keys."""
+        shared = self._shared
+        if row.client_id == row.key:
+            row.client_id = row.key
+        row.name = shared.setdefault(row.name, row.name) if row.name is not None else None
+        row.redirect_uris = shared.setdefault(row.redirect_uris, row.redirect_uris)
+        # Kept rows are only read from now on (the classifier and the loop detector never write to them).
+        if not row.live:
+            row.live = self._no_live
+        if not row.problems:
+            row.problems = self._no_problems
+        return row
 
     def finish(self, snapshot: Snapshot, delta: Delta) -> None:
         """The full scan is over: keep each family's stats, loops and floods, and the counts a tick compares."""
@@ -175,7 +193,7 @@ class ClientState:
                 self.families[old.family].keys.discard(row.key)
             fid = family_id(family_of(row))
             dirty.add(fid)
-            self.clients[row.key] = _Client(row, fid, Verdict.PROTECTED, _nan(revoked.get(row.key)))
+            self.clients[row.key] = _Client(self._compact(row), fid, Verdict.PROTECTED, _nan(revoked.get(row.key)))
             fam = self.families.get(fid)
             if fam is None:
                 fam = self.families[fid] = _Family(FamilyStats(fid, None, ""))
