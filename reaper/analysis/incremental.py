@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from reaper.analysis.classify import Classifier
+from reaper.analysis.classify import MAX_PROBLEMS_KEPT, Classifier
 from reaper.analysis.fingerprint import family_id, parts_of
 from reaper.analysis.loops import LoopDetector, RevokedIndex
 from reaper.analysis.model import (
@@ -93,6 +93,7 @@ class ClientState:
         self.clients: dict[str, _Client] = {}
         self.families: dict[str, _Family] = {}
         self.now = 0.0
+        self.credentials = 0  # the kept clients' credential rows, summed
         self.dangling = 0  # credential rows no kept client accounts for (their client is gone, or never was)
         self.loop_evidence: str | None = None  # None: the profile has no loop map
         self.revoked_in_seconds = False
@@ -124,6 +125,7 @@ class ClientState:
         """One client of the full scan, as the pipeline classified it."""
         revoked = self._revoked.get(item.row.key) if self._revoked else None
         self.clients[item.row.key] = _Client(self._compact(item.row), item.family, item.verdict, _nan(revoked))
+        self.credentials += item.row.total_credentials
         self._absorb(item)
 
     def _compact(self, row: ClientRow) -> ClientRow:
@@ -151,7 +153,7 @@ class ClientState:
         counts = delta.counts()
         self._close_families(self.families.values(), snapshot.started_at)
         self.now = snapshot.started_at
-        self.dangling = counts[1] - self._credentials()
+        self.dangling = counts[1] - self.credentials
         self._revoked = None
 
     # -- a tick -------------------------------------------------------------------------------------------------
@@ -178,6 +180,7 @@ class ClientState:
         for key in keys - seen:  # gone: the counts below then do not add up, and the caller scans fully
             old = self.clients.pop(key, None)
             if old is not None:
+                self.credentials -= old.row.total_credentials
                 dirty.add(old.family)
                 self.families[old.family].keys.discard(key)
         revoked = (
@@ -189,17 +192,19 @@ class ClientState:
         for row in fresh:
             old = self.clients.get(row.key)
             if old is not None:
+                self.credentials -= old.row.total_credentials
                 dirty.add(old.family)
                 self.families[old.family].keys.discard(row.key)
             fid = family_id(family_of(row))
             dirty.add(fid)
             self.clients[row.key] = _Client(self._compact(row), fid, Verdict.PROTECTED, _nan(revoked.get(row.key)))
+            self.credentials += row.total_credentials
             fam = self.families.get(fid)
             if fam is None:
                 fam = self.families[fid] = _Family(FamilyStats(fid, None, ""))
             fam.keys.add(row.key)
         clients, credentials = delta.counts()
-        if clients != len(self.clients) or credentials - self._credentials() != self.dangling:
+        if clients != len(self.clients) or credentials - self.credentials != self.dangling:
             return None
         # Re-judge every member of the families that changed or that time caught up with, each family whole.
         rejudge = [self.clients[k].row for fid in dirty if fid in self.families for k in self.families[fid].keys]
@@ -240,7 +245,8 @@ class ClientState:
             fam.live_forever_only += 1
         for problem in row.problems:
             fam.problem_count += 1
-            fam.problems.append((row.client_id, problem))
+            if len(fam.problems) < MAX_PROBLEMS_KEPT:
+                fam.problems.append((row.client_id, problem))
         created = row.created_at
         if created is not None and not row.problems:
             if created > fam.newest:
@@ -280,9 +286,6 @@ class ClientState:
                             until = at
             fam.valid_until = until
 
-    def _credentials(self) -> int:
-        return sum(c.row.total_credentials for c in self.clients.values())
-
     def _snapshot(self, source: ScanSource, now: float) -> Snapshot:
         s = self.config.classify
         return Snapshot(
@@ -311,8 +314,8 @@ class ClientState:
                 snapshot.by_reason[(verdict, reason)] += n
             snapshot.live_forever_only += fam.live_forever_only
             snapshot.problem_count += fam.problem_count
-            if len(snapshot.problems) < 1000:
-                snapshot.problems.extend(fam.problems[: 1000 - len(snapshot.problems)])
+            if len(snapshot.problems) < MAX_PROBLEMS_KEPT:
+                snapshot.problems.extend(fam.problems[: MAX_PROBLEMS_KEPT - len(snapshot.problems)])
             if fam.loop is not None:
                 snapshot.loops[fid] = fam.loop
             if fam.flood is not None:
