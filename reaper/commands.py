@@ -108,8 +108,8 @@ def tick(
     with _backend(config, backend) as b:
         _checked(b)
         with b.scan(now) as source:
-            make_delta = getattr(source, "delta", None)
-            delta: Delta | None = make_delta() if make_delta is not None else None
+            make_delta = getattr(b, "delta", None)  # a store that can tell what changed (the SQL backend)
+            delta: Delta | None = make_delta(source) if make_delta is not None else None
             sound = delta is not None and delta.unsupported() is None and not config.ip.access_log
             if sound and state is not None:
                 assert delta is not None

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 
 from reaper.analysis.model import ClientRow
 from reaper.backends.sql.scan import (
     RowDecoder,
+    SqlScan,
     build_query,
     can_live_forever,
     credential_compiler,
@@ -30,9 +31,6 @@ from reaper.backends.sql.scan import (
 from reaper.backends.values import to_epoch
 from reaper.db import Compiler, now_param, table_clause
 from reaper.profiles import BoundProfile, credential_columns, profile_reads
-
-if TYPE_CHECKING:
-    from reaper.backends.sql.scan import SqlScan
 
 CHUNK = 2000  # keys per re-read statement
 

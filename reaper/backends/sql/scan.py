@@ -7,7 +7,7 @@ import queue
 import threading
 from collections.abc import Generator, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -19,9 +19,6 @@ from reaper.backends.values import MAX_EPOCH, MIN_EPOCH, invalid_text, parse_jso
 from reaper.db import Compiler, DatabaseImpl, Owner, now_param, table_clause, untyped
 from reaper.profiles import FIELDS, BoundProfile, ClientMap, CredentialMap, TenantMap, credential_columns, profile_reads
 from reaper.profiles.conditions import Lifetime
-
-if TYPE_CHECKING:
-    from reaper.backends.sql.delta import SqlDelta
 
 # What a field may cost, in characters read from the database: memory stays bounded whatever a row holds.
 CAPS = {"name": 1024, "redirect_uris": 8192, "json": 16384}
@@ -535,12 +532,6 @@ class SqlScan:
                     yield at
         finally:
             close_streamed(result)
-
-    def delta(self) -> SqlDelta:
-        """What changed since an earlier scan, and re-reads by key (for `serve`'s incremental ticks)."""
-        from reaper.backends.sql.delta import SqlDelta
-
-        return SqlDelta(self)
 
     def rows(self) -> Generator[ClientRow, None, None]:
         """Stream every client, in the order the database reads them, with its credential facts.
