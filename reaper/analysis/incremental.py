@@ -94,6 +94,7 @@ class ClientState:
         self.families: dict[str, _Family] = {}
         self.now = 0.0
         self.credentials = 0  # the kept clients' credential rows, summed
+        self.unreadable: set[str] = set()  # keys of rows with problems: re-read every tick
         self.dangling = 0  # credential rows no kept client accounts for (their client is gone, or never was)
         self.loop_evidence: str | None = None  # None: the profile has no loop map
         self.revoked_in_seconds = False
@@ -126,6 +127,8 @@ class ClientState:
         revoked = self._revoked.get(item.row.key) if self._revoked else None
         self.clients[item.row.key] = _Client(self._compact(item.row), item.family, item.verdict, _nan(revoked))
         self.credentials += item.row.total_credentials
+        if item.row.problems:
+            self.unreadable.add(item.row.key)
         self._absorb(item)
 
     def _compact(self, row: ClientRow) -> ClientRow:
@@ -171,7 +174,7 @@ class ClientState:
         settings = self.config
         since = self.now - max(OVERLAP, settings.classify.clock_skew)
         keys = delta.changed_keys(self.now, since)
-        keys.update(k for k, c in self.clients.items() if c.row.problems)  # a future time stops being one
+        keys |= self.unreadable  # a time in the future stops being one
         dirty = {fid for fid, fam in self.families.items() if fam.valid_until <= now}
         fresh: list[ClientRow] = list(delta.rows(sorted(keys))) if keys else []
         if source.has_ips or settings.ip.access_log:
@@ -179,6 +182,7 @@ class ClientState:
         seen = {row.key for row in fresh}
         for key in keys - seen:  # gone: the counts below then do not add up, and the caller scans fully
             old = self.clients.pop(key, None)
+            self.unreadable.discard(key)
             if old is not None:
                 self.credentials -= old.row.total_credentials
                 dirty.add(old.family)
@@ -199,6 +203,10 @@ class ClientState:
             dirty.add(fid)
             self.clients[row.key] = _Client(self._compact(row), fid, Verdict.PROTECTED, _nan(revoked.get(row.key)))
             self.credentials += row.total_credentials
+            if row.problems:
+                self.unreadable.add(row.key)
+            else:
+                self.unreadable.discard(row.key)
             fam = self.families.get(fid)
             if fam is None:
                 fam = self.families[fid] = _Family(FamilyStats(fid, None, ""))
