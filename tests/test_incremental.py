@@ -190,7 +190,8 @@ def test_incremental_state_equals_full_scan(db: TestDB, ops: list[tuple[Any, ...
             world.apply(op)
 
 
-def test_ticks_read_only_what_changed(db: TestDB) -> None:
+def test_ticks_read_only_what_changed(any_db: TestDB) -> None:
+    db = any_db
     """An unchanged database: the tick is incremental and re-reads nobody; a new token re-reads one client;
     a deletion is noticed and answered with a full scan."""
     create_schema(db.engine)
