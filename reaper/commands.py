@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from reaper.analysis.incremental import ClientState, Delta
 from reaper.analysis.model import Classified, Snapshot
 from reaper.analysis.pipeline import Progress
 from reaper.analysis.pipeline import classified as classify_source
@@ -90,6 +91,44 @@ def classified(
             classify_source(config, source, progress, new_since, seen_at_watermark) as result,
         ):
             yield result
+
+
+def tick(
+    config: Config,
+    state: ClientState | None = None,
+    backend: Backend | None = None,
+    now: float | None = None,
+    new_since: float | None = None,
+    seen_at_watermark: dict[str, int] | None = None,
+    stop: threading.Event | None = None,
+) -> tuple[Snapshot, ClientState | None]:
+    """One `serve` tick: from `state` and what changed since it, where the profile can tell (docs/deployment.md),
+    else a full scan. Returns the Snapshot and the state for the next tick (None when deltas are unsound here).
+    A state a failed tick was given must not be given again."""
+    with _backend(config, backend) as b:
+        _checked(b)
+        with b.scan(now) as source:
+            make_delta = getattr(b, "delta", None)  # a store that can tell what changed (the SQL backend)
+            delta: Delta | None = make_delta(source) if make_delta is not None else None
+            sound = delta is not None and delta.unsupported() is None and not config.ip.access_log
+            if sound and state is not None:
+                assert delta is not None
+                snapshot = state.tick(source, delta, new_since, seen_at_watermark)
+                if snapshot is not None:
+                    return snapshot, state
+            fresh = ClientState(config) if sound else None
+            with classify_source(
+                config, fresh.watch(source) if fresh else source, None, new_since, seen_at_watermark
+            ) as (stream, snapshot):
+                for item in stream:
+                    if stop is not None and stop.is_set():
+                        raise ReaperError("stopped during scan")
+                    if fresh is not None:
+                        fresh.record(item)
+            if fresh is not None:
+                assert delta is not None
+                fresh.finish(snapshot, delta)
+            return snapshot, fresh
 
 
 def report(config: Config, progress: Progress | None = None, backend: Backend | None = None) -> Snapshot:

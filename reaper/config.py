@@ -214,6 +214,12 @@ class ServiceConfig(_Section):
     scan_interval: Duration = Field(300.0, description="scan this often (ignored when scan_cron is set)")
     scan_cron: str | None = Field(None, description="crontab expression, e.g. '*/10 * * * *'")
     reap: bool = Field(False, description="reap after each scan (off by default)")
+    full_scan_every: int = Field(
+        12,
+        ge=1,
+        description="every Nth tick scans fully; the others read only what changed, where the profile can tell "
+        "(1 = every tick scans fully)",
+    )
     grace: Duration = Field(30.0, description="on SIGTERM, wait this long for the current batch")
     ready_max_age: Duration | None = Field(
         None, description="last success older than this -> not ready (default: 3 scan intervals)"

@@ -77,3 +77,22 @@ def test_reap_bench_runs_end_to_end(tmp_path):
     assert indexed["clients"] == indexed["restore"]["clients"] == result["floor"]["clients"] > 2500
     assert indexed["clients_per_s"] > 0 and indexed["restore"]["clients_per_s"] > 0
     assert "reap, indexes" in proc.stdout and "restore of that run" in proc.stdout
+
+
+@pytest.mark.pg
+@pytest.mark.slow
+def test_tick_bench_runs_end_to_end():
+    """bench.tick at small N: a full scan and incremental ticks on the cached dataset, and the state's size."""
+    require("postgresql")
+    url = make_url(SERVER_URLS["postgresql"])
+    admin = f"host={url.host or '127.0.0.1'} user={url.username or 'postgres'} dbname={url.database}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.tick", "--sizes", "3000", "--repeats", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(REAPER_BENCH_ADMIN_DSN=admin),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "incremental tick" in proc.stdout and "bytes/client" in proc.stdout

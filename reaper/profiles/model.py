@@ -140,6 +140,11 @@ class CredentialMap(_Model):
         None, description="when the row is a live credential; absent = always live (consents: never)"
     )
     exclude: Condition | None = Field(None, description="rows that never count (DOT's registration token)")
+    changed_at: tuple[str, ...] | None = Field(
+        None,
+        description="columns the server stamps (in issued_at's encoding) whenever it changes a row in place, "
+        "e.g. a revocation time; () = rows never change in place; unset = unknown, so `serve` always scans fully",
+    )
     tenant: TenantMap | None = None
     optional: bool = Field(False, description="a table some releases lack: skipped where it does not exist")
     movable: bool = Field(False, description="a merge moves these rows to the survivor (consents)")

@@ -101,6 +101,7 @@ class _Names:
                 "issued_at": self.field(c.issued_at) if c.issued_at else None,
                 "live": c.live.renamed(col, tab) if c.live is not None else None,
                 "exclude": c.exclude.renamed(col, tab) if c.exclude is not None else None,
+                "changed_at": tuple(col(x) for x in c.changed_at) if c.changed_at is not None else None,
                 "tenant": self.tenant(c.tenant),
                 "unique_by": tuple(col(u) for u in c.unique_by),
             }

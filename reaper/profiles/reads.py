@@ -26,6 +26,7 @@ def credential_columns(cred: CredentialMap) -> set[str]:
     cols = {cred.ref}
     if cred.issued_at is not None and cred.issued_at.column:
         cols.add(cred.issued_at.column)
+    cols.update(cred.changed_at or ())
     if cred.tenant is not None:
         cols.add(cred.tenant.column)
     for cond in cred.conditions():

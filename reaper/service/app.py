@@ -26,9 +26,10 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from reaper import commands
+from reaper.analysis.incremental import ClientState
 from reaper.backends import Backend, RunLock, open_backend
 from reaper.config import Config
-from reaper.errors import ConfigError, LockUnavailable, ReaperError
+from reaper.errors import ConfigError, LockUnavailable
 from reaper.reaping.evidence import EvidenceCollector
 from reaper.service.http import application, serve_http
 from reaper.service.metrics import ReaperMetrics
@@ -59,6 +60,8 @@ class Service:
         self._last_error: str | None = None
         self._watermark: float | None = None
         self._at_watermark: dict[str, int] = {}  # per family: registrations seen exactly at the watermark
+        self._state: ClientState | None = None  # the last scan's clients, for incremental ticks
+        self._since_full = 0  # ticks since the last full scan
         self._busy = threading.Lock()
         self.httpd: WSGIServer | None = None
 
@@ -139,18 +142,27 @@ class Service:
     def _scan(self) -> None:
         started = time.time()
         self._phase = "scan"
+        # Every service.full_scan_every-th tick scans fully, whatever the state: the safety net for changes the
+        # profile's columns cannot show (docs/deployment.md).
+        state, self._state = self._state, None  # a failed tick leaves no state behind
+        if self._since_full + 1 >= self.s.full_scan_every:
+            state = None
         try:
-            with commands.classified(
-                self.config, self.backend, new_since=self._watermark, seen_at_watermark=self._at_watermark
-            ) as (stream, snapshot):
-                for _ in stream:
-                    if self.stop_event.is_set():
-                        raise ReaperError("stopped during scan")
+            snapshot, self._state = commands.tick(
+                self.config,
+                state,
+                self.backend,
+                new_since=self._watermark,
+                seen_at_watermark=self._at_watermark,
+                stop=self.stop_event,
+            )
         except Exception as exc:  # noqa: BLE001
             self._fail("scan", exc)
             return
         finally:
             self._phase = None
+        incremental = state is not None and self._state is state
+        self._since_full = self._since_full + 1 if incremental else 0
         first = self._watermark is None
         if snapshot.newest_registration and snapshot.newest_registration >= (self._watermark or 0.0):
             self._watermark = snapshot.newest_registration
@@ -167,6 +179,7 @@ class Service:
             families=len(snapshot.families),
             by_verdict={str(k): v for k, v in snapshot.by_verdict.items()},
             new_registrations=snapshot.new_registrations if not first else None,
+            incremental=incremental,
             problems=snapshot.problem_count,
             duration_seconds=round(snapshot.duration, 3),
         )
@@ -204,6 +217,8 @@ class Service:
         finally:
             self._phase = None
         self.metrics.record_reaped(result.acted)
+        if result.total_acted:
+            self._state = None  # what the reap changed is not stamped in the store: the next tick scans fully
         log_event(
             "reap",
             run_id=result.run_id,

@@ -14,6 +14,7 @@ from sqlalchemy.pool import NullPool
 from reaper.backends.base import Actor, Candidate, Finding
 from reaper.backends.ledger_check import ledger_findings
 from reaper.backends.sql.actor import SqlActor, SqlStatements
+from reaper.backends.sql.delta import SqlDelta
 from reaper.backends.sql.lock import RunLock, lock_name
 from reaper.backends.sql.preflight import preflight
 from reaper.backends.sql.scan import SqlScan
@@ -143,6 +144,10 @@ class SqlBackend:
                 conn.rollback()
         except DBAPIError as exc:
             raise DatabaseError(f"scan of {self.description} failed: {describe_error(exc, self.url)}") from None
+
+    def delta(self, source: SqlScan) -> SqlDelta:
+        """What changed since an earlier scan, read through this scan (for `serve`'s incremental ticks)."""
+        return SqlDelta(source)
 
     def now(self) -> float:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -106,8 +106,17 @@ def _data_columns(cm: ClientMap) -> list[str]:
     return sorted({f.column for _, f in cm.fields() if f.column})
 
 
-def build_query(profile: BoundProfile, impl: DatabaseImpl, now: datetime) -> sa.Select[Any]:
-    """The scan query: clients LEFT JOIN per-credential aggregates, newest first."""
+def keys_in(column: Any, keys: Sequence[str]) -> Any:
+    """`column IN keys`, untyped: keys travel as text and the database reads them as the column's type. One
+    expanding parameter, so the statement compiles once whatever the number of keys."""
+    return column.in_(sa.bindparam(None, list(keys), expanding=True, type_=sa.types.NullType()))
+
+
+def build_query(
+    profile: BoundProfile, impl: DatabaseImpl, now: datetime, only: Sequence[str] | None = None
+) -> sa.Select[Any]:
+    """The scan query: clients LEFT JOIN per-credential aggregates. With `only`, just the clients with these keys
+    (the aggregates narrowed to them too where a credential references the key)."""
     cm = profile.client
     reads = profile_reads(profile.profile)
     client = table_clause(cm.table, reads[cm.table]).alias("c")
@@ -130,6 +139,8 @@ def build_query(profile: BoundProfile, impl: DatabaseImpl, now: datetime) -> sa.
         if cred.issued_at and cred.issued_at.column:
             aggs.append(sa.func.max(t.c[cred.issued_at.column]).label("last"))
         where = credential_filter(profile, cred, t, now, impl)
+        if only is not None and cred.client_column in (None, cm.key):
+            where.append(keys_in(t.c[cred.ref], only))
         sub = sa.select(*aggs).where(*where).group_by(t.c[cred.ref]).subquery(f"a{i}")
         query_from = query_from.outerjoin(sub, sub.c.ref == client.c[cred.client_column or cm.key])
         cols += [sub.c.live.label(f"live_{i}"), sub.c.total.label(f"total_{i}")]
@@ -143,6 +154,8 @@ def build_query(profile: BoundProfile, impl: DatabaseImpl, now: datetime) -> sa.
             rt = table_clause(f.rows.table, {f.rows.ref, f.rows.column}).alias(f"r_{name}")
             agg = impl.group_concat(rt.c[f.rows.column])
             rsel = sa.select(rt.c[f.rows.ref].label("ref"), agg.label("vals")).group_by(rt.c[f.rows.ref])
+            if only is not None:
+                rsel = rsel.where(keys_in(rt.c[f.rows.ref], only))
             subq = rsel.subquery(f"rows_{name}")
             query_from = query_from.outerjoin(subq, subq.c.ref == client.c[cm.key])
             cols.append(subq.c.vals.label(f"rows_{name}"))
@@ -161,6 +174,8 @@ def build_query(profile: BoundProfile, impl: DatabaseImpl, now: datetime) -> sa.
             looked_up[name] = lsub.c.v
             cols.append(lsub.c.v.label(f"lk_{name}"))
     tenant = tenant_filter(client, cm.tenant, profile.options)
+    if only is not None:
+        tenant.append(keys_in(client.c[cm.key], only))
     query = sa.select(*cols).select_from(query_from).where(*tenant)
     # No ORDER BY: a sort would keep the database busy before the first row; the classifier needs no order.
     return query

@@ -1,0 +1,384 @@
+"""The state behind `serve`'s incremental ticks: every client of the last scan, and per family what it added to
+the Snapshot, so a tick re-reads only the clients that changed and re-judges only their families and the
+families a member's time threshold has crossed (a grace period ended, a registration left the churn window).
+
+The Snapshot a tick returns is the one a full scan at that moment would give: the same Classifier judges each
+re-judged family whole, clean families keep what they added, and loops and floods are detected again over the
+kept clients. A tick that cannot trust its state (a count that does not add up: a deletion) returns None, and the
+caller scans fully. The family's median interval is the one figure that may differ: beyond TIME_SAMPLES members
+it is a sample, and a sample depends on the order members were seen in.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from reaper.analysis.classify import MAX_PROBLEMS_KEPT, Classifier
+from reaper.analysis.fingerprint import family_id, parts_of
+from reaper.analysis.loops import LoopDetector, RevokedIndex
+from reaper.analysis.model import (
+    Classified,
+    ClientRow,
+    FamilyStats,
+    FloodEvidence,
+    LoopEvidence,
+    Snapshot,
+    Verdict,
+)
+from reaper.analysis.pipeline import ScanSource, with_ips
+from reaper.config import Config
+
+# Seconds a watermark reaches back: a row stamped just before the last scan but committed after it (a transaction
+# still open then, an application clock behind the database's) is read by the next tick all the same.
+OVERLAP = 300.0
+
+
+class Delta(Protocol):
+    """A store's answer to "what changed since the last scan?"."""
+
+    def unsupported(self) -> str | None:
+        """None when a delta is sound for this profile, else why not."""
+        ...
+
+    def changed_keys(self, previous: float, since: float) -> set[str]: ...
+
+    def counts(self) -> tuple[int, int]:
+        """Clients, and credential rows that count toward clients' totals."""
+        ...
+
+    def rows(self, keys: Sequence[str]) -> Iterator[ClientRow]: ...
+
+    def revoked(self, keys: Sequence[str], since: float) -> dict[str, float]: ...
+
+    def revoked_in_seconds(self) -> bool:
+        """Whether the store compares revocation times with the lookback's start cut to a whole second."""
+        ...
+
+
+@dataclass(slots=True)
+class _Client:
+    row: ClientRow
+    family: str
+    verdict: Verdict
+    revoked: float  # latest refresh revocation the loop map shows (NaN: none)
+
+
+@dataclass(slots=True)
+class _Family:
+    """What one family added to the last Snapshot, and until when that holds by time alone."""
+
+    stats: FamilyStats
+    keys: set[str] = field(default_factory=set)
+    counts: dict[tuple[Verdict, str], int] = field(default_factory=dict)
+    live_forever_only: int = 0
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    problem_count: int = 0
+    newest: float = 0.0
+    newest_count: int = 0
+    valid_until: float = math.inf
+    loop: LoopEvidence | None = None
+    flood: FloodEvidence | None = None  # a flood within the family (floods by IP prefix span families)
+
+
+class ClientState:
+    """Built from a full scan (`record` every classified client, then `finish`); advanced by `tick`."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.clients: dict[str, _Client] = {}
+        self.families: dict[str, _Family] = {}
+        self.now = 0.0
+        self.credentials = 0  # the kept clients' credential rows, summed
+        self.unreadable: set[str] = set()  # keys of rows with problems: re-read every tick
+        self.dangling = 0  # credential rows no kept client accounts for (their client is gone, or never was)
+        self.loop_evidence: str | None = None  # None: the profile has no loop map
+        self.revoked_in_seconds = False
+        self.ips = False  # rows carry registrant IPs: floods by IP prefix span families
+        self._revoked: RevokedIndex | None = None
+        self._shared: dict[Any, Any] = {}  # values many rows hold, kept once
+        self._no_live: dict[str, int] = {}
+        self._no_problems: list[str] = []
+
+    # -- a full scan ------------------------------------------------------------------------------------------
+
+    def watch(self, source: ScanSource) -> ScanSource:
+        """The source, with its revoked index kept here when the pipeline reads it."""
+        state = self
+        self.ips = source.has_ips
+
+        class Watched:
+            def __getattr__(self, name: str) -> object:
+                return getattr(source, name)
+
+            def revoked(self, since: float) -> RevokedIndex | None:
+                state._revoked = source.revoked(since)
+                state.loop_evidence = state._revoked.evidence if state._revoked is not None else None
+                return state._revoked
+
+        return Watched()  # type: ignore[return-value]
+
+    def record(self, item: Classified) -> None:
+        """One client of the full scan, as the pipeline classified it."""
+        revoked = self._revoked.get(item.row.key) if self._revoked else None
+        self.clients[item.row.key] = _Client(self._compact(item.row), item.family, item.verdict, _nan(revoked))
+        self.credentials += item.row.total_credentials
+        if item.row.problems:
+            self.unreadable.add(item.row.key)
+        self._absorb(item)
+
+    def _compact(self, row: ClientRow) -> ClientRow:
+        """The row, its values shared with the rows that have the same (a family's members share a name and
+        usually their redirect URIs): memory per client is then mostly the client's own keys."""
+        shared = self._shared
+        if row.client_id == row.key:
+            row.client_id = row.key
+        row.name = shared.setdefault(row.name, row.name) if row.name is not None else None
+        row.redirect_uris = shared.setdefault(row.redirect_uris, row.redirect_uris)
+        # Kept rows are only read from now on (the classifier and the loop detector never write to them).
+        if not row.live:
+            row.live = self._no_live
+        if not row.problems:
+            row.problems = self._no_problems
+        return row
+
+    def finish(self, snapshot: Snapshot, delta: Delta) -> None:
+        """The full scan is over: keep each family's stats, loops and floods, and the counts a tick compares."""
+        floods = {f.key: f for f in snapshot.floods if f.scope == "family"}
+        for fid, fam in self.families.items():
+            fam.stats = snapshot.families[fid]
+            fam.loop, fam.flood = snapshot.loops.get(fid), floods.get(fid)
+        self.revoked_in_seconds = delta.revoked_in_seconds()
+        counts = delta.counts()
+        self._close_families(self.families.values(), snapshot.started_at)
+        self.now = snapshot.started_at
+        self.dangling = counts[1] - self.credentials
+        self._revoked = None
+
+    # -- a tick -------------------------------------------------------------------------------------------------
+
+    def tick(
+        self,
+        source: ScanSource,
+        delta: Delta,
+        new_since: float | None,
+        seen_at_watermark: dict[str, int] | None,
+    ) -> Snapshot | None:
+        """The Snapshot at `source.now` from what changed since the last scan; None when the state cannot be
+        trusted (the caller then scans fully)."""
+        now, began = source.now, time.monotonic()
+        settings = self.config
+        since = self.now - max(OVERLAP, settings.classify.clock_skew)
+        keys = delta.changed_keys(self.now, since)
+        keys |= self.unreadable  # a time in the future stops being one
+        dirty = {fid for fid, fam in self.families.items() if fam.valid_until <= now}
+        fresh: list[ClientRow] = list(delta.rows(sorted(keys))) if keys else []
+        if source.has_ips or settings.ip.access_log:
+            fresh = list(with_ips(iter(fresh), settings, source))
+        seen = {row.key for row in fresh}
+        for key in keys - seen:  # gone: the counts below then do not add up, and the caller scans fully
+            old = self.clients.pop(key, None)
+            self.unreadable.discard(key)
+            if old is not None:
+                self.credentials -= old.row.total_credentials
+                dirty.add(old.family)
+                self.families[old.family].keys.discard(key)
+        revoked = (
+            delta.revoked(sorted(seen), now - settings.loops.lookback)
+            if self.loop_evidence is not None and seen
+            else {}
+        )
+        family_of = parts_of(settings.classify.family_components)
+        for row in fresh:
+            old = self.clients.get(row.key)
+            if old is not None:
+                self.credentials -= old.row.total_credentials
+                dirty.add(old.family)
+                self.families[old.family].keys.discard(row.key)
+            fid = family_id(family_of(row))
+            dirty.add(fid)
+            self.clients[row.key] = _Client(self._compact(row), fid, Verdict.PROTECTED, _nan(revoked.get(row.key)))
+            self.credentials += row.total_credentials
+            if row.problems:
+                self.unreadable.add(row.key)
+            else:
+                self.unreadable.discard(row.key)
+            fam = self.families.get(fid)
+            if fam is None:
+                fam = self.families[fid] = _Family(FamilyStats(fid, None, ""))
+            fam.keys.add(row.key)
+        clients, credentials = delta.counts()
+        if clients != len(self.clients) or credentials - self.credentials != self.dangling:
+            return None
+        # Re-judge every member of the families that changed or that time caught up with, each family whole.
+        rejudge = [self.clients[k].row for fid in dirty if fid in self.families for k in self.families[fid].keys]
+        for fid in dirty:
+            self.families.pop(fid, None)
+        snapshot, scratch = self._snapshot(source, now), self._snapshot(source, now)
+        touched: set[str] = set()
+        for item in Classifier(settings.classify, scratch, now, new_since, seen_at_watermark).run(rejudge):
+            client = self.clients[item.row.key]
+            client.family, client.verdict = item.family, item.verdict
+            touched.add(item.family)
+            self._absorb(item)
+        for fid in touched:
+            self.families[fid].stats = scratch.families[fid]
+        self._close_families((self.families[f] for f in touched), now)
+        if settings.loops.enabled and not self.ips:
+            for fid in touched:
+                self._family_loops(fid, now)
+        self._assemble(snapshot, touched)
+        self._loop_status(snapshot)
+        if settings.loops.enabled and self.ips:
+            self._loops(snapshot, now)
+        snapshot.finished_at = now + (time.monotonic() - began)
+        self.now = now
+        return snapshot
+
+    # -- the parts --------------------------------------------------------------------------------------------
+
+    def _absorb(self, item: Classified) -> None:
+        fam = self.families.get(item.family)
+        if fam is None:
+            fam = self.families[item.family] = _Family(FamilyStats(item.family, None, ""))
+        row = item.row
+        fam.keys.add(row.key)
+        key = (item.verdict, item.reason)
+        fam.counts[key] = fam.counts.get(key, 0) + 1
+        if row.live_forever_only and item.verdict is Verdict.LIVE:
+            fam.live_forever_only += 1
+        for problem in row.problems:
+            fam.problem_count += 1
+            if len(fam.problems) < MAX_PROBLEMS_KEPT:
+                fam.problems.append((row.client_id, problem))
+        created = row.created_at
+        if created is not None and not row.problems:
+            if created > fam.newest:
+                fam.newest, fam.newest_count = created, 0
+            if created == fam.newest:
+                fam.newest_count += 1
+
+    def _close_families(self, families: Iterable[_Family], now: float) -> None:
+        """Until when each family's verdicts and churn count hold by time alone."""
+        s = self.config.classify
+        lookback = self.config.loops.lookback if self.config.loops.enabled else None
+        for fam in families:
+            until = math.inf
+            for key in fam.keys:
+                row = self.clients[key].row
+                created = row.created_at
+                if created is None:
+                    continue
+                # Strict thresholds (age < x) change at the threshold; others (t >= now - x) just after it.
+                for at in (
+                    created + s.young_for,
+                    created + s.abandoned_after,
+                    math.nextafter(created + s.churn_window, math.inf),
+                ):
+                    if now < at < until:
+                        until = at
+                if s.stale_after is not None:
+                    last = row.last_used if row.last_used is not None else created
+                    at = math.nextafter(last + s.stale_after, math.inf)
+                    if now < at < until:
+                        until = at
+                if lookback is not None:  # leaving the loop lookback, as a registration or as a revocation
+                    revoked = self.clients[key].revoked
+                    leave = (created + lookback, revoked + lookback)
+                    for at in (*(math.nextafter(t, math.inf) for t in leave), revoked + 1 + lookback):
+                        if now < at < until:
+                            until = at
+            fam.valid_until = until
+
+    def _snapshot(self, source: ScanSource, now: float) -> Snapshot:
+        s = self.config.classify
+        return Snapshot(
+            profile=source.profile_name,
+            database=source.description,
+            started_at=now,
+            churn_window=s.churn_window,
+            churn_min_registrations=s.churn_min_registrations,
+            clock_skew=now - time.time(),
+            forever_fix=source.forever_fix,
+        )
+
+    def _assemble(self, snapshot: Snapshot, touched: set[str]) -> None:
+        """Add every family's part: re-judged families as judged now, the others as they were (nothing of theirs
+        is new: every member was there at the last scan)."""
+        for fid, fam in self.families.items():
+            stats = fam.stats
+            if fid not in touched and (stats.new or stats.tied):
+                stats = copy.copy(stats)
+                stats.new = stats.tied = 0
+            snapshot.families[fid] = stats
+            snapshot.new_registrations += stats.new
+            for (verdict, reason), n in fam.counts.items():
+                snapshot.clients += n
+                snapshot.by_verdict[verdict] += n
+                snapshot.by_reason[(verdict, reason)] += n
+            snapshot.live_forever_only += fam.live_forever_only
+            snapshot.problem_count += fam.problem_count
+            if len(snapshot.problems) < MAX_PROBLEMS_KEPT:
+                snapshot.problems.extend(fam.problems[: MAX_PROBLEMS_KEPT - len(snapshot.problems)])
+            if fam.loop is not None:
+                snapshot.loops[fid] = fam.loop
+            if fam.flood is not None:
+                snapshot.floods.append(fam.flood)
+            if fam.newest_count:
+                if fam.newest > snapshot.newest_registration:
+                    snapshot.newest_registration = fam.newest
+                    snapshot.newest_by_family.clear()
+                if fam.newest == snapshot.newest_registration:
+                    snapshot.newest_by_family[fid] += fam.newest_count
+        snapshot.floods.sort(key=lambda f: (-f.registrations, f.scope, f.key))
+
+    def _loop_status(self, snapshot: Snapshot) -> None:
+        settings = self.config.loops
+        snapshot.loop_window = settings.window
+        if not settings.enabled:
+            snapshot.loop_detection = "disabled (loops.enabled = false)"
+        elif self.loop_evidence is None:
+            snapshot.loop_detection = f"floods only: profile '{snapshot.profile}' has no loop map"
+        else:
+            snapshot.loop_detection = "on"
+            snapshot.loop_evidence = self.loop_evidence
+
+    def _detector(self, clients: Iterable[_Client], now: float, families: dict[str, FamilyStats]) -> LoopDetector:
+        """The pipeline's loop detector, given these clients (those within the lookback)."""
+        settings = self.config.loops
+        since = now - settings.lookback
+        bound = math.floor(since) if self.revoked_in_seconds else since  # as the store's revoked index reads it
+        members = [c for c in clients if c.row.created_at is not None and c.row.created_at >= since]
+        if self.loop_evidence is None:
+            revoked = RevokedIndex()
+        else:
+            revoked = RevokedIndex(((c.row.key, c.revoked) for c in members if c.revoked >= bound), self.loop_evidence)
+        detector = LoopDetector(settings, revoked, now, families)
+        for c in members:
+            detector.observe(Classified(c.row, c.family, c.verdict, ""))
+        return detector
+
+    def _family_loops(self, fid: str, now: float) -> None:
+        """One family's loop and flood, detected again over its members."""
+        fam = self.families[fid]
+        scratch = Snapshot("", "", now)
+        self._detector((self.clients[k] for k in fam.keys), now, {fid: fam.stats}).finish(scratch)
+        fam.loop = scratch.loops.get(fid)
+        fam.flood = next(iter(scratch.floods), None)
+
+    def _loops(self, snapshot: Snapshot, now: float) -> None:
+        """Loops and floods over every kept client: floods by IP prefix span families."""
+        snapshot.loops, snapshot.floods = {}, []
+        self._detector(self.clients.values(), now, snapshot.families).finish(snapshot)
+
+    def size(self) -> int:
+        """Clients kept."""
+        return len(self.clients)
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else value

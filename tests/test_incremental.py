@@ -1,0 +1,250 @@
+"""Incremental `serve` ticks: after any workload, the Snapshot a tick builds from its state equals the one a fresh
+full scan gives at the same moment (SQLite and PostgreSQL, Authlib's real schema)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kit.config import make_config
+from kit.databases import TestDB
+from kit.schemas.authlib import client_row, code_row, create_schema, token_row
+from reaper import commands
+from reaper.analysis.incremental import ClientState
+from reaper.analysis.model import Snapshot
+from reaper.config import Config
+from reaper.service.app import Service
+
+T0 = 1_750_000_000
+# Short thresholds, so a workload's clock crosses them: grace periods end, registrations leave the churn window
+# and the loop lookback, never-used clients become abandoned, forever-live ones stale; a registration time in the
+# future (-1000 s back) is a problem row until the clock passes it.
+CLASSIFY = {"young_for": 300, "abandoned_after": 1800, "churn_window": 3600, "stale_after": 5000}
+LOOPS = {"lookback": 7200, "window": 900, "min_cycles": 2, "flood_registrations": 3, "flood_window": 120}
+
+
+def _config(url: str, **extra: Any) -> Config:
+    return make_config(url, classify=CLASSIFY, loops=LOOPS, **extra)
+
+
+@dataclass
+class World:
+    """An Authlib database written the way the server writes it, with a judged clock."""
+
+    engine: sa.Engine
+    clock: int = T0
+    n: int = 0
+    clients: list[str] = field(default_factory=list)
+
+    def tables(self) -> tuple[sa.Table, sa.Table, sa.Table]:
+        md = sa.MetaData()
+        md.reflect(self.engine, only=["oauth2_client", "oauth2_token", "oauth2_code"])
+        return md.tables["oauth2_client"], md.tables["oauth2_token"], md.tables["oauth2_code"]
+
+    def apply(self, op: tuple[Any, ...]) -> None:
+        client, token, code = self.tables()
+        kind = op[0]
+        with self.engine.begin() as conn:
+            self.n += 1
+            if kind == "register":
+                _, family, back = op
+                cid = f"c{self.n:05d}"
+                port = 3000 + family
+                row = client_row(cid, f"App {family}", [f"http://localhost:{port}/cb"], self.clock - back)
+                conn.execute(client.insert(), [row])
+                self.clients.append(cid)
+                return
+            if not self.clients:
+                return
+            cid = self.clients[op[1] % len(self.clients)]
+            if kind == "token":
+                _, _, expires_in, refresh = op
+                conn.execute(token.insert(), [token_row(cid, self.n, self.clock, expires_in, refresh=refresh)])
+            elif kind == "rotate":  # revoke the newest live refresh token, issue its successor
+                live = sa.select(sa.func.max(token.c.id)).where(
+                    token.c.client_id == cid, token.c.refresh_token.is_not(None), token.c.refresh_token_revoked_at == 0
+                )
+                conn.execute(
+                    token.update()
+                    .where(token.c.id == live.scalar_subquery())
+                    .values(refresh_token_revoked_at=self.clock, access_token_revoked_at=self.clock)
+                )
+                conn.execute(token.insert(), [token_row(cid, self.n, self.clock, 3600, refresh=True)])
+            elif kind == "revoke":  # RFC 7009 on every token of the client
+                conn.execute(
+                    token.update()
+                    .where(token.c.client_id == cid, token.c.access_token_revoked_at == 0)
+                    .values(access_token_revoked_at=self.clock)
+                )
+            elif kind == "code":
+                conn.execute(code.insert(), [code_row(cid, self.n, self.clock)])
+            elif kind == "use_code":  # the code is exchanged: deleted, a token issued
+                conn.execute(code.delete().where(code.c.client_id == cid))
+                conn.execute(token.insert(), [token_row(cid, self.n, self.clock, 3600, refresh=True)])
+            elif kind == "delete":
+                conn.execute(token.delete().where(token.c.client_id == cid))
+                conn.execute(code.delete().where(code.c.client_id == cid))
+                conn.execute(client.delete().where(client.c.client_id == cid))
+                self.clients.remove(cid)
+
+
+def _full(config: Config, now: float, new_since: float | None, seen: dict[str, int]) -> Snapshot:
+    with commands.classified(config, now=now, new_since=new_since, seen_at_watermark=seen) as (stream, snap):
+        for _ in stream:
+            pass
+    return snap
+
+
+def _facts(snap: Snapshot) -> dict[str, Any]:
+    """What the metrics read, and each family's verdict counts."""
+    return {
+        "clients": snap.clients,
+        "by_verdict": {str(k): v for k, v in snap.by_verdict.items() if v},
+        "by_reason": {f"{k[0]}/{k[1]}": v for k, v in snap.by_reason.items() if v},
+        "families": {
+            f.id: (f.name, f.members, f.live, f.orphans, f.abandoned, f.recent, f.new, f.survivor)
+            for f in snap.families.values()
+        },
+        "new_registrations": snap.new_registrations,
+        "newest": (snap.newest_registration, dict(snap.newest_by_family)),
+        "problems": snap.problem_count,
+        "live_forever_only": snap.live_forever_only,
+        "loops": {fid: (lp.cycles, lp.last_revoked_at) for fid, lp in snap.loops.items()},
+        "floods": sorted((f.scope, f.key, f.registrations) for f in snap.floods),
+        "loop_detection": snap.loop_detection,
+    }
+
+
+class Ticker:
+    """Drives commands.tick as the service does (watermark and all); counts the incremental ticks."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.state: ClientState | None = None
+        self.watermark: float | None = None
+        self.seen: dict[str, int] = {}
+        self.incremental = 0
+
+    def tick(self, now: float) -> tuple[Snapshot, Snapshot]:
+        new_since, seen = self.watermark, dict(self.seen)
+        before = self.state
+        snap, self.state = commands.tick(self.config, before, now=now, new_since=new_since, seen_at_watermark=seen)
+        self.incremental += before is not None and self.state is before
+        full = _full(self.config, now, new_since, seen)
+        if snap.newest_registration and snap.newest_registration >= (self.watermark or 0.0):
+            self.watermark, self.seen = snap.newest_registration, dict(snap.newest_by_family)
+        elif self.watermark is None:
+            self.watermark = now
+        return snap, full
+
+
+OPS = st.one_of(
+    # A registration is stamped when it is inserted (up to the watermark's overlap earlier, as a transaction that
+    # was open across a tick would stamp it); clients age as the clock advances. A backdated insert in the same
+    # interval as a deletion is the one change the counts cannot see (docs/deployment.md: the full scan's job).
+    st.tuples(st.just("register"), st.integers(0, 3), st.sampled_from([0, 0, 30, 299, -1000])),
+    st.tuples(st.just("token"), st.integers(0, 50), st.sampled_from([0, 60, 3600]), st.booleans()),
+    st.tuples(st.just("rotate"), st.integers(0, 50)),
+    st.tuples(st.just("revoke"), st.integers(0, 50)),
+    st.tuples(st.just("code"), st.integers(0, 50)),
+    st.tuples(st.just("use_code"), st.integers(0, 50)),
+    st.tuples(st.just("delete"), st.integers(0, 50)),
+    st.tuples(st.just("advance"), st.sampled_from([1, 30, 299, 301, 1000, 1801, 3601, 5001])),
+    st.tuples(st.just("tick")),
+    st.tuples(st.just("tick")),
+)
+
+
+def _reset(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        for table in ("oauth2_code", "oauth2_token", "oauth2_client"):
+            conn.execute(sa.text(f"DELETE FROM {table}"))
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(ops=st.lists(OPS, min_size=5, max_size=40))
+def test_incremental_state_equals_full_scan(db: TestDB, ops: list[tuple[Any, ...]]) -> None:
+    create_schema(db.engine)
+    _reset(db.engine)
+    world = World(db.engine)
+    ticker = Ticker(_config(db.url))
+    ticker.tick(world.clock)
+    for op in [*ops, ("tick",)]:
+        if op[0] == "advance":
+            world.clock += op[1]
+        elif op[0] == "tick":
+            world.clock += 1
+            snap, full = ticker.tick(world.clock)
+            assert _facts(snap) == _facts(full), ops
+        else:
+            world.apply(op)
+
+
+def test_ticks_read_only_what_changed(any_db: TestDB) -> None:
+    db = any_db
+    """An unchanged database: the tick is incremental and re-reads nobody; a new token re-reads one client;
+    a deletion is noticed and answered with a full scan."""
+    create_schema(db.engine)
+    world = World(db.engine)
+    for i in range(6):
+        world.apply(("register", i % 2, 4000))
+    world.apply(("token", 0, 3600, True))
+    ticker = Ticker(_config(db.url))
+    ticker.tick(world.clock)
+    state = ticker.state
+    assert state is not None and state.size() == 6
+
+    world.clock += 60
+    snap, full = ticker.tick(world.clock)
+    assert ticker.state is state and ticker.incremental == 1
+    assert _facts(snap) == _facts(full)
+
+    world.apply(("token", 3, 3600, False))
+    world.clock += 60
+    snap, full = ticker.tick(world.clock)
+    assert ticker.incremental == 2 and _facts(snap) == _facts(full)
+    assert snap.by_verdict["live"] == 2
+
+    world.apply(("delete", 1))
+    world.clock += 60
+    snap, full = ticker.tick(world.clock)
+    assert ticker.incremental == 2  # the count did not add up: a full scan, and a new state
+    assert ticker.state is not state and _facts(snap) == _facts(full)
+
+
+def test_which_builtin_profiles_tick_incrementally(tmp_path: Any) -> None:
+    """Only profiles whose columns show every change qualify (docs/deployment.md lists them and why)."""
+    from reaper.backends.sql.delta import delta_unsupported
+    from reaper.profiles import bind_profile
+    from reaper.profiles.loader import builtin_profiles
+
+    sql = [n for n in builtin_profiles() if n != "fastmcp-oauth-proxy"]
+    url = f"sqlite:///{tmp_path}/x.sqlite"
+    qualified = {n for n in sql if delta_unsupported(bind_profile(make_config(url, profile=n))) is None}
+    assert qualified == {"authlib"}
+
+
+def test_service_full_scan_every(sqlite_db: TestDB) -> None:
+    """service.full_scan_every = 1 keeps today's behaviour: every tick scans fully; 3: one full in three."""
+    create_schema(sqlite_db.engine)
+    world = World(sqlite_db.engine)
+    world.apply(("register", 0, 4000))
+    for every, expected in ((1, [False, False, False, False]), (3, [False, True, True, False])):
+        service = Service(_config(sqlite_db.url, service={"full_scan_every": every, "port": 0}))
+        modes = []
+        for _ in range(4):
+            before = service._state
+            service._scan()
+            modes.append(before is not None and service._state is before)
+        service.backend.close()
+        assert modes == expected, every
