@@ -18,7 +18,8 @@ from kit.cli import assert_errors, run_cli
 from kit.config import make_config
 from kit.databases import client_ids, snapshot
 from kit.ledger import runs, tombstones
-from kit.schemas.authlib import HOUR, AuthlibDB, fill_families
+from kit.schemas.authlib import DAY, HOUR, AuthlibDB, fill_families
+from kit.schemas.keycloak import Keycloak, KeycloakStandIn
 from reaper.backends import open_backend
 from reaper.commands import apply, check, plan, report, restore
 from reaper.config import load_config
@@ -159,6 +160,42 @@ def test_serve_scans_the_replica_and_reaps_and_locks_on_the_primary(pg_db, pg_re
         assert {t.client_id for t in tombstones(pg_db.engine)} == orphans - {came_back}
     finally:
         service.stop()
+        pg_replica.resume()
+
+
+@pytest.mark.slow
+def test_keycloak_scans_the_replica_and_rechecks_sessions_on_the_primary(pg_db, pg_replica, tmp_path: Path):
+    kc = Keycloak(pg_db.engine)
+    realm = kc.realm("mcp")
+    keys = {}
+    for i in range(3):
+        keys[i] = kc.client(
+            realm, f"old{i}", "Claude Code (kc)", [f"http://localhost:{50100 + i}/cb"], registered_age=6 * DAY
+        )
+        kc.session(realm, keys[i], offline=True, refreshed_age=(36 - i) * DAY)
+    live = kc.client(realm, "new", "Claude Code (kc)", ["http://localhost:50200/cb"], registered_age=2 * HOUR)
+    kc.session(realm, live, offline=True, refreshed_age=60)
+    pg_replica.catch_up()
+    (tmp_path / "ledger.sqlite").touch()
+    pg_replica.pause()
+    try:
+        kc.session(realm, keys[1], offline=True, refreshed_age=5)  # on the primary, after the replica's snapshot
+        with KeycloakStandIn(kc) as standin:
+            config = make_config(
+                pg_db.url,
+                profile="keycloak",
+                scan_database_url=pg_replica.url(pg_db.url),
+                options={"realm": "mcp"},
+                keycloak={"url": standin.url, "client_id": standin.client_id, "client_secret": standin.secret},
+                ledger={"url": f"sqlite:///{tmp_path / 'ledger.sqlite'}"},
+            )
+            the_plan = plan(config)
+            assert {c.client_id for c in the_plan.candidates} == {"old0", "old1", "old2"}
+            result = apply(config, the_plan)
+        assert result.skipped["changed_since_scan"] == 1 and result.total_acted == 2
+        deleted = {path.rsplit("/", 1)[-1] for method, path in standin.calls if method == "DELETE"}
+        assert deleted == {keys[0], keys[2]}
+    finally:
         pg_replica.resume()
 
 
