@@ -101,6 +101,9 @@ def test_report_and_check_from_the_replica_name_it_without_its_password(pg_db, p
         snap.database == f"postgresql+psycopg://postgres:***@127.0.0.1:{pg_replica.port}/{make_url(pg_db.url).database}"
     )
     assert snap.clients == 8
+    # A report never connects to the primary: with database_url unreachable it reads the replica all the same.
+    nowhere = make_url(pg_db.url).set(port=_free_port()).render_as_string(hide_password=False)
+    assert report(make_config(nowhere, scan_database_url=scan_url)).clients == 8
 
     _, findings = check(config)
     said = [f for f in findings if f.code == "replica"]
