@@ -480,16 +480,12 @@ class PostgresImpl(DatabaseImpl):
     def server_role(self, conn: Connection) -> ServerRole | None:
         standby = bool(conn.execute(sa.text("SELECT pg_is_in_recovery()")).scalar())
         # The system identifier (pg_control_system(), PUBLIC by default) is copied by pg_basebackup: a physical
-        # replica shares it with its primary. The postmaster's start time, with the address, tells two apart.
+        # replica shares it with its primary. The postmaster's start time tells two servers apart, whatever route
+        # (address, host name, socket) reached them.
         allowed = conn.execute(sa.text("SELECT has_function_privilege('pg_control_system()', 'EXECUTE')")).scalar()
-        cluster = (
-            conn.execute(sa.text("SELECT system_identifier::text FROM pg_control_system()")).scalar()
-            if allowed
-            else None
-        )
-        server = conn.execute(
-            sa.text("SELECT concat_ws(' ', inet_server_addr(), inet_server_port(), pg_postmaster_start_time())")
-        ).scalar_one()
+        system = "SELECT system_identifier::text FROM pg_control_system()"
+        cluster = conn.execute(sa.text(system)).scalar() if allowed else None
+        server = conn.execute(sa.text("SELECT pg_postmaster_start_time()::text")).scalar_one()
         if not standby:
             return ServerRole(False, cluster, str(server))
         paused, replayed = conn.execute(

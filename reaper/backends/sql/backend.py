@@ -169,7 +169,7 @@ class SqlBackend:
                     "(the reap re-checks every client on the primary all the same)",
                 )
             ]
-        if scan.server == primary.server:
+        if scan.server == primary.server and scan.cluster == primary.cluster:
             return [
                 Finding(
                     "info",
