@@ -153,9 +153,16 @@ def test_serve_scans_the_replica_and_reaps_and_locks_on_the_primary(pg_db, pg_re
         _issue_live_token(pg_db.engine, came_back)
         service.tick()
         assert service.lock is not None, "the tick led"
+        held = sa.text(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
         with pg_db.engine.connect() as conn:
-            held = conn.execute(sa.text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")).scalar()
-        assert held, "the run lock is held on the primary"
+            assert conn.execute(held).scalar() == 1, "the run lock is held on the primary"
+        replica = sa.create_engine(scan_url)
+        with replica.connect() as conn:
+            assert conn.execute(held).scalar() == 0, "and not on the replica"
+        replica.dispose()
         with pg_db.engine.connect() as conn:
             planned = conn.execute(sa.text("SELECT planned FROM dcr_reaper_runs")).scalar_one()
         assert planned == len(orphans), "the tick's plan is the replica's: the client that came back is in it"
