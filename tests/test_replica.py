@@ -225,6 +225,18 @@ def test_an_unreachable_replica_is_one_line_naming_the_scan_url(tmp_path: Path):
     assert PASSWORD not in done.stderr + done.stdout
 
 
+def test_readiness_names_the_replica_that_does_not_answer(pg_db):
+    scan_url = f"postgresql://postgres:{PASSWORD}@127.0.0.1:{_free_port()}/test"
+    backend = open_backend(make_config(pg_db.url, scan_database_url=scan_url))
+    try:
+        with pytest.raises(DatabaseError) as err:
+            backend.ping()  # what /readyz asks: the primary answers, the replica does not
+    finally:
+        backend.close()
+    assert str(err.value).startswith("scan_database_url postgresql+psycopg://postgres:***@127.0.0.1:")
+    assert PASSWORD not in str(err.value)
+
+
 def test_the_setting_comes_from_the_file_the_environment_or_the_flag(tmp_path: Path):
     env = {"DCR_REAPER_DATABASE_URL": "postgresql://p@h/db", "DCR_REAPER_SCAN_DATABASE_URL": "postgresql://r@h2/db"}
     assert load_config(None, environ=env).scan_database_url == "postgresql://r@h2/db"

@@ -290,6 +290,12 @@ class SqlBackend:
         return review.review(batch, now, engine.dialect, self.config.classify.stale_after)
 
     def ping(self) -> None:
+        """Both stores answer: the primary, and the scan replica when there is one (each named on failure)."""
         for role in ("ping", "scan-ping") if self.replica else ("ping",):
-            with self._engine(role).connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
+            engine = self._engine(role)
+            try:
+                with engine.connect() as conn:
+                    conn.execute(sa.text("SELECT 1"))
+            except DBAPIError as exc:
+                said = f"{SCAN_KEY} {self.scan_description}" if role == "scan-ping" else self.description
+                raise DatabaseError(f"{said}: {describe_error(exc, engine.url)}") from None
