@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ _AT_LEAST_PRIMARY = (
     "max_prepared_transactions",
     "max_locks_per_transaction",
 )
+SLOT_PREFIX = "dcr_reaper_test_replica_"  # then the owning process's pid and a random part
 HBA_FIX = "add `host replication postgres 127.0.0.1/32 trust` to its pg_hba.conf and reload (.ci/run does)"
 
 
@@ -91,6 +93,47 @@ class Replica:
             conn.execute(sa.text("SELECT pg_wal_replay_resume()"))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clear_leftovers(primary_admin: Engine, bindir: Path) -> None:
+    """What a killed test process left (no teardown runs on SIGKILL or SIGTERM): its standby, its directory, and its
+    replication slot, which would keep the shared primary's WAL for ever. Only a dead owner's."""
+    for root in Path(tempfile.gettempdir()).glob("dcr-reaper-replica-*"):
+        owner = root / "owner"
+        if owner.is_file() and not _alive(int(owner.read_text() or 0)):
+            subprocess.run(
+                _as_server_user([str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "-w", "stop"]),
+                capture_output=True,
+                timeout=120,
+                check=False,
+            )
+            shutil.rmtree(root, ignore_errors=True)
+    with primary_admin.connect() as conn:
+        slots = conn.execute(
+            sa.text("SELECT slot_name FROM pg_replication_slots WHERE NOT active AND slot_name LIKE :p"),
+            {"p": SLOT_PREFIX + "%"},
+        ).scalars()
+        for slot in list(slots):
+            if not _alive(int(slot.removeprefix(SLOT_PREFIX).split("_")[0])):
+                conn.execute(sa.text("SELECT pg_drop_replication_slot(:s)"), {"s": slot})
+
+
+def _drop_slot(primary_admin: Engine, slot: str) -> None:
+    with primary_admin.connect() as conn:
+        conn.execute(
+            sa.text("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = :s"),
+            {"s": slot},
+        )
+
+
 def _run(argv: list[str], what: str, timeout: float = 300, attempts: int = 1) -> None:
     for attempt in range(attempts):
         done = subprocess.run(_as_server_user(argv), capture_output=True, text=True, timeout=timeout, check=False)
@@ -132,14 +175,21 @@ def streaming_replica(primary_url: str) -> Iterator[Replica]:
     if not (bindir / "pg_basebackup").exists():
         primary_admin.dispose()
         pytest.fail(f"no PostgreSQL {major} programs in {bindir} (set REAPER_TEST_PG_BIN)")
+    _clear_leftovers(primary_admin, bindir)
     root = Path(tempfile.mkdtemp(prefix="dcr-reaper-replica-"))
     data, log = root / "data", root / "server.log"
+    (root / "owner").write_text(str(os.getpid()))
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
+    # A slot keeps the primary's WAL until the standby has it: a busy shared server recycles it fast, and a standby
+    # that falls behind without one can never catch up. Dropped in teardown, or by the next run if killed.
+    slot = f"{SLOT_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}"
     port = _free_port()
     admin: Engine | None = None
     started = False
     try:
+        with primary_admin.connect() as conn:
+            conn.execute(sa.text("SELECT pg_create_physical_replication_slot(:s, true)"), {"s": slot})
         _run(
             [
                 str(bindir / "pg_basebackup"),
@@ -148,6 +198,7 @@ def streaming_replica(primary_url: str) -> Iterator[Replica]:
                 f"--username={primary.username or 'postgres'}",
                 f"--pgdata={data}",
                 "--write-recovery-conf",
+                f"--slot={slot}",
                 "--wal-method=stream",
                 "--checkpoint=fast",
                 "--no-sync",
@@ -181,7 +232,6 @@ def streaming_replica(primary_url: str) -> Iterator[Replica]:
     finally:
         if admin is not None:
             admin.dispose()
-        primary_admin.dispose()
         if started:
             subprocess.run(
                 _as_server_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
@@ -189,4 +239,6 @@ def streaming_replica(primary_url: str) -> Iterator[Replica]:
                 timeout=120,
                 check=False,
             )
+        _drop_slot(primary_admin, slot)
+        primary_admin.dispose()
         shutil.rmtree(root, ignore_errors=True)
