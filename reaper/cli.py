@@ -283,6 +283,11 @@ def source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         help="TOML config file (default: $DCR_REAPER_CONFIG, ./dcr-reaper.toml, /etc/dcr-reaper/config.toml).",
     )
     @click.option("--database-url", help="Auth server database URL (env DCR_REAPER_DATABASE_URL).")
+    @click.option(
+        "--scan-database-url",
+        help="A streaming replica of it for the scan; the reap acts on --database-url (env "
+        "DCR_REAPER_SCAN_DATABASE_URL).",
+    )
     @click.option("--profile", help="Built-in profile name or path to a profile .toml (env DCR_REAPER_PROFILE).")
     @click.option(
         "--table",
@@ -303,6 +308,7 @@ def source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         *args: Any,
         config_path: str | None,
         database_url: str | None,
+        scan_database_url: str | None,
         profile: str | None,
         tables: tuple[str, ...],
         options: tuple[str, ...],
@@ -312,7 +318,11 @@ def source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         if root and config_path and Path(root) != Path(config_path):
             raise ConfigError(f"--config given twice: {root} and {config_path}")
         config_path = config_path or root
-        overrides: dict[str, Any] = {"database_url": database_url, "profile": profile}
+        overrides: dict[str, Any] = {
+            "database_url": database_url,
+            "scan_database_url": scan_database_url,
+            "profile": profile,
+        }
         if tables:
             overrides["tables"] = _pairs(tables, "--table")
         if options:

@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
@@ -308,7 +309,17 @@ class FastMcpConfig(_Section):
 class Config(_Section):
     """The whole configuration."""
 
-    database_url: str | None = None
+    database_url: str | None = Field(
+        None,
+        description="the auth server's store (its primary): scanned unless scan_database_url is set; every write, "
+        "the reap's re-check, the run lock and the ledger (when ledger.url is unset) go here",
+    )
+    scan_database_url: str | None = Field(
+        None,
+        description="SQL profiles: a streaming replica of database_url that `report`, `plan` and the scans of "
+        "`reap` and `serve` read instead (the reap re-checks and acts on database_url, so replication lag cannot "
+        "reap a live client); may name database_url's own server",
+    )
     profile: str = "authlib"
     tables: dict[str, str] = Field(default_factory=dict, description="rename a profile's tables")
     options: dict[str, Any] = Field(default_factory=dict, description="profile options, e.g. refresh_lifetime")
@@ -323,6 +334,18 @@ class Config(_Section):
     ip: IpConfig = IpConfig()
     keycloak: KeycloakConfig = KeycloakConfig()
     fastmcp: FastMcpConfig = FastMcpConfig()
+
+    @field_validator("scan_database_url")
+    @classmethod
+    def _scan_beside_primary(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("empty: unset it to scan database_url itself")
+        if value is not None and not info.data.get("database_url"):
+            raise ValueError(
+                "needs database_url as well: the primary the reap re-checks and acts on, and where the run lock "
+                "and the ledger live"
+            )
+        return value
 
 
 def _set_at(layer: dict[str, Any], loc: tuple[Any, ...]) -> tuple[str, ...] | None:

@@ -46,13 +46,15 @@ def make_engine(
     bounds: Timeouts | None = None,
     purpose: Purpose | None = None,
     application_name: str | None = None,
+    key: str = "database_url",
     **engine_kwargs: Any,
 ) -> Engine:
     """An engine whose connections are read-only at the database when `readonly` (S1), with `bounds` on every
-    wait (the [database] defaults when not given; `connect_timeout` replaces their connect timeout)."""
-    url = raw_url if isinstance(raw_url, URL) else parse_url(raw_url)
-    impl = DatabaseImpl.for_url(url)
-    impl.check_url(url)
+    wait (the [database] defaults when not given; `connect_timeout` replaces their connect timeout). `key` names
+    the setting the URL came from in a configuration error."""
+    url = raw_url if isinstance(raw_url, URL) else parse_url(raw_url, key)
+    impl = DatabaseImpl.for_url(url, key)
+    impl.check_url(url, key)
     t = bounds or timeouts(DatabaseConfig())
     if connect_timeout is not None:
         t = dataclasses.replace(t, connect=connect_timeout)
@@ -65,7 +67,7 @@ def make_engine(
             impl.prepare_url(url, readonly), connect_args=connect_args, pool_pre_ping=True, **engine_kwargs
         )
     except (NoSuchModuleError, ArgumentError) as exc:
-        raise ConfigError(f"database_url: {exc}") from None
+        raise ConfigError(f"{key}: {exc}") from None
     impl.prepare_engine(engine, readonly, t)
     engine_id = id(engine)
 
@@ -98,10 +100,11 @@ def abort_connections(engine: Engine | None = None) -> int:
     return len(targets)
 
 
-def check_connection(engine: Engine) -> None:
-    """Connect once, translating failures into one clear DatabaseError."""
+def check_connection(engine: Engine, what: str = "") -> None:
+    """Connect once, translating failures into one clear DatabaseError (`what` says which database it is)."""
     try:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
     except DBAPIError as exc:
-        raise DatabaseError(f"cannot connect to {redact(engine.url)}: {describe_error(exc, engine.url)}") from None
+        said = f"{what} {redact(engine.url)}" if what else redact(engine.url)
+        raise DatabaseError(f"cannot connect to {said}: {describe_error(exc, engine.url)}") from None

@@ -53,6 +53,17 @@ class Timeouts:
     stranded_after: float = 30.0  # the database ends a lock session idle, or a reap transaction idle, this long
 
 
+@dataclass(frozen=True)
+class ServerRole:
+    """What a server says of its place in replication."""
+
+    standby: bool  # replaying a primary's log, read-only
+    cluster: str | None  # shared by a primary and its physical replicas (None: the role may not read it)
+    server: str  # this server alone: a primary and its standby never share it
+    replay_paused: bool = False
+    replayed_at: float | None = None  # the primary's commit time of the last transaction a standby replayed
+
+
 class DatabaseImpl:
     """Defaults shared by every database; one subclass per database family."""
 
@@ -67,18 +78,19 @@ class DatabaseImpl:
             DatabaseImpl._registry[backend] = cls
 
     @classmethod
-    def for_backend(cls, backend: str) -> DatabaseImpl:
-        """The implementation for a SQLAlchemy backend name (`postgresql`, `mysql`, `mariadb`, `sqlite`)."""
+    def for_backend(cls, backend: str, key: str = "database_url") -> DatabaseImpl:
+        """The implementation for a SQLAlchemy backend name (`postgresql`, `mysql`, `mariadb`, `sqlite`); `key`
+        names the setting the URL came from in an error."""
         try:
             return cls._registry[backend]()
         except KeyError:
             raise ConfigError(
-                f"database_url: unsupported database '{backend}' (supported: postgresql, mysql/mariadb, sqlite)"
+                f"{key}: unsupported database '{backend}' (supported: postgresql, mysql/mariadb, sqlite)"
             ) from None
 
     @classmethod
-    def for_url(cls, url: URL) -> DatabaseImpl:
-        return cls.for_backend(url.get_backend_name())
+    def for_url(cls, url: URL, key: str = "database_url") -> DatabaseImpl:
+        return cls.for_backend(url.get_backend_name(), key)
 
     @classmethod
     def for_engine(cls, engine: Engine | Connection) -> DatabaseImpl:
@@ -98,8 +110,8 @@ class DatabaseImpl:
 
     # -- connections -------------------------------------------------------------------------------------
 
-    def check_url(self, url: URL) -> None:
-        """Refuse a URL that cannot work, before connecting."""
+    def check_url(self, url: URL, key: str = "database_url") -> None:
+        """Refuse a URL that cannot work, before connecting (`key` names its setting in the error)."""
 
     def create_database(self, url: URL) -> None:
         """Make the database of a reaper-owned store (a ledger) when it is a file that does not exist yet."""
@@ -137,6 +149,11 @@ class DatabaseImpl:
     def now(self, conn: Connection) -> float:
         """The database's "now", in epoch seconds: what liveness is judged by (S9)."""
         return float(conn.execute(sa.text(self.now_query())).scalar_one())
+
+    def server_role(self, conn: Connection) -> ServerRole | None:
+        """Whether this server is a primary or a standby replaying one, and what ties the two together (`check`
+        on a scan replica); None where the database cannot say."""
+        return None
 
     # -- statements ----------------------------------------------------------------------------------------
 
@@ -459,6 +476,22 @@ class PostgresImpl(DatabaseImpl):
         where = row[1] or "local socket"
         return f"{row[0] or 'unknown'} (backend pid {row[2]}, from {where}, since {since})"
 
+    def server_role(self, conn: Connection) -> ServerRole | None:
+        standby = bool(conn.execute(sa.text("SELECT pg_is_in_recovery()")).scalar())
+        # The system identifier (pg_control_system(), PUBLIC by default) is copied by pg_basebackup: a physical
+        # replica shares it with its primary. The postmaster's start time tells two servers apart, whatever route
+        # (address, host name, socket) reached them.
+        allowed = conn.execute(sa.text("SELECT has_function_privilege('pg_control_system()', 'EXECUTE')")).scalar()
+        system = "SELECT system_identifier::text FROM pg_control_system()"
+        cluster = conn.execute(sa.text(system)).scalar() if allowed else None
+        server = conn.execute(sa.text("SELECT pg_postmaster_start_time()::text")).scalar_one()
+        if not standby:
+            return ServerRole(False, cluster, str(server))
+        paused, replayed = conn.execute(
+            sa.text("SELECT pg_is_wal_replay_paused(), EXTRACT(EPOCH FROM pg_last_xact_replay_timestamp())::float8")
+        ).one()
+        return ServerRole(True, cluster, str(server), bool(paused), None if replayed is None else float(replayed))
+
     def lock_scope(self, conn: Connection) -> str:
         # Advisory locks live in one database of one cluster (pg_locks.database): the key needs only the
         # database's name as the server reports it, which every role and every route reads the same.
@@ -690,10 +723,10 @@ class SQLiteImpl(DatabaseImpl):
     name = "sqlite"
     backends = ("sqlite",)
 
-    def check_url(self, url: URL) -> None:
+    def check_url(self, url: URL, key: str = "database_url") -> None:
         path = url.database
         if not path or path == ":memory:":
-            raise ConfigError("database_url: an in-memory SQLite database has nothing to scan")
+            raise ConfigError(f"{key}: an in-memory SQLite database has nothing to scan")
         if not Path(path).is_file():
             raise DatabaseError(f"cannot open sqlite:///{path}: no such SQLite database file")
 

@@ -12,14 +12,15 @@ from reaper.db.impl import DatabaseImpl
 from reaper.errors import ConfigError
 
 
-def parse_url(raw: str) -> URL:
-    """A SQLAlchemy URL, with psycopg / PyMySQL as default drivers; a bare path means SQLite."""
+def parse_url(raw: str, key: str = "database_url") -> URL:
+    """A SQLAlchemy URL, with psycopg / PyMySQL as default drivers; a bare path means SQLite. `key` names the
+    setting it came from in an error."""
     if "://" not in raw:
         raw = f"sqlite:///{Path(raw).expanduser().resolve()}"
     try:
         url = make_url(raw)
     except (ArgumentError, ValueError):  # ValueError: a non-numeric port
-        raise ConfigError("database_url: not a database URL (e.g. postgresql://user@host:5432/db)") from None
+        raise ConfigError(f"{key}: not a database URL (e.g. postgresql://user@host:5432/db)") from None
     return url.set(drivername=DatabaseImpl.default_driver(url.drivername))
 
 

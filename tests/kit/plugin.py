@@ -16,6 +16,7 @@ import pytest
 
 from kit import databases
 from kit.databases import TestDB
+from kit.replica import Replica, streaming_replica
 
 MARKER = {"postgresql": "pg", "mariadb": "mariadb"}
 # Fixture name -> the server it opens (filled by database_fixture).
@@ -26,12 +27,12 @@ PARAMETRIZED = ("db", "any_db", "server_db")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def database_fixture(kind: str) -> Callable[[F], F]:
+def database_fixture(kind: str, **fixture_args: Any) -> Callable[[F], F]:
     """A fixture that opens a `kind` server: the tests that use it get its marker."""
 
     def register(fn: F) -> F:
         SERVER_FIXTURES[fn.__name__] = kind
-        return pytest.fixture(fn)  # type: ignore[return-value]
+        return pytest.fixture(fn, **fixture_args)  # type: ignore[return-value]
 
     return register
 
@@ -57,6 +58,14 @@ def sqlite_db(tmp_path: Path) -> Iterator[TestDB]:
 @database_fixture("postgresql")
 def pg_db() -> Iterator[TestDB]:
     yield from databases.server_db("postgresql")
+
+
+@database_fixture("postgresql", scope="module")
+def pg_replica() -> Iterator[Replica]:
+    """A streaming hot standby of the PostgreSQL test server (kit.replica), for one test module."""
+    databases.require("postgresql")
+    with streaming_replica(databases.SERVER_URLS["postgresql"]) as replica:
+        yield replica
 
 
 @database_fixture("mariadb")

@@ -65,7 +65,8 @@ class KeycloakActor:
         """The engines belong to the backend."""
 
     def _live_keys(self, keys: list[str]) -> set[str]:
-        """Of these client keys, those a live credential references now (read-only; the API has no such check)."""
+        """Of these client keys, those a live credential references now (read-only; the API has no such check), on
+        database_url: a scan replica may not have replayed the session that keeps one alive."""
         impl = self.backend.impl
         found: set[str] = set()
         try:

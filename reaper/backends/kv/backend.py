@@ -38,6 +38,11 @@ class KvBackend:
                 "database_url is not set: redis://HOST:PORT/DB, or the file tree's directory "
                 "(--database-url, DCR_REAPER_DATABASE_URL or the config file)"
             )
+        if config.scan_database_url is not None:
+            raise ConfigError(
+                f"scan_database_url: profile '{profile.name}' reads a key-value store, which is scanned where it "
+                "is (a scan replica is for SQL databases); unset scan_database_url"
+            )
         self.config = config
         self.profile = profile
         self.keys: KeyMaterial = key_material(config.fastmcp)

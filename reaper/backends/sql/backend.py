@@ -33,9 +33,12 @@ from reaper.errors import ConfigError, DatabaseError
 from reaper.ledger import Ledger
 from reaper.profiles import BoundProfile
 
+SCAN_KEY = "scan_database_url"
+
 
 class SqlBackend:
-    """Scans read-only (S1); acts, locks and keeps the ledger on a read-write engine opened only when needed."""
+    """Scans read-only (S1), from scan_database_url when it is set (a streaming replica); acts, re-checks, locks
+    and keeps the ledger on database_url (the primary), on a read-write engine opened only when needed."""
 
     def __init__(self, config: Config, profile: BoundProfile):
         if not config.database_url:
@@ -48,6 +51,17 @@ class SqlBackend:
         self.url = parse_url(config.database_url)
         self.impl = DatabaseImpl.for_url(self.url)
         self.description = redact(self.url)
+        self.replica = config.scan_database_url is not None
+        self.scan_url = self.url
+        if config.scan_database_url is not None:
+            self.scan_url = parse_url(config.scan_database_url, SCAN_KEY)
+            scan_impl = DatabaseImpl.for_url(self.scan_url, SCAN_KEY)
+            if type(scan_impl) is not type(self.impl):
+                raise ConfigError(
+                    f"{SCAN_KEY}: a replica of database_url's {self.impl.name} database is {self.impl.name} too, "
+                    f"not {scan_impl.name}"
+                )
+        self.scan_description = redact(self.scan_url)  # what reports name: the store the scan read
         self._engines: dict[str, Engine] = {}
 
     # -- engines -------------------------------------------------------------------------------------------
@@ -56,23 +70,24 @@ class SqlBackend:
         if role not in self._engines:
             assert self.config.database_url
             db = self.config.database
+            # A scan statement may run for scan.statement_timeout at the server: wait that long, and read_timeout
+            # more, for any answer on a read connection.
+            scan_bound = timeouts(db, round_trip=self.config.scan.statement_timeout + db.read_timeout)
+            quick = self.config.service.database_timeout
             if role == "read":
-                # A scan statement may run for scan.statement_timeout at the server: wait that long, and
-                # read_timeout more, for any answer on the read connection.
-                scan_bound = self.config.scan.statement_timeout + db.read_timeout
-                self._engines[role] = make_engine(
-                    self.config.database_url, readonly=True, bounds=timeouts(db, round_trip=scan_bound)
-                )
+                self._engines[role] = make_engine(self.config.database_url, readonly=True, bounds=scan_bound)
+            elif role == "scan":
+                self._engines[role] = make_engine(self.scan_url, readonly=True, bounds=scan_bound, key=SCAN_KEY)
             elif role == "write":
                 self._engines[role] = make_engine(self.config.database_url, readonly=False, bounds=timeouts(db))
-            elif role == "ping":
-                quick = self.config.service.database_timeout
+            elif role in ("ping", "scan-ping"):
                 self._engines[role] = make_engine(
-                    self.config.database_url,
+                    self.scan_url if role == "scan-ping" else self.url,
                     readonly=True,
                     connect_timeout=quick,
                     bounds=timeouts(db, round_trip=quick),
                     poolclass=NullPool,
+                    key=SCAN_KEY if role == "scan-ping" else "database_url",
                 )
             elif role == "ledger-read":
                 assert self.config.ledger.url
@@ -84,7 +99,14 @@ class SqlBackend:
 
     @property
     def read_engine(self) -> Engine:
+        """Read-only on database_url: what must see the truth without writing (the ledger for `check`, the clock
+        a reap is checked against, Keycloak's re-check)."""
         return self._engine("read")
+
+    @property
+    def scan_engine(self) -> Engine:
+        """Read-only on what the scan reads: scan_database_url, else database_url's own read engine."""
+        return self._engine("scan") if self.replica else self.read_engine
 
     @property
     def write_engine(self) -> Engine:
@@ -103,8 +125,10 @@ class SqlBackend:
     # -- the seam ------------------------------------------------------------------------------------------
 
     def check(self, deep: bool = False) -> list[Finding]:
-        engine = self.read_engine
-        check_connection(engine)
+        """The schema as the scan reads it (a physical replica's is its primary's); with `deep`, also the
+        primary, and what the scan store is to it."""
+        engine = self.scan_engine
+        check_connection(engine, SCAN_KEY if self.replica else "")
         if not self.impl.supported_by(self._bound.profile.database):
             raise ConfigError(
                 f"profile '{self._bound.name}' supports {', '.join(self._bound.profile.database)}, "
@@ -113,10 +137,100 @@ class SqlBackend:
         try:
             self.profile, findings = preflight(self._bound, engine, self.config.ledger.prefix, deep)
         except DBAPIError as exc:
-            raise DatabaseError(f"reading the schema of {self.description}: {describe_error(exc, self.url)}") from None
+            raise DatabaseError(
+                f"reading the schema of {self.scan_description}: {describe_error(exc, self.scan_url)}"
+            ) from None
+        if deep and self.replica:
+            findings += self._replica_findings()
         if deep:
             where = redact(parse_url(self.config.ledger.url)) if self.config.ledger.url else self.description
             findings += ledger_findings(self._read_ledger(), where)
+        return findings
+
+    def _replica_findings(self) -> list[Finding]:
+        """What scan_database_url is to database_url: its standby, the primary itself, or something else."""
+        check_connection(self.read_engine, "database_url")
+        roles, clocks = [], []
+        for engine, url in ((self.scan_engine, self.scan_url), (self.read_engine, self.url)):
+            try:
+                with engine.connect() as conn:
+                    roles.append(self.impl.server_role(conn))
+                    clocks.append(self.impl.now(conn))
+                    conn.rollback()
+            except DBAPIError as exc:
+                raise DatabaseError(f"reading the role of {redact(url)}: {describe_error(exc, url)}") from None
+        scan, primary = roles
+        replica, source = self.scan_description, self.description
+        if scan is None or primary is None:
+            return [
+                Finding(
+                    "info",
+                    "replica",
+                    f"the scan reads {replica}; {self.impl.name} cannot say whether it replicates {source} "
+                    "(the reap re-checks every client on the primary all the same)",
+                )
+            ]
+        if scan.server == primary.server and scan.cluster == primary.cluster:
+            return [
+                Finding(
+                    "info",
+                    "replica",
+                    f"{SCAN_KEY} points at database_url's own server ({source}): the scan reads the primary",
+                    f"point {SCAN_KEY} at a streaming replica to take the scan off the primary",
+                )
+            ]
+        known = scan.cluster is not None and primary.cluster is not None
+        if known and scan.cluster != primary.cluster:
+            return [
+                Finding(
+                    "error",
+                    "replica",
+                    f"{SCAN_KEY} ({replica}) is not a copy of database_url ({source}): system identifiers "
+                    f"{scan.cluster} and {primary.cluster} differ",
+                    f"point {SCAN_KEY} at a streaming replica of database_url, or unset it",
+                )
+            ]
+        if not scan.standby:
+            return [
+                Finding(
+                    "warning",
+                    "replica",
+                    f"{SCAN_KEY} ({replica}) is not a standby: a primary of its own (a promoted replica?) whose "
+                    f"data need not follow database_url ({source}) any more",
+                    f"point {SCAN_KEY} at a streaming replica of database_url",
+                )
+            ]
+        lag = ""
+        if scan.replayed_at is not None:
+            lag = (
+                f"; its last replayed transaction committed {clocks[1] - scan.replayed_at:.1f}s before the primary's "
+                "now (on a quiet primary that bounds the lag from above)"
+            )
+        said = f"the scan reads {replica}, a read-only standby replaying {source}{lag}"
+        if not known:
+            said += " (the system identifiers are not readable here to confirm it)"
+        findings = [Finding("info", "replica", said)]
+        if scan.replay_paused:
+            findings.append(
+                Finding(
+                    "warning",
+                    "replica",
+                    f"replay is paused on {replica}: scans read an old snapshot (the reap re-checks on the "
+                    "primary, but the plan lags)",
+                    "SELECT pg_wal_replay_resume() on the replica",
+                )
+            )
+        skew = clocks[0] - clocks[1]
+        if abs(skew) > self.config.classify.clock_skew:
+            findings.append(
+                Finding(
+                    "warning",
+                    "clock",
+                    f"the clocks of {replica} (the scan's verdicts) and {source} (the reap's re-check) differ by "
+                    f"{skew:+.1f}s, more than classify.clock_skew",
+                    "fix the hosts' time sync (NTP)",
+                )
+            )
         return findings
 
     def _read_ledger(self) -> Ledger:
@@ -127,7 +241,7 @@ class SqlBackend:
 
     @contextmanager
     def scan(self, now: float | None = None) -> Iterator[SqlScan]:
-        engine = self.read_engine
+        engine = self.scan_engine
         try:
             with self.impl.read_guard(engine), engine.connect() as conn:
                 self.impl.prepare_scan(conn, self.config.scan.work_mem_mb, self.config.scan.statement_timeout)
@@ -139,17 +253,20 @@ class SqlBackend:
                     datetime.fromtimestamp(at, UTC),
                     self.config.classify.clock_skew,
                     self.config.scan.batch_size,
-                    self.description,
+                    self.scan_description,
                 )
                 conn.rollback()
         except DBAPIError as exc:
-            raise DatabaseError(f"scan of {self.description} failed: {describe_error(exc, self.url)}") from None
+            raise DatabaseError(
+                f"scan of {self.scan_description} failed: {describe_error(exc, self.scan_url)}"
+            ) from None
 
     def delta(self, source: SqlScan) -> SqlDelta:
         """What changed since an earlier scan, read through this scan (for `serve`'s incremental ticks)."""
         return SqlDelta(source)
 
     def now(self) -> float:
+        """The primary's clock: what the reap's re-check judges by, so what a reap is checked against (S9)."""
         try:
             with self.read_engine.connect() as conn:
                 return self.impl.now(conn)
@@ -178,5 +295,12 @@ class SqlBackend:
         return review.review(batch, now, engine.dialect, self.config.classify.stale_after)
 
     def ping(self) -> None:
-        with self._engine("ping").connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
+        """Both stores answer: the primary, and the scan replica when there is one (each named on failure)."""
+        for role in ("ping", "scan-ping") if self.replica else ("ping",):
+            engine = self._engine(role)
+            try:
+                with engine.connect() as conn:
+                    conn.execute(sa.text("SELECT 1"))
+            except DBAPIError as exc:
+                said = f"{SCAN_KEY} {self.scan_description}" if role == "scan-ping" else self.description
+                raise DatabaseError(f"{said}: {describe_error(exc, engine.url)}") from None
