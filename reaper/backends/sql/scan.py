@@ -3,12 +3,11 @@ token-side query loop detection needs."""
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.expression import FromClause
@@ -17,6 +16,7 @@ from reaper.analysis.loops import RevokedIndex
 from reaper.analysis.model import ClientRow
 from reaper.backends.values import MAX_EPOCH, MIN_EPOCH, invalid_text, parse_json, parse_json_prefix, to_epoch
 from reaper.db import Compiler, DatabaseImpl, Owner, now_param, table_clause, untyped
+from reaper.db.impl import close_server_cursor
 from reaper.profiles import FIELDS, BoundProfile, ClientMap, CredentialMap, TenantMap, credential_columns, profile_reads
 from reaper.profiles.conditions import Lifetime
 
@@ -199,10 +199,72 @@ def _split(value: Any, fmt: str | None) -> tuple[str, ...]:
     return tuple(text.split())
 
 
+# Distinct values remembered per decoder (names, redirect URI lists, software ids): most rows repeat a value an
+# earlier row had, so the per-row work is a dictionary lookup. A cache that fills up starts over: bounded memory.
+CACHE_SIZE = 65536
+
+FieldSetter = Callable[[ClientRow, Any, list[str]], None]
+
+
+def _text_setter(name: str, column: str) -> FieldSetter:
+    """Sets a text field, cut at its cap; invalid UTF-8 is a problem. Remembers each distinct value."""
+    cap = CAPS.get(name, SMALL_CAP)
+    cache: dict[str, tuple[str, bool]] = {}
+    problem = f"{column}: {name} is not valid UTF-8"
+
+    def put(out: ClientRow, value: Any, problems: list[str]) -> None:
+        if value is None:
+            return
+        known = cache.get(value) if value.__class__ is str else None
+        if known is None:
+            text = value if value.__class__ is str else str(value)
+            if len(text) > cap:
+                text = text[:cap]
+            known = (text, invalid_text(text))
+            if value.__class__ is str:
+                if len(cache) >= CACHE_SIZE:
+                    cache.clear()
+                cache[value] = known
+        if known[1]:
+            problems.append(problem)
+        setattr(out, name, known[0])
+
+    return put
+
+
+def _redirects_setter(column: str, fmt: str | None) -> FieldSetter:
+    """Sets redirect_uris from a list or a text in the field's format. Remembers each distinct value."""
+    cache: dict[Any, tuple[tuple[str, ...], str | None]] = {}
+    unreadable, not_utf8 = f"{column}: redirect URIs unreadable", f"{column}: redirect URIs are not valid UTF-8"
+
+    def put(out: ClientRow, value: Any, problems: list[str]) -> None:
+        key = tuple(value) if value.__class__ is list else value if value.__class__ is str else None
+        try:
+            known = cache.get(key) if key is not None else None
+        except TypeError:  # a JSON array holding objects: not hashable, decoded every time
+            key, known = None, None
+        if known is None:
+            try:
+                uris = _split(value, fmt)
+                known = (uris, not_utf8 if any(invalid_text(u) for u in uris) else None)
+            except (ValueError, TypeError):
+                known = ((), unreadable)
+            if key is not None:
+                if len(cache) >= CACHE_SIZE:
+                    cache.clear()
+                cache[key] = known
+        out.redirect_uris = known[0]
+        if known[1] is not None:
+            problems.append(known[1])
+
+    return put
+
+
 class RowDecoder:
     """Turns one raw result row into a ClientRow; bad data becomes a problem, never an exception.
 
-    Column positions and decoding steps are worked out once, so the per-row work is plain indexing.
+    Column positions, decoding steps and field setters are worked out once, so the per-row work is plain
+    indexing and, for values seen before, a dictionary lookup.
     """
 
     def __init__(self, profile: BoundProfile, now: datetime, skew: float, keys: list[str]):
@@ -220,28 +282,29 @@ class RowDecoder:
             self.created = (col_pos[cm.created_at.column], cm.created_at.column, cm.created_at.encoding)
         if cm.created_at is not None:
             self.unknown_age_ok = cm.created_at.null == "unknown"
-        # Plain fields: (attribute, position, column, list format). JSON fields grouped by column, so each
-        # document is parsed once: (position, column, [(attribute, path parts, list format)]).
-        self.plain: list[tuple[str, int, str, str | None]] = []
-        groups: dict[int, tuple[int, str, list[tuple[str, tuple[str, ...], str | None]]]] = {}
+        # Plain fields: (position, setter). JSON fields grouped by column, so each document is parsed once:
+        # (position, column, [(path parts, setter)]).
+        self.plain: list[tuple[int, FieldSetter]] = []
+        groups: dict[int, tuple[int, str, list[tuple[tuple[str, ...], FieldSetter]]]] = {}
         for name in FIELDS:
             f = getattr(cm, name)
             if f is None:
                 continue
+            column = f.column or ""
             if f.rows is not None:
-                self.plain.append((name, pos[f"rows_{name}"], f.rows.table, "rows"))
+                at, column, fmt = pos[f"rows_{name}"], f.rows.table, "rows"
             elif f.lookup is not None:
-                self.plain.append((name, pos[f"lk_{name}"], f"{f.lookup.table}.{f.lookup.column}", f.format))
-            elif f.json_path:
-                at = col_pos[f.column or ""]
-                groups.setdefault(at, (at, f.column or "", []))[2].append(
-                    (name, tuple(f.json_path.split(".")), f.format)
-                )
+                at, column, fmt = pos[f"lk_{name}"], f"{f.lookup.table}.{f.lookup.column}", f.format
             else:
-                self.plain.append((name, col_pos[f.column or ""], f.column or "", f.format))
+                at, fmt = col_pos[column], f.format
+            setter = _redirects_setter(column, fmt) if name == "redirect_uris" else _text_setter(name, column)
+            if f.json_path and f.rows is None and f.lookup is None:
+                groups.setdefault(at, (at, column, []))[2].append((tuple(f.json_path.split(".")), setter))
+            else:
+                self.plain.append((at, setter))
         self.json_groups = list(groups.values())
-        self.flags: list[tuple[str, int | None]] = [
-            (flag, pos.get(f"is_{flag}")) for flag in ("dynamic", "cimd", "disabled")
+        self.flags: list[tuple[str, int]] = [
+            (flag, pos[f"is_{flag}"]) for flag in ("dynamic", "cimd", "disabled") if f"is_{flag}" in pos
         ]
         self.creds = []
         for i, cred in enumerate(profile.scan_credentials):
@@ -271,21 +334,27 @@ class RowDecoder:
                 problems.append(f"{column}: no registration time (NULL)")
             elif created is not None and created > self.now + self.skew:
                 problems.append(f"{column}: registration time is in the future")
-        out = ClientRow(str(row[self.key_pos]), str(row[self.id_pos]), created, problems=problems)
-        if invalid_text(out.client_id) or invalid_text(out.key):
+        key, client_id = row[self.key_pos], row[self.id_pos]
+        key = key if key.__class__ is str else str(key)
+        client_id = client_id if client_id.__class__ is str else str(client_id)
+        out = ClientRow(key, client_id, created, problems=problems)
+        if not (client_id.isascii() and key.isascii()) and (invalid_text(client_id) or invalid_text(key)):
             problems.append("client_id: not valid UTF-8")
-        for name, at, column, fmt in self.plain:
-            self._set(out, name, row[at], column, fmt, problems)
+        for at, put in self.plain:
+            put(out, row[at], problems)
         for at, column, fields in self.json_groups:
-            doc = _parse_json(row[at], column, problems)
-            for name, path, fmt in fields:
+            raw_doc = row[at]
+            try:
+                doc = orjson.loads(raw_doc) if raw_doc.__class__ is str else _parse_json(raw_doc, column, problems)
+            except orjson.JSONDecodeError:  # NaN, Infinity, a document cut at the cap, or no JSON at all
+                doc = _parse_json(raw_doc, column, problems)
+            for path, put in fields:
                 value = doc
                 for part in path:
                     value = value.get(part) if value.__class__ is dict else None
-                self._set(out, name, value, column, fmt, problems)
+                put(out, value, problems)
         for flag, flag_at in self.flags:
-            if flag_at is not None:
-                setattr(out, flag, bool(row[flag_at]))
+            setattr(out, flag, bool(row[flag_at]))
         last = None
         strict_live = 0
         for kind, live_at, total_at, last_at, enc, strict_at in self.creds:
@@ -315,24 +384,6 @@ class RowDecoder:
         out.live_forever_only = bool(out.live) and strict_live == 0
         return out
 
-    @staticmethod
-    def _set(out: ClientRow, name: str, value: Any, column: str, fmt: str | None, problems: list[str]) -> None:
-        if name == "redirect_uris":
-            try:
-                out.redirect_uris = _split(value, fmt)
-                if any(invalid_text(u) for u in out.redirect_uris):
-                    problems.append(f"{column}: redirect URIs are not valid UTF-8")
-            except (ValueError, TypeError):
-                problems.append(f"{column}: redirect URIs unreadable")
-        elif value is not None:
-            text = value if value.__class__ is str else str(value)
-            cap = CAPS.get(name, SMALL_CAP)
-            if len(text) > cap:
-                text = text[:cap]
-            if invalid_text(text):
-                problems.append(f"{column}: {name} is not valid UTF-8")
-            setattr(out, name, text)
-
 
 def _parse_json(raw: Any, column: str, problems: list[str]) -> Any:
     if raw is None or isinstance(raw, dict | list):
@@ -355,61 +406,7 @@ def close_streamed(result: Any) -> None:
         # SQLAlchemy logs (and swallows) a failed close; psycopg then still counts its server-side cursor as
         # open. A second close sees the broken connection and only marks the cursor closed.
         if cursor is not None and not getattr(cursor, "closed", True):
-            try:
-                cursor.close()
-            except Exception:  # noqa: BLE001 - nothing more to free on a dead connection
-                _forget_server_cursor(cursor)
-
-
-def _forget_server_cursor(cursor: Any) -> None:
-    """Mark a psycopg server-side cursor closed on our side only (its connection is gone, and with it the
-    cursor on the server)."""
-    for base in type(cursor).__mro__[1:]:
-        if base.__name__ == "Cursor" and base.__module__.startswith("psycopg"):
-            try:
-                getattr(base, "close")(cursor)  # noqa: B009 - the base class's own close
-            except Exception:  # noqa: BLE001
-                pass
-            return
-
-
-_DONE = object()
-
-
-def _prefetched(result: Any, batch: int) -> Iterator[list[Any]]:
-    """Batches of rows, read one batch ahead by a helper thread; errors re-raised here."""
-    box: queue.Queue[Any] = queue.Queue(maxsize=2)
-    stop = threading.Event()
-
-    def reader() -> None:
-        try:
-            while not stop.is_set():
-                rows = result.fetchmany(batch)
-                if not rows:
-                    break
-                box.put(rows)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            box.put(exc)
-        box.put(_DONE)
-
-    thread = threading.Thread(target=reader, name="scan-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = box.get()
-            if item is _DONE:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a reader waiting on a full queue
-            try:
-                box.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        thread.join()
+            close_server_cursor(cursor)
 
 
 def revoked_query(profile: BoundProfile, impl: DatabaseImpl, now: datetime, since: float | None) -> sa.Select[Any]:
@@ -519,17 +516,10 @@ class SqlScan:
             close_streamed(result)
 
     def rows(self) -> Generator[ClientRow, None, None]:
-        """Stream every client, in the order the database reads them, with its credential facts.
-
-        A reader thread fetches the next batch while this one decodes and classifies the last, so the database's
-        work and ours overlap.
-        """
+        """Stream every client, in the order the database reads them, with its credential facts."""
         query = build_query(self.profile, self.impl, self.at)
-        result = self.conn.execution_options(**self.impl.stream_options(self.batch)).execute(query)
-        decode = RowDecoder(self.profile, self.at, self.skew, list(result.keys())).decode
-        try:
-            for rows in _prefetched(result, self.batch):
+        with self.impl.scan_rows(self.conn, query, self.batch) as (keys, batches):
+            decode = RowDecoder(self.profile, self.at, self.skew, keys).decode
+            for rows in batches:
                 for row in rows:
                     yield decode(row)
-        finally:
-            close_streamed(result)
