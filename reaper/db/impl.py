@@ -441,6 +441,10 @@ class PostgresImpl(DatabaseImpl):
             yield list(query.selected_columns.keys()), batches()
         finally:
             close_server_cursor(cursor)
+            if raw.closed or raw.broken:
+                # As SQLAlchemy does for a connection that failed under it: no rollback on a dead connection,
+                # whose error would replace the one that ended the scan.
+                conn.invalidate()
 
     def set_timeouts(self, conn: Connection, lock_timeout: float, statement_timeout: float) -> None:
         conn.execute(sa.text(f"SET LOCAL lock_timeout = {int(lock_timeout * 1000)}"))

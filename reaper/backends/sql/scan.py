@@ -3,6 +3,8 @@ token-side query loop detection needs."""
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from datetime import UTC, datetime
@@ -410,6 +412,41 @@ def close_streamed(result: Any) -> None:
             close_server_cursor(cursor)
 
 
+_DONE = object()
+
+
+def prefetched(batches: Iterator[Sequence[Any]]) -> Iterator[Sequence[Any]]:
+    """The same batches, each read one ahead by a helper thread; its errors re-raised here."""
+    box: queue.Queue[Any] = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            for rows in batches:
+                box.put(rows)
+                if stop.is_set():
+                    break
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            box.put(exc)
+        box.put(_DONE)
+
+    thread = threading.Thread(target=reader, name="scan-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := box.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a reader waiting on a full queue
+            try:
+                box.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
+
+
 def paced(batches: Iterator[Sequence[Any]], rows_per_second: int) -> Iterator[Sequence[Any]]:
     """The same rows, in slices of a tenth of a second's worth, none handed out before its time: at most
     `rows_per_second` on average. A sleep is never longer than a slice, so a stop request is not kept waiting."""
@@ -535,10 +572,15 @@ class SqlScan:
             close_streamed(result)
 
     def rows(self) -> Generator[ClientRow, None, None]:
-        """Stream every client, in the order the database reads them, with its credential facts."""
+        """Stream every client, in the order the database reads them, with its credential facts.
+
+        A reader thread fetches the next batch while this one decodes and classifies the last: the database
+        computes the next rows while Python works (psycopg waits for the server without the GIL).
+        """
         query = build_query(self.profile, self.impl, self.at)
         with self.impl.scan_rows(self.conn, query, self.batch) as (keys, batches):
             decode = RowDecoder(self.profile, self.at, self.skew, keys).decode
+            batches = prefetched(batches)
             if self.max_rows_per_second:
                 batches = paced(batches, self.max_rows_per_second)
             for rows in batches:
