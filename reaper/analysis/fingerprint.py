@@ -97,7 +97,7 @@ FamilyParts = tuple[object, ...]
 
 # Normalized redirect URI sets, per distinct list of URIs: most clients repeat a list an earlier one had (the
 # scan hands out one tuple per distinct stored value). Starts over when full: bounded memory.
-REDIRECTS_CACHE_SIZE = 65536
+REDIRECTS_CACHE_SIZE = 16384
 _normalized_redirects: dict[tuple[str, ...], frozenset[str]] = {}
 
 

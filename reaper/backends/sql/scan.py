@@ -203,8 +203,9 @@ def _split(value: Any, fmt: str | None) -> tuple[str, ...]:
 
 
 # Distinct values remembered per decoder (names, redirect URI lists, software ids): most rows repeat a value an
-# earlier row had, so the per-row work is a dictionary lookup. A cache that fills up starts over: bounded memory.
-CACHE_SIZE = 65536
+# earlier row had, so the per-row work is a dictionary lookup. A cache that fills up starts over: bounded memory
+# (a few MB each at this size, measured with tracemalloc).
+CACHE_SIZE = 16384
 
 FieldSetter = Callable[[ClientRow, Any, list[str]], None]
 
@@ -249,6 +250,7 @@ def _redirects_setter(column: str, fmt: str | None) -> FieldSetter:
         if known is None:
             try:
                 uris = _split(value, fmt)
+                uris = key if uris == key else uris  # one tuple for the key and the value
                 known = (uris, not_utf8 if any(invalid_text(u) for u in uris) else None)
             except (ValueError, TypeError):
                 known = ((), unreadable)
@@ -416,14 +418,16 @@ _DONE = object()
 
 
 def prefetched(batches: Iterator[Sequence[Any]]) -> Iterator[Sequence[Any]]:
-    """The same batches, each read one ahead by a helper thread; its errors re-raised here."""
-    box: queue.Queue[Any] = queue.Queue(maxsize=2)
+    """The same batches, each read one ahead by a helper thread; its errors re-raised here. The reader fetches
+    the next batch only once the last was taken: two batches in memory at most."""
+    box: queue.Queue[Any] = queue.Queue(maxsize=1)
     stop = threading.Event()
 
     def reader() -> None:
         try:
             for rows in batches:
                 box.put(rows)
+                box.join()  # taken: fetch the next while it is decoded
                 if stop.is_set():
                     break
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
@@ -434,6 +438,7 @@ def prefetched(batches: Iterator[Sequence[Any]]) -> Iterator[Sequence[Any]]:
     thread.start()
     try:
         while (item := box.get()) is not _DONE:
+            box.task_done()
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -442,6 +447,7 @@ def prefetched(batches: Iterator[Sequence[Any]]) -> Iterator[Sequence[Any]]:
         while thread.is_alive():  # unblock a reader waiting on a full queue
             try:
                 box.get(timeout=0.05)
+                box.task_done()
             except queue.Empty:
                 pass
         thread.join()
