@@ -339,18 +339,25 @@ def _render_json(stream: Iterable[Classified], snap: Snapshot, out: IO[str], fil
                 out.write("".join(pending))
                 pending.clear()
     out.write("".join(pending))
+    pending.clear()
     out.write("\n],\n")
-    families = sorted(snap.families.values(), key=lambda f: (-f.members, f.id))
-    tail = {
-        "summary": summary_record(snap),
-        "families": [family_record(f, snap) for f in families if f.members > 1],
+    out.write(f'"summary": {json.dumps(summary_record(snap), ensure_ascii=False, indent=1)},\n"families": [')
+    # Families one a line, as they are written: tens of thousands of them never make one document in memory.
+    first = True
+    for fam in sorted(snap.families.values(), key=lambda f: (-f.members, f.id)):
+        if fam.members > 1:
+            pending.append(("\n  " if first else ",\n  ") + _json_record(family_record(fam, snap)))
+            first = False
+            if len(pending) >= WRITE_EVERY:
+                out.write("".join(pending))
+                pending.clear()
+    out.write("".join(pending))
+    rest = {
         "loops": [loop_record(lp) for lp in loops_sorted(snap)],
         "floods": [flood_record(f) for f in snap.floods],
         "problems": [{"client_id": cid, "problem": p} for cid, p in snap.problems],
     }
-    body = json.dumps(tail, ensure_ascii=False, indent=1)
-    out.write(body[1:].lstrip("\n"))
-    out.write("\n")
+    out.write("\n],\n" + json.dumps(rest, ensure_ascii=False, indent=1)[1:].lstrip("\n") + "\n")
 
 
 def _render_csv(stream: Iterable[Classified], snap: Snapshot, out: IO[str], filters: Filters, show_ips: bool) -> None:
