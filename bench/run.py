@@ -1,8 +1,10 @@
 """The benchmark harness: `python -m bench.run` (see docs/performance.md).
 
-Everything is measured in one run, as ratios against a floor measured in the same run:
-scan vs a bare psycopg cursor, peak RSS at 100k vs 1M, t(1M)/t(100k), reap throughput, and the p99 latency of
-a concurrent token-issuing load when idle, during a scan and during a reap.
+Everything is measured in one run, as ratios against a floor measured in the same run, at each size: `report`
+(table) against a bare psycopg cursor over the same query, `report --format json` against the table, peak RSS and
+its growth from the smallest size to the largest, what a scan costs PostgreSQL (backend CPU, temp files,
+buffers), the p99 latency of a concurrent token-issuing load when idle and during a scan (also a rate-limited
+one), and reap throughput.
 """
 
 from __future__ import annotations
@@ -19,17 +21,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from bench.dataset import copy_pg, drop_pg, ensure_pg, make_sqlite
 
 ADMIN_DSN = os.environ.get("REAPER_BENCH_ADMIN_DSN", "host=127.0.0.1 user=postgres dbname=test")
 TARGETS = {
-    "scan_vs_floor": 1.5,
-    "rss_1m_mb": 150,
-    "rss_1m_vs_100k": 1.3,
-    "t1m_vs_t100k": 11,
+    "table_vs_floor": 1.5,  # report (table) / the floor
+    "json_overhead": 0.20,  # report --format json / report (table) - 1
+    "rss_json_1m_mb": 100,  # peak RSS of the JSON report at the largest size
+    "rss_largest_vs_smallest": 1.2,
+    "p99_vs_idle": 1.5,  # auth token p99 during a scan / idle
     "reap_clients_per_s": 5000,
-    "p99_vs_idle": 2.0,
 }
+MODES = ("floor", "table", "json")
+STATS = ("temp_files", "temp_bytes", "blks_read", "blks_hit")
 
 
 def sqla_url(dsn: str) -> str:
@@ -37,33 +43,59 @@ def sqla_url(dsn: str) -> str:
     return f"postgresql+psycopg://{parts.get('user', 'postgres')}@{parts.get('host', '127.0.0.1')}/{parts['dbname']}"
 
 
-def one_scan(mode: str, url: str) -> dict[str, Any]:
+def one_scan(mode: str, url: str, rate: int | None = None) -> dict[str, Any]:
+    extra = ["--max-rows-per-second", str(rate)] if rate else []
     out = subprocess.run(
-        [sys.executable, "-m", "bench.scan_once", mode, url], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "bench.scan_once", mode, url, *extra], capture_output=True, text=True, check=True
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def scans(url: str, repeats: int, log) -> dict[str, Any]:
-    """Alternate floor and reaper runs; report medians and the worst peak RSS."""
-    floor, reaper = [], []
+def db_stats(dsn: str) -> dict[str, int]:
+    """The database's own counters (pg_stat_database): temp files and bytes, blocks read and found in cache."""
+    dbname = dict(p.split("=", 1) for p in dsn.split())["dbname"]
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
+        row = conn.execute(
+            f"SELECT {', '.join(STATS)} FROM pg_stat_database WHERE datname = %s",  # noqa: S608 - fixed names
+            (dbname,),
+        ).fetchone()
+    assert row is not None
+    return dict(zip(STATS, (int(v) for v in row), strict=True))
+
+
+def measured(mode: str, dsn: str) -> dict[str, Any]:
+    """One scan, with the database's counters around it (a backend reports them as it exits)."""
+    before = db_stats(dsn)
+    result = one_scan(mode, sqla_url(dsn))
+    time.sleep(0.5)
+    after = db_stats(dsn)
+    result.update({k: after[k] - before[k] for k in STATS})
+    return result
+
+
+def scans(dsn: str, repeats: int, log) -> dict[str, Any]:
+    """Alternate floor, table and JSON runs; medians of times and costs, the worst peak RSS."""
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
     for _ in range(repeats):
-        floor.append(one_scan("floor", url))
-        reaper.append(one_scan("reaper", url))
+        for mode in MODES:
+            runs[mode].append(measured(mode, dsn))
         log(
-            f"  floor {floor[-1]['seconds']:.2f}s  reaper {reaper[-1]['seconds']:.2f}s "
-            f"rss {reaper[-1]['rss_mb']:.0f} MB"
+            "  "
+            + "  ".join(f"{m} {runs[m][-1]['seconds']:.2f}s/{runs[m][-1]['rss_mb']:.0f}MB" for m in MODES)
+            + f"  (load average {os.getloadavg()[0]:.1f})"
         )
-    f = statistics.median(r["seconds"] for r in floor)
-    r = statistics.median(r["seconds"] for r in reaper)
-    return {
-        "rows": reaper[0]["rows"],
-        "floor_s": f,
-        "reaper_s": r,
-        "ratio": r / f,
-        "rss_mb": max(x["rss_mb"] for x in reaper),
-        "floor_rss_mb": max(x["rss_mb"] for x in floor),
-    }
+    out: dict[str, Any] = {"rows": runs["table"][0]["rows"]}
+    for mode in MODES:
+        out[mode] = {
+            "seconds": statistics.median(r["seconds"] for r in runs[mode]),
+            "rss_mb": max(r["rss_mb"] for r in runs[mode]),
+            "cpu_s": statistics.median(r["cpu_s"] for r in runs[mode]),
+            "db_cpu_s": statistics.median(r["db_cpu_s"] or 0.0 for r in runs[mode]),
+            **{k: statistics.median(r[k] for r in runs[mode]) for k in STATS},
+        }
+    out["table_vs_floor"] = out["table"]["seconds"] / out["floor"]["seconds"]
+    out["json_overhead"] = out["json"]["seconds"] / out["table"]["seconds"] - 1
+    return out
 
 
 def p99(values: list[float]) -> float:
@@ -123,13 +155,49 @@ def latency_during(dsn: str, seconds: float, action) -> tuple[list[float], Any]:
     return [lat for (t0, lat) in samples if start <= t0 <= end], holder.get("result")
 
 
+def latency_phases(n: int, scanned: dict[str, Any], args, log) -> dict[str, Any]:
+    """On a throw-away copy of the N-client dataset (the load writes tokens): the auth load's p99 idle, during a
+    `report`, and during one limited to half the rows a second the unlimited scan read."""
+    copy = f"dcr_bench_load_{n}_{os.getpid()}"
+    try:
+        dsn = copy_pg(ADMIN_DSN, n, copy)
+        url = sqla_url(dsn)
+        rate = max(1000, int(scanned["rows"] / scanned["table"]["seconds"] / 2))
+        idle, _ = latency_during(dsn, args.idle_seconds, None)
+        during, scan = latency_during(dsn, 900.0, lambda: one_scan("table", url))
+        limited, slow = latency_during(dsn, 900.0, lambda: one_scan("table", url, rate))
+        reap = None
+        if args.reap_clients and n == min(int(s) for s in args.sizes.split(",")):
+            log(f"reap, up to {args.reap_clients:,} clients (PostgreSQL, {n:,}):")
+            reap_lat, reap = latency_during(dsn, 900.0, lambda: reap_run(url, args.reap_clients, log))
+        out = {
+            "idle_p99_ms": p99(idle) * 1000,
+            "scan_p99_ms": p99(during) * 1000,
+            "scan_s": scan["seconds"],
+            "limited_rate": rate,
+            "limited_p99_ms": p99(limited) * 1000,
+            "limited_s": slow["seconds"],
+            "samples": {"idle": len(idle), "scan": len(during), "limited": len(limited)},
+        }
+        if reap is not None:
+            out.update(reap=reap, reap_p99_ms=p99(reap_lat) * 1000)
+            out["samples"]["reap"] = len(reap_lat)
+        log(
+            f"  auth p99 idle {out['idle_p99_ms']:.2f} ms, during a scan {out['scan_p99_ms']:.2f} ms, "
+            f"during a scan at {rate:,} rows/s {out['limited_p99_ms']:.2f} ms ({slow['seconds']:.1f}s)"
+        )
+        return out
+    finally:
+        drop_pg(ADMIN_DSN, copy)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", default="100000,1000000", help="client counts on PostgreSQL")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--reap-clients", type=int, default=20000)
+    ap.add_argument("--reap-clients", type=int, default=20000, help="clients reaped at the smallest size (0 = skip)")
     ap.add_argument("--sqlite", type=int, default=100000, help="client count on SQLite (0 = skip)")
-    ap.add_argument("--no-load", action="store_true", help="skip the auth-load latency phases")
+    ap.add_argument("--no-load", action="store_true", help="skip the auth-load latency phases (and the reap)")
     ap.add_argument("--idle-seconds", type=float, default=8.0, help="length of the idle latency phase")
     ap.add_argument("--out", default="bench/results/latest.json")
     args = ap.parse_args()
@@ -143,113 +211,136 @@ def main() -> None:
         },
         "targets": TARGETS,
         "scan": {},
+        "load": {},
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     for n in sizes:
         dsn, _ = ensure_pg(ADMIN_DSN, n, log)
         log(f"scan, {n:,} clients (PostgreSQL):")
-        results["scan"][str(n)] = scans(sqla_url(dsn), args.repeats, log)
+        results["scan"][str(n)] = scans(dsn, args.repeats, log)
+        if not args.no_load:
+            results["load"][str(n)] = latency_phases(n, results["scan"][str(n)], args, log)
     if args.sqlite:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "bench.sqlite"
             make_sqlite(path, args.sqlite)
             log(f"scan, {args.sqlite:,} clients (SQLite):")
-            runs = [one_scan("reaper", f"sqlite:///{path}") for _ in range(args.repeats)]
+            runs = [one_scan("table", f"sqlite:///{path}") for _ in range(args.repeats)]
             results["sqlite"] = {
                 "clients": args.sqlite,
-                "reaper_s": statistics.median(r["seconds"] for r in runs),
+                "table_s": statistics.median(r["seconds"] for r in runs),
                 "rss_mb": max(r["rss_mb"] for r in runs),
             }
-    small = str(min(sizes))
-    copy = f"dcr_bench_reap_{os.getpid()}"
-    try:
-        dsn = copy_pg(ADMIN_DSN, int(small), copy)
-        url = sqla_url(dsn)
-        log(f"reap, up to {args.reap_clients:,} clients (PostgreSQL):")
-        if args.no_load:
-            results["reap"] = reap_run(url, args.reap_clients, log)
-        else:
-            idle, _ = latency_during(dsn, args.idle_seconds, None)
-            scan_lat, _ = latency_during(dsn, 120.0, lambda: one_scan("reaper", url))
-            reap_lat, reap = latency_during(dsn, 300.0, lambda: reap_run(url, args.reap_clients, log))
-            results["reap"] = reap
-            results["load"] = {
-                "idle_p99_ms": p99(idle) * 1000,
-                "scan_p99_ms": p99(scan_lat) * 1000,
-                "reap_p99_ms": p99(reap_lat) * 1000,
-                "samples": {"idle": len(idle), "scan": len(scan_lat), "reap": len(reap_lat)},
-            }
-    finally:
-        drop_pg(ADMIN_DSN, copy)
     report(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     log(f"written {args.out}")
 
 
+def _met(value: float, target: float, below: bool = True) -> str:
+    return "met" if (value <= target if below else value >= target) else "MISSED"
+
+
 def report(r: dict[str, Any]) -> None:
-    rows = []
+    rows: list[tuple[str, str, str, str, str]] = [("measure", "figures", "result", "target", "")]
     for n, s in r["scan"].items():
+        size = f"{int(n):,}"
+        fl, tb, js = s["floor"], s["table"], s["json"]
         rows.append(
             (
-                f"scan {int(n):,} clients",
-                f"{s['reaper_s']:.2f}s vs floor {s['floor_s']:.2f}s",
-                f"{s['ratio']:.2f}x",
-                f"<= {TARGETS['scan_vs_floor']}x",
+                f"report (table) vs floor, {size}",
+                f"{tb['seconds']:.2f}s vs {fl['seconds']:.2f}s",
+                f"{s['table_vs_floor']:.2f}x",
+                f"<= {TARGETS['table_vs_floor']}x",
+                _met(s["table_vs_floor"], TARGETS["table_vs_floor"]),
             )
         )
         rows.append(
             (
-                f"peak RSS {int(n):,}",
-                f"{s['rss_mb']:.0f} MB (floor process {s['floor_rss_mb']:.0f} MB)",
+                f"JSON output overhead, {size}",
+                f"{js['seconds']:.2f}s vs table {tb['seconds']:.2f}s",
+                f"{s['json_overhead'] * 100:+.0f}%",
+                f"<= +{TARGETS['json_overhead'] * 100:.0f}%",
+                _met(s["json_overhead"], TARGETS["json_overhead"]),
+            )
+        )
+        rows.append(
+            (
+                f"peak RSS JSON, {size}",
+                f"table {tb['rss_mb']:.0f} MB, floor process {fl['rss_mb']:.0f} MB",
+                f"{js['rss_mb']:.0f} MB",
+                f"< {TARGETS['rss_json_1m_mb']} MB",
+                _met(js["rss_mb"], TARGETS["rss_json_1m_mb"]),
+            )
+        )
+        per_m = 1e6 / s["rows"]
+        rows.append(
+            (
+                f"PostgreSQL per 1M clients, {size}",
+                f"backend CPU {tb['db_cpu_s'] * per_m:.1f}s (floor {fl['db_cpu_s'] * per_m:.1f}s), "
+                f"temp {tb['temp_files']:.0f} files/{tb['temp_bytes'] * per_m / 2**20:.0f} MB, "
+                f"blocks read {tb['blks_read'] * per_m:,.0f} hit {tb['blks_hit'] * per_m:,.0f}",
+                f"reaper CPU {tb['cpu_s'] * per_m:.1f}s",
                 "",
-                f"< {TARGETS['rss_1m_mb']} MB at 1M",
+                "",
             )
         )
+        ld = r["load"].get(n)
+        if ld:
+            ratio = ld["scan_p99_ms"] / ld["idle_p99_ms"]
+            rows.append(
+                (
+                    f"auth p99 during a scan, {size}",
+                    f"{ld['scan_p99_ms']:.2f} ms vs idle {ld['idle_p99_ms']:.2f} ms",
+                    f"{ratio:.2f}x",
+                    f"<= {TARGETS['p99_vs_idle']}x",
+                    _met(ratio, TARGETS["p99_vs_idle"]),
+                )
+            )
+            rows.append(
+                (
+                    f"  ... scan at {ld['limited_rate']:,} rows/s",
+                    f"{ld['limited_p99_ms']:.2f} ms, scan {ld['limited_s']:.1f}s (unlimited {ld['scan_s']:.1f}s)",
+                    f"{ld['limited_p99_ms'] / ld['idle_p99_ms']:.2f}x",
+                    "",
+                    "",
+                )
+            )
+            if "reap" in ld:
+                rows.append(
+                    (
+                        f"reap throughput, {size}",
+                        f"{ld['reap']['clients']:,} clients in {ld['reap']['seconds']:.2f}s, "
+                        f"auth p99 {ld['reap_p99_ms']:.2f} ms",
+                        f"{ld['reap']['clients_per_s']:,.0f}/s",
+                        f">= {TARGETS['reap_clients_per_s']:,}/s",
+                        _met(ld["reap"]["clients_per_s"], TARGETS["reap_clients_per_s"], below=False),
+                    )
+                )
     sizes = sorted(r["scan"], key=int)
     if len(sizes) >= 2:
-        a, b = r["scan"][sizes[0]], r["scan"][sizes[-1]]
+        a, b = r["scan"][sizes[0]]["json"]["rss_mb"], r["scan"][sizes[-1]]["json"]["rss_mb"]
         rows.append(
             (
-                f"t({int(sizes[-1]):,})/t({int(sizes[0]):,})",
-                "",
-                f"{b['reaper_s'] / a['reaper_s']:.2f}",
-                f"<= {TARGETS['t1m_vs_t100k']}",
-            )
-        )
-        rows.append(
-            (
-                f"RSS({int(sizes[-1]):,})/RSS({int(sizes[0]):,})",
-                "",
-                f"{b['rss_mb'] / a['rss_mb']:.2f}",
-                f"<= {TARGETS['rss_1m_vs_100k']}",
+                f"peak RSS JSON {int(sizes[-1]):,} / {int(sizes[0]):,}",
+                f"{b:.0f} / {a:.0f} MB",
+                f"{b / a:.2f}",
+                f"<= {TARGETS['rss_largest_vs_smallest']}",
+                _met(b / a, TARGETS["rss_largest_vs_smallest"]),
             )
         )
     if "sqlite" in r:
         s = r["sqlite"]
-        rows.append((f"scan {s['clients']:,} clients (SQLite)", f"{s['reaper_s']:.2f}s", f"{s['rss_mb']:.0f} MB", ""))
-    if "reap" in r:
         rows.append(
             (
-                "reap throughput",
-                f"{r['reap']['clients']:,} clients in {r['reap']['seconds']:.2f}s",
-                f"{r['reap']['clients_per_s']:,.0f}/s",
-                f">= {TARGETS['reap_clients_per_s']:,}/s",
+                f"report (table), {s['clients']:,} clients, SQLite",
+                f"{s['rss_mb']:.0f} MB",
+                f"{s['table_s']:.2f}s",
+                "",
+                "",
             )
         )
-    if "load" in r:
-        ld = r["load"]
-        rows.append(("auth p99 idle", f"{ld['idle_p99_ms']:.2f} ms", "", ""))
-        for phase in ("scan", "reap"):
-            rows.append(
-                (
-                    f"auth p99 during {phase}",
-                    f"{ld[f'{phase}_p99_ms']:.2f} ms",
-                    f"{ld[f'{phase}_p99_ms'] / ld['idle_p99_ms']:.2f}x idle",
-                    f"<= {TARGETS['p99_vs_idle']}x",
-                )
-            )
-    widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(5)]
     for row in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 

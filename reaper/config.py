@@ -96,6 +96,12 @@ class ScanConfig(_Section):
         "each later fetch; MySQL/MariaDB: the streamed query as a whole); the reaper waits this plus "
         "database.read_timeout for an answer, then drops the connection",
     )
+    max_rows_per_second: int | None = Field(
+        None,
+        ge=1000,
+        description="read at most this many client rows a second (off by default): a longer scan that leaves the "
+        "auth server's database more of its CPU (docs/performance.md)",
+    )
 
 
 class ReportConfig(_Section):

@@ -44,13 +44,21 @@ def test_bench_harness_runs_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert set(result["scan"]) == {"3000", "6000"}
+    assert set(result["scan"]) == set(result["load"]) == {"3000", "6000"}
     for figures in result["scan"].values():
-        assert figures["rows"] > 0 and figures["floor_s"] > 0 and figures["reaper_s"] > 0 and figures["rss_mb"] > 0
+        assert figures["rows"] > 0 and figures["table_vs_floor"] > 0 and figures["json_overhead"] > -1
+        for mode in ("floor", "table", "json"):
+            assert figures[mode]["seconds"] > 0 and figures[mode]["rss_mb"] > 0
+            assert figures[mode]["blks_hit"] + figures[mode]["blks_read"] > 0  # the database's counters moved
+        assert figures["table"]["db_cpu_s"] > 0  # the backend's CPU, read from /proc (same host)
+    for load in result["load"].values():
+        assert load["samples"]["idle"] > 0 and load["limited_rate"] >= 1000 and load["limited_p99_ms"] > 0
     assert result["sqlite"]["clients"] == 2000
-    assert result["reap"]["clients"] == 1000 and result["reap"]["clients_per_s"] > 0
-    assert result["load"]["samples"]["idle"] > 0 and result["load"]["samples"]["reap"] > 0
-    assert "reap throughput" in proc.stdout and "auth p99 idle" in proc.stdout
+    reap = result["load"]["3000"]["reap"]
+    assert reap["clients"] == 1000 and reap["clients_per_s"] > 0
+    for line in ("report (table) vs floor, 6,000", "JSON output overhead", "peak RSS JSON 6,000 / 3,000"):
+        assert line in proc.stdout
+    assert "auth p99 during a scan" in proc.stdout and "reap throughput" in proc.stdout
 
 
 @pytest.mark.pg

@@ -89,14 +89,15 @@ class Classifier:
         parts_of_row = parts_of(self.s.family_components)
         by_parts: dict[tuple[object, ...], FamilyStats] = {}  # one entry per family
         best: dict[str, Rank] = {}  # family -> the rank of its newest member so far
-        waiting: dict[str, ClientRow] = {}  # family -> its newest member so far, when its verdict waits on that
+        # family -> its newest member so far (and its rank), when its verdict waits on that
+        waiting: dict[str, tuple[ClientRow, Rank]] = {}
         counts: dict[tuple[Verdict, str], int] = {}
         window_start, rng, new_since = self.window_start, self.rng, self.new_since
         verdict_of, waits = self.verdict, self.waits
 
-        def settle(row: ClientRow, fam: FamilyStats, has_newer: bool) -> Classified:
+        def settle(row: ClientRow, rank: Rank | None, fam: FamilyStats, has_newer: bool) -> Classified:
             verdict, reason = verdict_of(row, has_newer)
-            fam.add(row, verdict, window_start, rng, new_since)
+            fam.add(row, rank, verdict, window_start, rng, new_since)
             created = row.created_at
             if created is not None and not row.problems:
                 if new_since is not None and created > new_since:
@@ -134,17 +135,17 @@ class Classifier:
                     best[fid] = rank
                     older = waiting.pop(fid, None)
                     if older is not None:
-                        yield settle(older, fam, True)  # this row is newer than the one that waited
+                        yield settle(older[0], older[1], fam, True)  # this row is newer than the one that waited
                     has_newer = False
                 else:
                     has_newer = top is not None
-                if has_newer or not waits(row):
-                    yield settle(row, fam, has_newer)
+                if has_newer or rank is None or not waits(row):
+                    yield settle(row, rank, fam, has_newer)
                 else:
-                    waiting[fid] = row  # the newest so far: its verdict waits for the end of the stream
+                    waiting[fid] = (row, rank)  # the newest so far: its verdict waits for the end of the stream
             families = {f.id: f for f in by_parts.values()}
-            for fid, row in waiting.items():
-                yield settle(row, families[fid], False)  # the newest of its family
+            for fid, (row, rank) in waiting.items():
+                yield settle(row, rank, families[fid], False)  # the newest of its family
             waiting.clear()
         finally:
             if new_since is not None:

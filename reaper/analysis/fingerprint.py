@@ -95,9 +95,26 @@ def ip_prefix(ip: str | None, v4_bits: int = 24, v6_bits: int = 56) -> str:
 FamilyParts = tuple[object, ...]
 
 
+# Normalized redirect URI sets, per distinct list of URIs: most clients repeat a list an earlier one had (the
+# scan hands out one tuple per distinct stored value). Starts over when full: bounded memory.
+REDIRECTS_CACHE_SIZE = 16384
+_normalized_redirects: dict[tuple[str, ...], frozenset[str]] = {}
+
+
+def normalized_redirects(uris: tuple[str, ...]) -> frozenset[str]:
+    """The set of a client's redirect URIs, normalized (what a fingerprint compares)."""
+    known = _normalized_redirects.get(uris)
+    if known is None:
+        known = frozenset(map(normalize_redirect_uri, uris))
+        if len(_normalized_redirects) >= REDIRECTS_CACHE_SIZE:
+            _normalized_redirects.clear()
+        _normalized_redirects[uris] = known
+    return known
+
+
 _GETTERS: dict[str, Callable[[Any], object]] = {
     "name": lambda r: r.name or "",
-    "redirect_uris": lambda r: frozenset(map(normalize_redirect_uri, r.redirect_uris)),
+    "redirect_uris": lambda r: normalized_redirects(r.redirect_uris),
     "software_id": lambda r: r.software_id or "",
     "subject": lambda r: r.subject or "",
     # The scan aggregates IPs to the configured prefix (classify.ip_prefix_v4/v6) in `ip_network`; a row with

@@ -155,14 +155,20 @@ class FamilyStats:
     _seen_times: int = 0
 
     def add(
-        self, row: ClientRow, verdict: Verdict, window_start: float, rng: random.Random, new_since: float | None = None
+        self,
+        row: ClientRow,
+        rank: Rank | None,
+        verdict: Verdict,
+        window_start: float,
+        rng: random.Random,
+        new_since: float | None = None,
     ) -> None:
+        """Count a member in, with its rank (`rank_of(row)`)."""
         self.members += 1
         if verdict is Verdict.ORPHAN:
             self.orphans += 1
         elif verdict is Verdict.ABANDONED:
             self.abandoned += 1
-        rank = rank_of(row)
         if verdict is Verdict.LIVE:
             self.live += 1
             if self.newest_live_client_id is None or (rank is not None and (self.newest_live_rank or ()) < rank):

@@ -8,11 +8,12 @@ database to it. No other module compares database names.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +36,13 @@ _NUMERIC = (sa.Integer, sa.Numeric, sa.Float)
 TIME_TYPES = (sa.DateTime, sa.TIMESTAMP, sa.Date)
 TEXT_TYPES = (sa.String, sa.Text, sa.JSON, sa.Enum)
 NUMERIC_TYPES = _NUMERIC
+
+ScanRows = tuple[list[str], Iterator[Sequence[Any]]]
+"""The scan query's column names, and its rows in batches (each row indexable by position)."""
+
+# Whether the scan's server-side cursor reads PostgreSQL's binary format: text, as measured no slower
+# (docs/performance.md).
+SCAN_BINARY = False
 
 Purpose = Literal["read", "write", "lock"]
 """What a connection is for: a read-only scan, acting (a reap batch, the ledger), or holding the run lock."""
@@ -172,6 +180,16 @@ class DatabaseImpl:
     def stream_options(self, batch: int) -> dict[str, Any]:
         """Execution options that stream rows instead of buffering the whole result."""
         return {"stream_results": True, "yield_per": batch}
+
+    @contextmanager
+    def scan_rows(self, conn: Connection, query: sa.Select[Any], batch: int) -> Iterator[ScanRows]:
+        """The scan query's column names and its rows, streamed in batches of positional rows, through what
+        this database's driver does fastest (here: SQLAlchemy's streamed result; PyMySQL's own cost dominates)."""
+        result = conn.execution_options(**self.stream_options(batch)).execute(query)
+        try:
+            yield list(result.keys()), iter(lambda: result.fetchmany(batch), [])
+        finally:
+            result.close()
 
     def in_(self, column: Any, values: list[Any]) -> ColumnElement[bool]:
         """`column IN values`, with values converted to the column's type (keys travel as text)."""
@@ -413,6 +431,38 @@ class PostgresImpl(DatabaseImpl):
         conn.execute(sa.text("SET LOCAL max_parallel_workers_per_gather = 0"))
         conn.execute(sa.text("SET LOCAL jit = off"))
         conn.execute(sa.text(f"SET LOCAL work_mem = '{int(work_mem_mb)}MB'"))
+
+    @contextmanager
+    def scan_rows(self, conn: Connection, query: sa.Select[Any], batch: int) -> Iterator[ScanRows]:
+        # psycopg's own server-side cursor in the scan's transaction, rows as its plain tuples: SQLAlchemy's
+        # result layer cost more per row than decoding the row does. Each FETCH is a statement of its own, so
+        # the scan's statement timeout bounds every round trip, and Backend.interrupt() cutting the connection
+        # ends a fetch at once. The scan query's parameters (numbers, text, times) need no SQLAlchemy type
+        # processing on psycopg, so the compiled parameters go to the driver as they are.
+        fix_mmap_threshold()
+        compiled = query.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+        statement, params = str(compiled), compiled.params
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        cursor = raw.cursor(name="dcr_reaper_scan", binary=SCAN_BINARY)
+        cursor.itersize = batch
+
+        def batches() -> Iterator[Sequence[Any]]:
+            try:
+                cursor.execute(statement, params)
+                while rows := cursor.fetchmany(batch):
+                    yield rows
+            except psycopg.Error as exc:  # as SQLAlchemy would raise it: the scan handles DBAPIError
+                raise DBAPIError.instance(statement, params, exc, psycopg.Error) from None
+
+        try:
+            yield list(query.selected_columns.keys()), batches()
+        finally:
+            close_server_cursor(cursor)
+            if raw.closed or raw.broken:
+                # As SQLAlchemy does for a connection that failed under it: no rollback on a dead connection,
+                # whose error would replace the one that ended the scan.
+                conn.invalidate()
 
     def set_timeouts(self, conn: Connection, lock_timeout: float, statement_timeout: float) -> None:
         conn.execute(sa.text(f"SET LOCAL lock_timeout = {int(lock_timeout * 1000)}"))
@@ -809,6 +859,27 @@ class SQLiteImpl(DatabaseImpl):
     def stream_options(self, batch: int) -> dict[str, Any]:
         return {"yield_per": batch}
 
+    @contextmanager
+    def scan_rows(self, conn: Connection, query: sa.Select[Any], batch: int) -> Iterator[ScanRows]:
+        # sqlite3 steps through a result only as it is fetched, so the driver's cursor streams by itself; its
+        # tuples skip SQLAlchemy's row layer.
+        result = conn.execute(query)
+        cursor = result.cursor
+        statement = str(query)
+
+        def batches() -> Iterator[Sequence[Any]]:
+            base = conn.dialect.loaded_dbapi.Error
+            try:
+                while rows := cursor.fetchmany(batch):
+                    yield rows
+            except base as exc:
+                raise DBAPIError.instance(statement, None, exc, base) from None
+
+        try:
+            yield list(result.keys()), batches()
+        finally:
+            result.close()
+
     def ledger_rights(self, conn: Connection, schema: str | None, tables: list[str]) -> tuple[str, str | None]:
         path = Path(str(conn.engine.url.database or "").removeprefix("file:"))
         target = path if path.exists() else path.parent
@@ -935,6 +1006,34 @@ class BoundedConnection(psycopg.Connection[Any]):
             raise psycopg.OperationalError(
                 f"no answer from the server within {self.round_trip:g}s; connection dropped (a silent network?)"
             ) from None
+
+
+def fix_mmap_threshold() -> None:
+    """Keep libpq's result buffers out of the heap. glibc raises its mmap threshold each time a large block is
+    freed, so after the first fetches every batch (megabytes of rows) comes from the heap and fragments it: a bare
+    psycopg loop over 1M rows peaked at 143 MB against 84 MB with the threshold fixed. Process-wide; glibc only
+    (elsewhere nothing happens)."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: glibc's default, fixed
+    except (OSError, AttributeError):
+        pass
+
+
+def close_server_cursor(cursor: Any) -> None:
+    """Close a psycopg server-side cursor; when its connection died under it, mark it closed on our side only
+    (the cursor went with the connection on the server)."""
+    if cursor.closed:
+        return
+    try:
+        cursor.close()
+    except Exception:  # noqa: BLE001 - nothing more to free on a dead connection
+        for base in type(cursor).__mro__[1:]:
+            if base.__name__ == "Cursor" and base.__module__.startswith("psycopg"):
+                try:
+                    getattr(base, "close")(cursor)  # noqa: B009 - the base class's own close
+                except Exception:  # noqa: BLE001
+                    pass
+                return
 
 
 def lenient_text(raw: bytes) -> str:

@@ -6,7 +6,9 @@ import csv
 import heapq
 import json
 from collections.abc import Callable, Iterable, Iterator
-from typing import IO
+from typing import IO, Any
+
+import orjson
 
 from reaper.analysis.model import VERDICTS, Classified, Snapshot
 from reaper.output.records import (
@@ -312,33 +314,64 @@ def notices(snap: Snapshot) -> list[str]:
     return out
 
 
+WRITE_EVERY = 1000  # records a write carries: fewer, larger writes; memory bounded by this many records
+
+
+def _json_record(record: dict[str, Any]) -> str:
+    """One record as compact JSON (orjson; the standard library for what orjson refuses, e.g. huge integers)."""
+    try:
+        return orjson.dumps(record).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
 def _render_json(stream: Iterable[Classified], snap: Snapshot, out: IO[str], filters: Filters, show_ips: bool) -> None:
+    """Client records written as they arrive (one a line), then the summary once the stream is complete."""
     out.write('{"clients": [')
+    pending: list[str] = []
     first = True
+    match, by_id = filters.match, snap.families
     for item in stream:
-        if filters.match(item, snap.families):
-            out.write(("\n  " if first else ",\n  ") + json.dumps(client_record(item, show_ips), ensure_ascii=False))
+        if match(item, by_id):
+            pending.append(("\n  " if first else ",\n  ") + _json_record(client_record(item, show_ips)))
             first = False
+            if len(pending) >= WRITE_EVERY:
+                out.write("".join(pending))
+                pending.clear()
+    out.write("".join(pending))
+    pending.clear()
     out.write("\n],\n")
-    families = sorted(snap.families.values(), key=lambda f: (-f.members, f.id))
-    tail = {
-        "summary": summary_record(snap),
-        "families": [family_record(f, snap) for f in families if f.members > 1],
+    out.write(f'"summary": {json.dumps(summary_record(snap), ensure_ascii=False, indent=1)},\n"families": [')
+    # Families one a line, as they are written: tens of thousands of them never make one document in memory.
+    first = True
+    for fam in sorted(snap.families.values(), key=lambda f: (-f.members, f.id)):
+        if fam.members > 1:
+            pending.append(("\n  " if first else ",\n  ") + _json_record(family_record(fam, snap)))
+            first = False
+            if len(pending) >= WRITE_EVERY:
+                out.write("".join(pending))
+                pending.clear()
+    out.write("".join(pending))
+    rest = {
         "loops": [loop_record(lp) for lp in loops_sorted(snap)],
         "floods": [flood_record(f) for f in snap.floods],
         "problems": [{"client_id": cid, "problem": p} for cid, p in snap.problems],
     }
-    body = json.dumps(tail, ensure_ascii=False, indent=1)
-    out.write(body[1:].lstrip("\n"))
-    out.write("\n")
+    out.write("\n],\n" + json.dumps(rest, ensure_ascii=False, indent=1)[1:].lstrip("\n") + "\n")
 
 
 def _render_csv(stream: Iterable[Classified], snap: Snapshot, out: IO[str], filters: Filters, show_ips: bool) -> None:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CLIENT_FIELDS)
+    pending: list[list[str]] = []
+    match, by_id = filters.match, snap.families
     for item in stream:
-        if filters.match(item, snap.families):
+        if match(item, by_id):
             rec = client_record(item, show_ips)
             rec["redirect_uris"] = " ".join(rec["redirect_uris"])
             rec["problems"] = "; ".join(rec["problems"])
-            writer.writerow([csv_cell(rec[k]) for k in CLIENT_FIELDS])
+            pending.append([csv_cell(rec[k]) for k in CLIENT_FIELDS])
+            if len(pending) >= WRITE_EVERY:
+                writer.writerows(pending)
+                pending.clear()
+    writer.writerows(pending)

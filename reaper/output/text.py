@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+import time
 import unicodedata
 from datetime import UTC, datetime
 
@@ -20,6 +22,8 @@ def clean(text: str | None, limit: int | None = 60) -> str:
     characters left out (never an escape cut in half)."""
     if text is None:
         return ""
+    if text.isascii() and text.isprintable() and (limit is None or len(text) <= limit):
+        return text  # the common case: nothing to escape, nothing to cut
     out: list[str] = []
     width = 0
     fits = 0  # pieces that fit in limit - 1, leaving room for the marker
@@ -53,9 +57,32 @@ def format_time(ts: float, fmt: str) -> str:
         return OUT_OF_RANGE
 
 
+# Years 1000 to 9999, where time.strftime's %Y has four digits: the fast path of iso().
+_FOUR_DIGIT_YEARS = (-30610224000.0, 253402300799.0)
+
+
 def iso(ts: float | None) -> str | None:
     """ISO 8601 UTC, seconds precision ("out of range" for a time no calendar can show)."""
-    return None if ts is None else format_time(ts, "%Y-%m-%dT%H:%M:%SZ")
+    if ts is None:
+        return None
+    if _FOUR_DIGIT_YEARS[0] <= ts <= _FOUR_DIGIT_YEARS[1]:
+        # What datetime.fromtimestamp() shows, without building a datetime: the time rounded to the
+        # microsecond (half to even), then cut to the second.
+        whole = math.floor(ts)
+        if round((ts - whole) * 1e6) == 1_000_000:
+            whole += 1
+        day, second = divmod(whole, 86400)
+        date = _DATES.get(day)
+        if date is None:
+            if len(_DATES) >= 4096:
+                _DATES.clear()
+            date = _DATES[day] = time.strftime("%Y-%m-%d", time.gmtime(day * 86400))
+        minute, second = divmod(second, 60)
+        return "%sT%02d:%02d:%02dZ" % (date, minute // 60, minute % 60, second)  # noqa: UP031 - the fastest
+    return format_time(ts, "%Y-%m-%dT%H:%M:%SZ")
+
+
+_DATES: dict[int, str] = {}  # days since the epoch -> their date (bounded)
 
 
 def short_time(ts: float | None) -> str:

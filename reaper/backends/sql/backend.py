@@ -254,6 +254,7 @@ class SqlBackend:
                     self.config.classify.clock_skew,
                     self.config.scan.batch_size,
                     self.scan_description,
+                    self.config.scan.max_rows_per_second,
                 )
                 conn.rollback()
         except DBAPIError as exc:

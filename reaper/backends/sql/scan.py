@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Generator, Iterator, Sequence
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.expression import FromClause
@@ -17,6 +19,7 @@ from reaper.analysis.loops import RevokedIndex
 from reaper.analysis.model import ClientRow
 from reaper.backends.values import MAX_EPOCH, MIN_EPOCH, invalid_text, parse_json, parse_json_prefix, to_epoch
 from reaper.db import Compiler, DatabaseImpl, Owner, now_param, table_clause, untyped
+from reaper.db.impl import close_server_cursor
 from reaper.profiles import FIELDS, BoundProfile, ClientMap, CredentialMap, TenantMap, credential_columns, profile_reads
 from reaper.profiles.conditions import Lifetime
 
@@ -214,10 +217,74 @@ def _split(value: Any, fmt: str | None) -> tuple[str, ...]:
     return tuple(text.split())
 
 
+# Distinct values remembered per decoder (names, redirect URI lists, software ids): most rows repeat a value an
+# earlier row had, so the per-row work is a dictionary lookup. A cache that fills up starts over: bounded memory
+# (a few MB each at this size, measured with tracemalloc).
+CACHE_SIZE = 16384
+
+FieldSetter = Callable[[ClientRow, Any, list[str]], None]
+
+
+def _text_setter(name: str, column: str) -> FieldSetter:
+    """Sets a text field, cut at its cap; invalid UTF-8 is a problem. Remembers each distinct value."""
+    cap = CAPS.get(name, SMALL_CAP)
+    cache: dict[str, tuple[str, bool]] = {}
+    problem = f"{column}: {name} is not valid UTF-8"
+
+    def put(out: ClientRow, value: Any, problems: list[str]) -> None:
+        if value is None:
+            return
+        known = cache.get(value) if value.__class__ is str else None
+        if known is None:
+            text = value if value.__class__ is str else str(value)
+            if len(text) > cap:
+                text = text[:cap]
+            known = (text, invalid_text(text))
+            if value.__class__ is str:
+                if len(cache) >= CACHE_SIZE:
+                    cache.clear()
+                cache[value] = known
+        if known[1]:
+            problems.append(problem)
+        setattr(out, name, known[0])
+
+    return put
+
+
+def _redirects_setter(column: str, fmt: str | None) -> FieldSetter:
+    """Sets redirect_uris from a list or a text in the field's format. Remembers each distinct value."""
+    cache: dict[Any, tuple[tuple[str, ...], str | None]] = {}
+    unreadable, not_utf8 = f"{column}: redirect URIs unreadable", f"{column}: redirect URIs are not valid UTF-8"
+
+    def put(out: ClientRow, value: Any, problems: list[str]) -> None:
+        key = tuple(value) if value.__class__ is list else value if value.__class__ is str else None
+        try:
+            known = cache.get(key) if key is not None else None
+        except TypeError:  # a JSON array holding objects: not hashable, decoded every time
+            key, known = None, None
+        if known is None:
+            try:
+                uris = _split(value, fmt)
+                uris = key if uris == key else uris  # one tuple for the key and the value
+                known = (uris, not_utf8 if any(invalid_text(u) for u in uris) else None)
+            except (ValueError, TypeError):
+                known = ((), unreadable)
+            if key is not None:
+                if len(cache) >= CACHE_SIZE:
+                    cache.clear()
+                cache[key] = known
+        out.redirect_uris = known[0]
+        if known[1] is not None:
+            problems.append(known[1])
+
+    return put
+
+
 class RowDecoder:
     """Turns one raw result row into a ClientRow; bad data becomes a problem, never an exception.
 
-    Column positions and decoding steps are worked out once, so the per-row work is plain indexing.
+    Column positions, decoding steps and field setters are worked out once, so the per-row work is plain
+    indexing and, for values seen before, a dictionary lookup.
     """
 
     def __init__(self, profile: BoundProfile, now: datetime, skew: float, keys: list[str]):
@@ -235,28 +302,29 @@ class RowDecoder:
             self.created = (col_pos[cm.created_at.column], cm.created_at.column, cm.created_at.encoding)
         if cm.created_at is not None:
             self.unknown_age_ok = cm.created_at.null == "unknown"
-        # Plain fields: (attribute, position, column, list format). JSON fields grouped by column, so each
-        # document is parsed once: (position, column, [(attribute, path parts, list format)]).
-        self.plain: list[tuple[str, int, str, str | None]] = []
-        groups: dict[int, tuple[int, str, list[tuple[str, tuple[str, ...], str | None]]]] = {}
+        # Plain fields: (position, setter). JSON fields grouped by column, so each document is parsed once:
+        # (position, column, [(path parts, setter)]).
+        self.plain: list[tuple[int, FieldSetter]] = []
+        groups: dict[int, tuple[int, str, list[tuple[tuple[str, ...], FieldSetter]]]] = {}
         for name in FIELDS:
             f = getattr(cm, name)
             if f is None:
                 continue
+            column = f.column or ""
             if f.rows is not None:
-                self.plain.append((name, pos[f"rows_{name}"], f.rows.table, "rows"))
+                at, column, fmt = pos[f"rows_{name}"], f.rows.table, "rows"
             elif f.lookup is not None:
-                self.plain.append((name, pos[f"lk_{name}"], f"{f.lookup.table}.{f.lookup.column}", f.format))
-            elif f.json_path:
-                at = col_pos[f.column or ""]
-                groups.setdefault(at, (at, f.column or "", []))[2].append(
-                    (name, tuple(f.json_path.split(".")), f.format)
-                )
+                at, column, fmt = pos[f"lk_{name}"], f"{f.lookup.table}.{f.lookup.column}", f.format
             else:
-                self.plain.append((name, col_pos[f.column or ""], f.column or "", f.format))
+                at, fmt = col_pos[column], f.format
+            setter = _redirects_setter(column, fmt) if name == "redirect_uris" else _text_setter(name, column)
+            if f.json_path and f.rows is None and f.lookup is None:
+                groups.setdefault(at, (at, column, []))[2].append((tuple(f.json_path.split(".")), setter))
+            else:
+                self.plain.append((at, setter))
         self.json_groups = list(groups.values())
-        self.flags: list[tuple[str, int | None]] = [
-            (flag, pos.get(f"is_{flag}")) for flag in ("dynamic", "cimd", "disabled")
+        self.flags: list[tuple[str, int]] = [
+            (flag, pos[f"is_{flag}"]) for flag in ("dynamic", "cimd", "disabled") if f"is_{flag}" in pos
         ]
         self.creds = []
         for i, cred in enumerate(profile.scan_credentials):
@@ -286,21 +354,27 @@ class RowDecoder:
                 problems.append(f"{column}: no registration time (NULL)")
             elif created is not None and created > self.now + self.skew:
                 problems.append(f"{column}: registration time is in the future")
-        out = ClientRow(str(row[self.key_pos]), str(row[self.id_pos]), created, problems=problems)
-        if invalid_text(out.client_id) or invalid_text(out.key):
+        key, client_id = row[self.key_pos], row[self.id_pos]
+        key = key if key.__class__ is str else str(key)
+        client_id = client_id if client_id.__class__ is str else str(client_id)
+        out = ClientRow(key, client_id, created, problems=problems)
+        if not (client_id.isascii() and key.isascii()) and (invalid_text(client_id) or invalid_text(key)):
             problems.append("client_id: not valid UTF-8")
-        for name, at, column, fmt in self.plain:
-            self._set(out, name, row[at], column, fmt, problems)
+        for at, put in self.plain:
+            put(out, row[at], problems)
         for at, column, fields in self.json_groups:
-            doc = _parse_json(row[at], column, problems)
-            for name, path, fmt in fields:
+            raw_doc = row[at]
+            try:
+                doc = orjson.loads(raw_doc) if raw_doc.__class__ is str else _parse_json(raw_doc, column, problems)
+            except orjson.JSONDecodeError:  # NaN, Infinity, a document cut at the cap, or no JSON at all
+                doc = _parse_json(raw_doc, column, problems)
+            for path, put in fields:
                 value = doc
                 for part in path:
                     value = value.get(part) if value.__class__ is dict else None
-                self._set(out, name, value, column, fmt, problems)
+                put(out, value, problems)
         for flag, flag_at in self.flags:
-            if flag_at is not None:
-                setattr(out, flag, bool(row[flag_at]))
+            setattr(out, flag, bool(row[flag_at]))
         last = None
         strict_live = 0
         for kind, live_at, total_at, last_at, enc, strict_at in self.creds:
@@ -330,24 +404,6 @@ class RowDecoder:
         out.live_forever_only = bool(out.live) and strict_live == 0
         return out
 
-    @staticmethod
-    def _set(out: ClientRow, name: str, value: Any, column: str, fmt: str | None, problems: list[str]) -> None:
-        if name == "redirect_uris":
-            try:
-                out.redirect_uris = _split(value, fmt)
-                if any(invalid_text(u) for u in out.redirect_uris):
-                    problems.append(f"{column}: redirect URIs are not valid UTF-8")
-            except (ValueError, TypeError):
-                problems.append(f"{column}: redirect URIs unreadable")
-        elif value is not None:
-            text = value if value.__class__ is str else str(value)
-            cap = CAPS.get(name, SMALL_CAP)
-            if len(text) > cap:
-                text = text[:cap]
-            if invalid_text(text):
-                problems.append(f"{column}: {name} is not valid UTF-8")
-            setattr(out, name, text)
-
 
 def _parse_json(raw: Any, column: str, problems: list[str]) -> Any:
     if raw is None or isinstance(raw, dict | list):
@@ -370,39 +426,25 @@ def close_streamed(result: Any) -> None:
         # SQLAlchemy logs (and swallows) a failed close; psycopg then still counts its server-side cursor as
         # open. A second close sees the broken connection and only marks the cursor closed.
         if cursor is not None and not getattr(cursor, "closed", True):
-            try:
-                cursor.close()
-            except Exception:  # noqa: BLE001 - nothing more to free on a dead connection
-                _forget_server_cursor(cursor)
-
-
-def _forget_server_cursor(cursor: Any) -> None:
-    """Mark a psycopg server-side cursor closed on our side only (its connection is gone, and with it the
-    cursor on the server)."""
-    for base in type(cursor).__mro__[1:]:
-        if base.__name__ == "Cursor" and base.__module__.startswith("psycopg"):
-            try:
-                getattr(base, "close")(cursor)  # noqa: B009 - the base class's own close
-            except Exception:  # noqa: BLE001
-                pass
-            return
+            close_server_cursor(cursor)
 
 
 _DONE = object()
 
 
-def _prefetched(result: Any, batch: int) -> Iterator[list[Any]]:
-    """Batches of rows, read one batch ahead by a helper thread; errors re-raised here."""
-    box: queue.Queue[Any] = queue.Queue(maxsize=2)
+def prefetched(batches: Iterator[Sequence[Any]]) -> Iterator[Sequence[Any]]:
+    """The same batches, each read one ahead by a helper thread; its errors re-raised here. The reader fetches
+    the next batch only once the last was taken: two batches in memory at most."""
+    box: queue.Queue[Any] = queue.Queue(maxsize=1)
     stop = threading.Event()
 
     def reader() -> None:
         try:
-            while not stop.is_set():
-                rows = result.fetchmany(batch)
-                if not rows:
-                    break
+            for rows in batches:
                 box.put(rows)
+                box.join()  # taken: fetch the next while it is decoded
+                if stop.is_set():
+                    break
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             box.put(exc)
         box.put(_DONE)
@@ -410,10 +452,8 @@ def _prefetched(result: Any, batch: int) -> Iterator[list[Any]]:
     thread = threading.Thread(target=reader, name="scan-reader", daemon=True)
     thread.start()
     try:
-        while True:
-            item = box.get()
-            if item is _DONE:
-                break
+        while (item := box.get()) is not _DONE:
+            box.task_done()
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -422,9 +462,26 @@ def _prefetched(result: Any, batch: int) -> Iterator[list[Any]]:
         while thread.is_alive():  # unblock a reader waiting on a full queue
             try:
                 box.get(timeout=0.05)
+                box.task_done()
             except queue.Empty:
                 pass
         thread.join()
+
+
+def paced(batches: Iterator[Sequence[Any]], rows_per_second: int) -> Iterator[Sequence[Any]]:
+    """The same rows, in slices of a tenth of a second's worth, none handed out before its time: at most
+    `rows_per_second` on average. A sleep is never longer than a slice, so a stop request is not kept waiting."""
+    size = max(1, rows_per_second // 10)
+    started = time.monotonic()
+    done = 0
+    for rows in batches:
+        for at in range(0, len(rows), size):
+            ahead = started + done / rows_per_second - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+            chunk = rows[at : at + size]
+            done += len(chunk)
+            yield chunk
 
 
 def revoked_query(profile: BoundProfile, impl: DatabaseImpl, now: datetime, since: float | None) -> sa.Select[Any]:
@@ -469,6 +526,7 @@ class SqlScan:
         skew: float,
         batch: int,
         description: str,
+        max_rows_per_second: int | None = None,
     ):
         self.conn = conn
         self.profile = profile
@@ -478,6 +536,7 @@ class SqlScan:
         self.batch = batch
         self.profile_name = profile.name
         self.description = description
+        self.max_rows_per_second = max_rows_per_second
         self.has_ips = profile.client.ip is not None
         self.now = now.timestamp()
         self.forever_fix = forever_fix(profile)
@@ -536,15 +595,15 @@ class SqlScan:
     def rows(self) -> Generator[ClientRow, None, None]:
         """Stream every client, in the order the database reads them, with its credential facts.
 
-        A reader thread fetches the next batch while this one decodes and classifies the last, so the database's
-        work and ours overlap.
+        A reader thread fetches the next batch while this one decodes and classifies the last: the database
+        computes the next rows while Python works (psycopg waits for the server without the GIL).
         """
         query = build_query(self.profile, self.impl, self.at)
-        result = self.conn.execution_options(**self.impl.stream_options(self.batch)).execute(query)
-        decode = RowDecoder(self.profile, self.at, self.skew, list(result.keys())).decode
-        try:
-            for rows in _prefetched(result, self.batch):
+        with self.impl.scan_rows(self.conn, query, self.batch) as (keys, batches):
+            decode = RowDecoder(self.profile, self.at, self.skew, keys).decode
+            batches = prefetched(batches)
+            if self.max_rows_per_second:
+                batches = paced(batches, self.max_rows_per_second)
+            for rows in batches:
                 for row in rows:
                     yield decode(row)
-        finally:
-            close_streamed(result)
