@@ -275,13 +275,15 @@ class SqlActor:
         self, conn: Connection, batch: list[Candidate], run_id: str, ledger_conn: Connection, stale: bool
     ) -> tuple[list[Candidate], list[Candidate]]:
         sql = self.sql
-        now = datetime.fromtimestamp(self.impl.now(conn), UTC)  # the database's clock, in this transaction (S9)
+        # The database's clock, in this transaction (S9), and the batch's timeouts (S7).
+        now = datetime.fromtimestamp(
+            self.impl.begin_batch(conn, self.pol.lock_timeout, self.pol.statement_timeout), UTC
+        )
         # Stale candidates live only through credentials that never expire: re-checked with those read as
         # expired, and with any credential issued since stale_after counting as the client coming back.
         idle = now - timedelta(seconds=self.stale_after) if stale and self.stale_after is not None else None
         if stale and idle is None:
             return [], list(batch)  # stale_after switched off since the plan: nothing is stale
-        self.impl.set_timeouts(conn, self.pol.lock_timeout, self.pol.statement_timeout)
         keys = [c.key for c in batch]
         key_name = self.profile.client.key
         result = conn.execute(sql.lock_clients(keys, now, idle))
@@ -499,7 +501,7 @@ class SqlActor:
         keys = list(keys)
         try:
             with self.engine.connect() as conn:
-                now = datetime.fromtimestamp(self.impl.now(conn), UTC)
+                now = datetime.fromtimestamp(self.impl.begin_batch(conn), UTC)
                 for cred, table in self.sql.creds:
                     if cred.kind == "record":
                         continue
