@@ -169,7 +169,8 @@ class DatabaseImpl:
         """Delete rows and return exactly the rows deleted."""
         result = conn.execute(sa.delete(table).where(where).returning(*table.c))
         names = list(result.keys())
-        return [dict(zip(names, r, strict=True)) for r in result]  # several times faster than Row._asdict()
+        # All rows in one fetch (not one call per row), copied with zip: several times faster than Row._asdict().
+        return [dict(zip(names, r, strict=True)) for r in result.all()]
 
     def insert_rows(self, conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
         """Insert many rows of one table (restore, tombstones) as fast as the driver allows. PyMySQL and sqlite3

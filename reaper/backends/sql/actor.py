@@ -288,7 +288,7 @@ class SqlActor:
         key_name = self.profile.client.key
         result = conn.execute(sql.lock_clients(keys, now, idle))
         names = list(result.keys())
-        locked = {str(r[key_name]): r for r in (dict(zip(names, x, strict=True)) for x in result)}
+        locked = {str(r[key_name]): r for r in (dict(zip(names, x, strict=True)) for x in result.all())}
         acting = [c for c in batch if c.key in locked]
         skipped = [c for c in batch if c.key not in locked]
         if not acting:
@@ -689,6 +689,7 @@ class SqlActor:
         }
         try:
             with self.engine.begin() as conn:
+                self.impl.begin_batch(conn)  # the checks below look keys up in the index
                 # The client key first (it need not be unique in the schema: Authlib's client_id is not); a row
                 # whose primary key is taken fails the insert, and then the whole check says which.
                 self._refuse(self._conflicts(conn, tombs, clients, children, keys_only=True))
