@@ -712,11 +712,16 @@ _PLAIN = frozenset({type(None), bool, int, str})
 
 
 def encode_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A database row as JSON-safe data, every type kept exactly."""
+    """A database row as JSON-safe data, every type kept exactly (the row itself when it holds only plain
+    values, as most do: the type check runs in C)."""
+    if _PLAIN.issuperset(map(type, row.values())):
+        return row
     return {k: v if v.__class__ in _PLAIN else _encode(v) for k, v in row.items()}
 
 
 def decode_row(row: dict[str, Any]) -> dict[str, Any]:
+    if dict not in set(map(type, row.values())):
+        return row
     return {k: _decode(v) if v.__class__ is dict else v for k, v in row.items()}
 
 

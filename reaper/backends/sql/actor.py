@@ -275,18 +275,20 @@ class SqlActor:
         self, conn: Connection, batch: list[Candidate], run_id: str, ledger_conn: Connection, stale: bool
     ) -> tuple[list[Candidate], list[Candidate]]:
         sql = self.sql
-        now = datetime.fromtimestamp(self.impl.now(conn), UTC)  # the database's clock, in this transaction (S9)
+        # The database's clock, in this transaction (S9), and the batch's timeouts (S7).
+        now = datetime.fromtimestamp(
+            self.impl.begin_batch(conn, self.pol.lock_timeout, self.pol.statement_timeout), UTC
+        )
         # Stale candidates live only through credentials that never expire: re-checked with those read as
         # expired, and with any credential issued since stale_after counting as the client coming back.
         idle = now - timedelta(seconds=self.stale_after) if stale and self.stale_after is not None else None
         if stale and idle is None:
             return [], list(batch)  # stale_after switched off since the plan: nothing is stale
-        self.impl.set_timeouts(conn, self.pol.lock_timeout, self.pol.statement_timeout)
         keys = [c.key for c in batch]
         key_name = self.profile.client.key
         result = conn.execute(sql.lock_clients(keys, now, idle))
         names = list(result.keys())
-        locked = {str(r[key_name]): r for r in (dict(zip(names, x, strict=True)) for x in result)}
+        locked = {str(r[key_name]): r for r in (dict(zip(names, x, strict=True)) for x in result.all())}
         acting = [c for c in batch if c.key in locked]
         skipped = [c for c in batch if c.key not in locked]
         if not acting:
@@ -499,7 +501,7 @@ class SqlActor:
         keys = list(keys)
         try:
             with self.engine.connect() as conn:
-                now = datetime.fromtimestamp(self.impl.now(conn), UTC)
+                now = datetime.fromtimestamp(self.impl.begin_batch(conn), UTC)
                 for cred, table in self.sql.creds:
                     if cred.kind == "record":
                         continue
@@ -687,6 +689,7 @@ class SqlActor:
         }
         try:
             with self.engine.begin() as conn:
+                self.impl.begin_batch(conn)  # the checks below look keys up in the index
                 # The client key first (it need not be unique in the schema: Authlib's client_id is not); a row
                 # whose primary key is taken fails the insert, and then the whole check says which.
                 self._refuse(self._conflicts(conn, tombs, clients, children, keys_only=True))
