@@ -199,6 +199,7 @@ def main() -> None:
     ap.add_argument("--sqlite", type=int, default=100000, help="client count on SQLite (0 = skip)")
     ap.add_argument("--no-load", action="store_true", help="skip the auth-load latency phases (and the reap)")
     ap.add_argument("--idle-seconds", type=float, default=8.0, help="length of the idle latency phase")
+    ap.add_argument("--no-ticks", action="store_true", help="skip the incremental tick phase (bench.tick)")
     ap.add_argument("--out", default="bench/results/latest.json")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -212,12 +213,18 @@ def main() -> None:
         "targets": TARGETS,
         "scan": {},
         "load": {},
+        "ticks": {},
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     for n in sizes:
-        dsn, _ = ensure_pg(ADMIN_DSN, n, log)
+        dsn, generated_at = ensure_pg(ADMIN_DSN, n, log)
         log(f"scan, {n:,} clients (PostgreSQL):")
         results["scan"][str(n)] = scans(dsn, args.repeats, log)
+        if not args.no_ticks:
+            from bench import tick  # it imports this module's settings: only once they exist
+
+            log(f"serve ticks, {n:,} clients (PostgreSQL):")
+            results["ticks"][str(n)] = tick.measure(sqla_url(dsn), generated_at + tick.QUIET, args.repeats, log)
         if not args.no_load:
             results["load"][str(n)] = latency_phases(n, results["scan"][str(n)], args, log)
     if args.sqlite:
@@ -317,6 +324,16 @@ def report(r: dict[str, Any]) -> None:
                         _met(ld["reap"]["clients_per_s"], TARGETS["reap_clients_per_s"], below=False),
                     )
                 )
+    for n, t in r.get("ticks", {}).items():
+        rows.append(
+            (
+                f"serve tick on an unchanged database, {int(n):,}",
+                f"incremental {t['tick_s']:.3f}s vs full scan {t['full_s']:.2f}s",
+                f"{t['ratio']:.3f}",
+                f"<= {t['target']}",
+                _met(t["ratio"], t["target"]),
+            )
+        )
     sizes = sorted(r["scan"], key=int)
     if len(sizes) >= 2:
         a, b = r["scan"][sizes[0]]["json"]["rss_mb"], r["scan"][sizes[-1]]["json"]["rss_mb"]

@@ -59,6 +59,9 @@ def test_bench_harness_runs_end_to_end(tmp_path):
     for line in ("report (table) vs floor, 6,000", "JSON output overhead", "peak RSS JSON 6,000 / 3,000"):
         assert line in proc.stdout
     assert "auth p99 during a scan" in proc.stdout and "reap throughput" in proc.stdout
+    for ticks in result["ticks"].values():  # bench.tick's phase, at each size
+        assert ticks["full_s"] > 0 and 0 < ticks["tick_s"] and ticks["ratio"] > 0
+    assert set(result["ticks"]) == {"3000", "6000"} and "serve tick on an unchanged database, 6,000" in proc.stdout
 
 
 @pytest.mark.pg

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from kit.config import make_config
@@ -173,6 +173,7 @@ def _reset(engine: sa.Engine) -> None:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(ops=st.lists(OPS, min_size=5, max_size=40))
+@example(ops=[("tick",), ("register", 1, -1000), ("rotate", 0), ("register", 0, 0), ("register", 1, -1000)])
 def test_incremental_state_equals_full_scan(db: TestDB, ops: list[tuple[Any, ...]]) -> None:
     create_schema(db.engine)
     _reset(db.engine)

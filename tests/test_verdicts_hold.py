@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy.orm import Session
 
 from kit.cli import clean_env
@@ -25,8 +27,10 @@ from kit.config import make_config
 from kit.schemas.authlib import Base, Client, Token
 from kit.schemas.hydra import Hydra
 from kit.schemas.mcp_memory import create_mcp_schema, insert_client, insert_tokens
-from reaper.analysis.model import Verdict
+from reaper.analysis.classify import Classifier
+from reaper.analysis.model import ClientRow, Snapshot, Verdict
 from reaper.commands import check, classified, plan, report
+from reaper.config import ClassifyConfig
 from reaper.demo import CHURN_NAME, build_demo
 
 HOUR, DAY = 3600, 86400
@@ -461,3 +465,27 @@ def test_the_demo_command_shows_the_loop(tmp_path):
         timeout=120,
     )
     assert res.returncode == 0 and "Suspected re-auth loops: 1" in res.stdout
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.permutations(range(5)))
+def test_a_familys_newest_member_and_name_do_not_depend_on_arrival_order(order):
+    """Members whose times cannot be trusted (a future registration, no registration time) still give the family
+    one newest member and one name, whatever order the scan reads them in."""
+    now = 1_750_000_000.0
+    rows = [
+        ClientRow(f"k{i}", f"c{i}", created, name=name, redirect_uris=("http://localhost:9/cb",), problems=problems)
+        for i, (created, name, problems) in enumerate(
+            [
+                (now + 1000, "Burst", ["registered in the future"]),
+                (now + 1000, "burst", ["registered in the future"]),
+                (None, "BURST", []),
+                (now + 2000, "Burst ", ["registered in the future"]),
+                (None, "burst", []),
+            ]
+        )
+    ]
+    snap = Snapshot(profile="authlib", database="test", started_at=now)
+    list(Classifier(ClassifyConfig(), snap, now).run([rows[i] for i in order]))
+    [fam] = snap.families.values()
+    assert (fam.newest_client_id, fam.name) == ("c4", "burst")

@@ -128,6 +128,16 @@ def rank_of(row: ClientRow) -> Rank | None:
     return (row.created_at, row.last_used if row.last_used is not None else float("-inf"), row.key)
 
 
+def _newer(rank: Rank | None, key: str, top_rank: Rank | None, top_key: str | None) -> bool:
+    """Whether a member (rank, key) goes before the newest so far: any rank beats none; between two unranked
+    members the greater key wins, so the choice never depends on the order members arrive in."""
+    if top_key is None:
+        return True
+    if rank is not None or top_rank is not None:
+        return rank is not None and (top_rank is None or top_rank < rank)
+    return key > top_key
+
+
 @dataclass(slots=True)
 class FamilyStats:
     """What one family looks like; bounded in size whatever the number of members, and independent of the
@@ -171,11 +181,12 @@ class FamilyStats:
             self.abandoned += 1
         if verdict is Verdict.LIVE:
             self.live += 1
-            if self.newest_live_client_id is None or (rank is not None and (self.newest_live_rank or ()) < rank):
+            if _newer(rank, row.key, self.newest_live_rank, self.newest_live_key):
                 self.newest_live_client_id, self.newest_live_key, self.newest_live_rank = row.client_id, row.key, rank
         if rank is None:
-            if self.newest_client_id is None:
+            if self.newest_rank is None and _newer(None, row.key, None, self.newest_key):
                 self.newest_client_id, self.newest_key = row.client_id, row.key
+                self.name = row.name
             return  # an unreadable row (a future time, say) must never make its siblings look superseded
         if self.newest_rank is None or self.newest_rank < rank:
             self.newest_client_id, self.newest_key, self.newest_rank = row.client_id, row.key, rank
