@@ -67,6 +67,7 @@ def test_a_contradiction_is_refused_before_anything_is_read(tmp_path, demo_url, 
     assert [p.name for p in tmp_path.iterdir()] == ["demo.sqlite"], "no file written"
 
 
+@pytest.mark.slow
 def test_debug_and_config_work_on_either_side_of_the_subcommand(tmp_path, demo_url):
     config = tmp_path / "c.toml"
     config.write_text(f'profile = "mcp-memory-service"\ndatabase_url = "{demo_url}"\n', encoding="utf-8")

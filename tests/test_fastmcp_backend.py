@@ -276,6 +276,7 @@ def test_every_redis_key_is_found_where_the_librarys_keys_misses_some(redis_host
 # -- liveness ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_liveness_from_refresh_tokens_codes_transactions_and_access_only_logins(kv: Kv):
     live_refresh = kv.client("a", age=10 * HOUR)
     kv.login(live_refresh, age=5 * HOUR, refresh_left=HOUR)
@@ -304,6 +305,7 @@ def test_liveness_from_refresh_tokens_codes_transactions_and_access_only_logins(
     assert verdicts(kv.config(options={"refresh_idle": "4h"}))[live_refresh] == ("idle", "no_newer_sibling")
 
 
+@pytest.mark.slow
 def test_a_transaction_keeps_a_flood_flagged_but_not_used(kv: Kv):
     for i in range(12):
         cid = kv.client("Free MCP Scanner", age=2 * HOUR + i, port=40000 + i)
@@ -354,6 +356,7 @@ def test_report_writes_nothing_even_to_a_redis_that_refuses_every_write(tmp_path
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_wrong_key_fails_with_one_line_and_writes_nothing(tmp_path: Path):
     root = tmp_path / "home" / "oauth-proxy" / kv_keys.fingerprint(storage_key())
     root.mkdir(parents=True)
@@ -424,6 +427,7 @@ def test_the_file_tree_lock_and_a_second_reaper(kv: Kv):
 # -- reap: the re-check, dependents, restore ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_reap_rechecks_deletes_dependents_and_restores_them_byte_for_byte(kv: Kv):
     old = kv.client("Claude Code", age=10 * HOUR)
     kv.login(old, age=8 * HOUR, refresh_left=-HOUR, access_left=-2 * HOUR)
@@ -499,6 +503,7 @@ def problems_of(config: Config, client_id: str) -> list[str]:
         return [p for c in stream if c.row.client_id == client_id for p in c.row.problems]
 
 
+@pytest.mark.slow
 def test_the_cli_checks_reports_reaps_and_restores(kv: Kv):
     old = kv.client("Claude Code", age=10 * HOUR)
     kv.client("Claude Code", age=9 * HOUR)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
@@ -89,6 +90,7 @@ def _json(tmp_path: Path, *args: str) -> tuple[int, Any]:
     return res.returncode, json.loads(res.stdout)
 
 
+@pytest.mark.slow
 def test_report_and_plan_agree_and_a_family_is_reaped_alone(db, tmp_path):
     now = time.time()
     app = App(db.engine)

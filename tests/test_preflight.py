@@ -44,6 +44,7 @@ def _findings(res: subprocess.CompletedProcess[str], code: str) -> list[dict[str
     return [f for f in doc["findings"] if f["code"] == code]
 
 
+@pytest.mark.slow
 def test_check_prints_the_missing_index_and_the_statement_that_adds_it(any_db, tmp_path):
     make_models("client", "token", "code").create_all(any_db.engine)
 
@@ -66,6 +67,7 @@ def test_check_prints_the_missing_index_and_the_statement_that_adds_it(any_db, t
     assert _findings(again, "index") == [], again.stdout
 
 
+@pytest.mark.slow
 def test_check_without_a_match_is_json_with_exit_3(sqlite_db, tmp_path):
     make_models().create_all(sqlite_db.engine)  # the default names: the renamed tables are missing
     res = _check(tmp_path, sqlite_db.url)
@@ -77,6 +79,7 @@ def test_check_without_a_match_is_json_with_exit_3(sqlite_db, tmp_path):
     assert any("client" in line for line in assert_errors(text, 3, count=None))
 
 
+@pytest.mark.slow
 def test_check_says_where_the_ledger_is_and_what_a_read_only_role_may_not_do(pg_db, tmp_path):
     make_models("client", "token", "code").create_all(pg_db.engine)
     role = f"reaper_ro_{secrets.token_hex(4)}"
@@ -112,6 +115,7 @@ def test_check_says_where_the_ledger_is_and_what_a_read_only_role_may_not_do(pg_
             conn.exec_driver_sql(f"DROP ROLE {role}")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("faketime") is None, reason="faketime is not installed (Debian package faketime)")
 def test_check_warns_that_a_reap_would_refuse_under_a_skewed_clock(pg_db, tmp_path):
     make_models("client", "token", "code").create_all(pg_db.engine)

@@ -793,6 +793,7 @@ def _restore_fixture(db) -> tuple[AuthlibDB, list[Any]]:
     return adb, [*fams, odd]
 
 
+@pytest.mark.slow
 def test_restore_puts_back_every_column(db):
     _, fams = _restore_fixture(db)
     planned = {c for f in fams for c in f.orphans}
@@ -820,6 +821,7 @@ def test_restore_puts_back_every_column(db):
     assert {c.client_id for c in plan(config).candidates} == planned
 
 
+@pytest.mark.slow
 def test_restore_refuses_on_conflict_and_restores_nothing(db):
     _, fams = _restore_fixture(db)
     planned = {c for f in fams for c in f.orphans}
