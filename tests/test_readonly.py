@@ -88,6 +88,13 @@ def file_hash(path: str) -> str:
         return hashlib.sha256(fh.read()).hexdigest()
 
 
+def sqlite_files(db: Any) -> tuple[str, list[str]]:
+    """The SQLite file's hash and the files beside it (the engine closed first, so nothing of ours is open)."""
+    db.engine.dispose()
+    path = db.engine.url.database
+    return file_hash(path), sorted(os.listdir(os.path.dirname(path)))
+
+
 def reaper_config(url: str) -> Any:
     return load_config(None, {"database_url": url, "profile": "authlib"}, environ={})
 
@@ -227,15 +234,11 @@ def _check_report(data: dict[str, Any]) -> None:
 @pytest.mark.slow
 def test_report_command_leaves_sqlite_file_byte_identical(sqlite_db, tmp_path):
     populate(sqlite_db.engine)
-    sqlite_db.engine.dispose()
-    path = sqlite_db.engine.url.database
-    before = file_hash(path)
-    files_before = sorted(os.listdir(os.path.dirname(path)))
+    before = sqlite_files(sqlite_db)
 
     _check_report(_run_report(sqlite_db.url, tmp_path))
 
-    assert file_hash(path) == before
-    assert sorted(os.listdir(os.path.dirname(path))) == files_before, "no journal or WAL left behind"
+    assert sqlite_files(sqlite_db) == before, "the file byte-identical, no journal or WAL left behind"
     assert len(state(sqlite_db.engine)["oauth2_client"]) == CHURN + 1
 
 
@@ -276,10 +279,7 @@ def test_reap_sql_opens_no_read_write_connection(db, monkeypatch):
 @pytest.mark.slow
 def test_reap_sql_command_leaves_the_sqlite_file_byte_identical(sqlite_db, tmp_path):
     populate(sqlite_db.engine)
-    sqlite_db.engine.dispose()
-    path = sqlite_db.engine.url.database
-    before = file_hash(path)
-    files_before = sorted(os.listdir(os.path.dirname(path)))
+    before = sqlite_files(sqlite_db)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DCR_REAPER_")}
     env["DCR_REAPER_POLICY__MIN_AGE"] = "60"
     proc = subprocess.run(
@@ -292,5 +292,4 @@ def test_reap_sql_command_leaves_the_sqlite_file_byte_identical(sqlite_db, tmp_p
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("-- batch 1") and "DELETE FROM oauth2_client" in proc.stdout
-    assert file_hash(path) == before
-    assert sorted(os.listdir(os.path.dirname(path))) == files_before, "no journal, WAL or ledger left behind"
+    assert sqlite_files(sqlite_db) == before, "the file byte-identical, no journal, WAL or ledger left behind"

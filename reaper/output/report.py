@@ -325,33 +325,29 @@ def _json_record(record: dict[str, Any]) -> str:
         return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
 
 
+def _write_records(out: IO[str], records: Iterable[dict[str, Any]]) -> None:
+    """The elements of a JSON array, one record a line, written WRITE_EVERY at a time."""
+    pending: list[str] = []
+    separator = "\n  "
+    for record in records:
+        pending.append(separator + _json_record(record))
+        separator = ",\n  "
+        if len(pending) >= WRITE_EVERY:
+            out.write("".join(pending))
+            pending.clear()
+    out.write("".join(pending))
+
+
 def _render_json(stream: Iterable[Classified], snap: Snapshot, out: IO[str], filters: Filters, show_ips: bool) -> None:
     """Client records written as they arrive (one a line), then the summary once the stream is complete."""
     out.write('{"clients": [')
-    pending: list[str] = []
-    first = True
     match, by_id = filters.match, snap.families
-    for item in stream:
-        if match(item, by_id):
-            pending.append(("\n  " if first else ",\n  ") + _json_record(client_record(item, show_ips)))
-            first = False
-            if len(pending) >= WRITE_EVERY:
-                out.write("".join(pending))
-                pending.clear()
-    out.write("".join(pending))
-    pending.clear()
+    _write_records(out, (client_record(item, show_ips) for item in stream if match(item, by_id)))
     out.write("\n],\n")
     out.write(f'"summary": {json.dumps(summary_record(snap), ensure_ascii=False, indent=1)},\n"families": [')
     # Families one a line, as they are written: tens of thousands of them never make one document in memory.
-    first = True
-    for fam in sorted(snap.families.values(), key=lambda f: (-f.members, f.id)):
-        if fam.members > 1:
-            pending.append(("\n  " if first else ",\n  ") + _json_record(family_record(fam, snap)))
-            first = False
-            if len(pending) >= WRITE_EVERY:
-                out.write("".join(pending))
-                pending.clear()
-    out.write("".join(pending))
+    families = sorted(snap.families.values(), key=lambda f: (-f.members, f.id))
+    _write_records(out, (family_record(fam, snap) for fam in families if fam.members > 1))
     rest = {
         "loops": [loop_record(lp) for lp in loops_sorted(snap)],
         "floods": [flood_record(f) for f in snap.floods],
