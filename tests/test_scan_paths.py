@@ -5,6 +5,7 @@ into SQLite and scanned there. On the benchmark's dataset shape (bench/dataset.p
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +19,7 @@ from kit.config import make_config
 from kit.databases import SERVER_URLS, require
 from reaper import commands
 from reaper.backends.sql import SqlBackend
-from reaper.backends.sql.scan import RowDecoder, build_query
+from reaper.backends.sql.scan import RowDecoder, build_query, paced
 from reaper.db import DatabaseImpl
 from reaper.errors import DatabaseError
 from reaper.profiles import bind_profile
@@ -119,3 +120,16 @@ def test_interrupt_ends_a_scan_reading_from_the_driver(bench_pg):
         assert seen < N / 2
     finally:
         backend.close()
+
+
+@pytest.mark.slow
+def test_a_rate_limited_scan_hands_out_every_row_no_faster_than_its_rate():
+    """scan.max_rows_per_second: the same rows in the same order, at most that many a second on average, in
+    slices of a tenth of a second's worth (a stop request never waits longer than one)."""
+    batches = [list(range(i, i + 1000)) for i in range(0, 3000, 1000)]
+    started = time.monotonic()
+    slices = list(paced(iter(batches), 2000))
+    took = time.monotonic() - started
+    assert [row for chunk in slices for row in chunk] == list(range(3000))
+    assert max(len(chunk) for chunk in slices) == 200
+    assert 1.35 <= took < 3.0, took
