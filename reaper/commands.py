@@ -214,7 +214,8 @@ def restore(
     """Restore every open tombstone of a run, or of one client (by client_id or key; unique prefixes do), in
     batches of policy.batch_size; a restored run restores as a no-op."""
     with _backend(config, backend) as b:
-        return restore_from_ledger(b, run_id, client_id, progress, config.policy.batch_size)
+        pol = config.policy
+        return restore_from_ledger(b, run_id, client_id, progress, pol.batch_size, pol.batches_in_flight)
 
 
 @dataclass

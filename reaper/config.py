@@ -139,6 +139,13 @@ class PolicyConfig(_Section):
     breaker_min: int = Field(5, ge=1, description="the breaker stays quiet below this many active clients planned")
     batch_size: int = Field(2000, ge=1, le=10000, description="clients per short transaction (docs/performance.md)")
     pause: Duration = Field(0.01, description="sleep between batches, to let the auth server breathe")
+    batches_in_flight: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="batches acted on at once, each its own transaction, where the database allows it "
+        "(PostgreSQL; one elsewhere): docs/performance.md",
+    )
     lock_timeout: Duration = Field(2.0, description="give up on a row lock after this (S7)")
     statement_timeout: Duration = Field(30.0, description="abort a statement running longer (S7)")
     late_token_sweep: Duration = Field(2.0, description="re-check reaped clients for late tokens after this")

@@ -455,7 +455,9 @@ def test_kill9_with_separate_ledger_reconciles_pending(pg_db, ledger_pg, tmp_pat
     fams = fill_families(adb, families=6, orphans_each=10, seed=33)
     planned = {c for f in fams for c in f.orphans}
     before = snapshot(auth)
-    cfg = write_config(tmp_path / "reaper.toml", {"batch_size": 4, "pause": 0.02}, ledger_url=ledger_pg.url)
+    # One batch at a time: then every tombstone pending at the kill belongs to the batch being committed.
+    policy = {"batch_size": 4, "pause": 0.02, "batches_in_flight": 1}
+    cfg = write_config(tmp_path / "reaper.toml", policy, ledger_url=ledger_pg.url)
     args = reap_args(pg_db.url, cfg)
 
     def pending() -> list[Any]:

@@ -86,6 +86,7 @@ class Actor(Protocol):
     """A read-write session on the store for one reap or restore."""
 
     ledger: Ledger
+    batches_at_once: int  # how many batches the store can take at once, each in its own transaction
 
     def recover(self) -> int:
         """Reconcile tombstones left `pending` by a crash; return how many."""

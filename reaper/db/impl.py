@@ -78,6 +78,10 @@ class DatabaseImpl:
     name: ClassVar[str] = "generic"
     backends: ClassVar[tuple[str, ...]] = ()
     drivers: ClassVar[dict[str, str]] = {}
+    # Reap batches that may run at once, each its own transaction on disjoint clients. One where concurrent
+    # writers queue (SQLite) or where deletes by a secondary index take gap locks two batches could deadlock on
+    # (InnoDB).
+    concurrent_batches: ClassVar[int] = 1
     _registry: ClassVar[dict[str, type[DatabaseImpl]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -322,6 +326,7 @@ class DatabaseImpl:
 class PostgresImpl(DatabaseImpl):
     name = "postgresql"
     backends = ("postgresql",)
+    concurrent_batches = 8
     drivers = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg"}
 
     def connect_args(self, url: URL, purpose: Purpose, timeouts: Timeouts) -> dict[str, Any]:

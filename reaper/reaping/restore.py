@@ -10,13 +10,16 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from reaper.backends.base import Backend, errors
+from reaper.backends.base import Actor, Backend, errors
 from reaper.errors import ConfigError, ReaperError, RestoreConflict, SchemaError
-from reaper.reaping.runner import frozen_heap, holding, reconcile
+from reaper.ledger import Tombstone
+from reaper.reaping.runner import batch_pool, frozen_heap, holding, reconcile
 
 Progress = Callable[[int, int], None]
 T = TypeVar("T")
@@ -67,12 +70,58 @@ def prefetched(pages: Iterator[T]) -> Iterator[T]:
         thread.join(timeout=5)
 
 
+def _restore_pages(
+    actor: Actor,
+    pages: Iterator[list[Tombstone]],
+    width: int,
+    result: RestoreResult,
+    total: int,
+    progress: Progress | None,
+) -> RestoreConflict | None:
+    """Restore page by page, up to `width` pages at once (each its own transaction); stop at the first conflict
+    and return it, once the pages in flight are done."""
+    in_flight: deque[tuple[list[Tombstone], Future[int]]] = deque()
+    conflict: RestoreConflict | None = None
+
+    def collect() -> None:
+        nonlocal conflict
+        page, future = in_flight[0]
+        try:
+            rows = future.result()
+        except RestoreConflict as exc:
+            conflict = conflict or exc
+            return
+        finally:
+            in_flight.popleft()
+        result.rows += rows
+        result.restored += [t.client_key for t in page]
+        if progress:
+            progress(len(result.restored), total)
+
+    pool = batch_pool(width)
+    try:
+        for page in pages:
+            if conflict is not None:
+                break
+            in_flight.append((page, pool.submit(actor.restore, page)))
+            while len(in_flight) >= width:
+                collect()
+        while in_flight:
+            collect()
+    finally:
+        for _page, future in in_flight:  # after an error: the batches in flight commit or roll back on their own
+            future.exception()
+        pool.shutdown(wait=True)
+    return conflict
+
+
 def restore_from_ledger(
     backend: Backend,
     run_id: str | None = None,
     client_id: str | None = None,
     progress: Progress | None = None,
     batch_size: int = 1000,
+    batches_in_flight: int = 1,
 ) -> RestoreResult:
     """Restore every open tombstone of a run, or the latest of one client (by client_id or key); either may be
     given as a unique prefix."""
@@ -110,23 +159,17 @@ def restore_from_ledger(
                     return result
                 pages = iter([tombs[-1:]])
                 total = 1
-            done = 0
             if progress:
                 progress(0, total)
-            for page in pages:
-                try:
-                    result.rows += actor.restore(page)
-                except RestoreConflict as exc:
-                    if not done:
-                        raise
-                    raise RestoreConflict(
-                        f"{exc} from this batch; the {done} client(s) of the batches before it stay restored: "
-                        "resolve the conflict and run restore again, it continues where it stopped"
-                    ) from None
-                result.restored += [t.client_key for t in page]
-                done += len(page)
-                if progress:
-                    progress(done, total)
+            width = max(1, min(batches_in_flight, actor.batches_at_once))
+            conflict = _restore_pages(actor, pages, width, result, total, progress)
+            if conflict is not None:
+                if not result.restored:
+                    raise conflict
+                raise RestoreConflict(
+                    f"{conflict} from one batch; the {len(result.restored)} client(s) of the other batches stay "
+                    "restored: resolve the conflict and run restore again, it continues where it stopped"
+                ) from None
         finally:
             actor.close()
     result.seconds = time.monotonic() - started

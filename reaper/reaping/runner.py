@@ -12,10 +12,12 @@ import gc
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
 
-from reaper.backends.base import Actor, Backend, RunLock, errors
+from reaper.backends.base import Actor, Backend, BatchOutcome, RunLock, errors
 from reaper.config import Config
 from reaper.errors import CapExceeded, ClockSkew, Interrupted, LockHeld, ReaperError, SchemaError
 from reaper.ledger import RunInfo
@@ -99,6 +101,23 @@ def frozen_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
+class _Inline(Executor):
+    """One batch at a time, in the calling thread (a store that takes one writer at a time)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as exc:  # noqa: BLE001 - raised again by result(), where the loop reads it
+            future.set_exception(exc)
+        return future
+
+
+def batch_pool(width: int) -> Executor:
+    """Where batches run: `width` worker threads, each batch on its own connection; in the calling thread for one."""
+    return _Inline() if width == 1 else ThreadPoolExecutor(width, thread_name_prefix="dcr-batch")
+
+
 def check_clock(config: Config, backend: Backend) -> float:
     """The store's clock minus ours; refuse to act when they disagree by more than classify.clock_skew (S9)."""
     skew = backend.now() - time.time()
@@ -150,41 +169,86 @@ def apply(
             done_keys: list[str] = []
             cands = the_plan.candidates
             size = pol.batch_size
-            try:
-                for i in range(0, len(cands), size):
+            starts = iter(range(0, len(cands), size))
+            width = max(1, min(pol.batches_in_flight, actor.batches_at_once))
+            pool = batch_pool(width)
+            in_flight: deque[tuple[int, Future[BatchOutcome]]] = deque()
+
+            def took(start: int, outcome: BatchOutcome, sweep: bool = True) -> None:
+                """A finished batch into the run's result, its deleted clients swept for late credentials."""
+                result.skipped.update(outcome.skipped)
+                if not outcome.done and outcome.skipped.get("locked_by_auth_server"):
+                    return  # the auth server holds a row of this batch: the next run gets it (S7)
+                result.batches += 1
+                for c in outcome.done:
+                    result.acted[(c.action, c.reason)] += 1
+                deleted = [c.key for c in outcome.done if c.action in ("delete", "merge")]
+                done_keys.extend(deleted)
+                if deleted and sweep:
+                    result.restored_late += _sweep(actor, deleted, "late credential after delete")
+                if outcome.done:
+                    ledger.progress(run_id, result.total_acted - len(result.restored_late))
+                if progress:
+                    progress(min(start + size, len(cands)), len(cands))
+
+            def proven() -> int:
+                """What the run acted on, as its tombstones prove: an interrupt can land between a batch's commit
+                and its count here."""
+                try:
+                    return ledger.run(run_id).acted
+                except Exception:  # noqa: BLE001 - the ledger unreachable: the count kept here
+                    return result.total_acted - len(result.restored_late)
+
+            def run_batch(start: int) -> BatchOutcome:
+                outcome = actor.act(cands[start : start + size], run_id)
+                if pol.pause and start + size < len(cands):
+                    pause(pol.pause, stop)  # this connection rests before its next batch
+                return outcome
+
+            def refill() -> None:
+                """Up to `width` batches at once, each its own transaction on its own connection: the database
+                works on one while this process builds another's tombstones."""
+                nonlocal status, message
+                while len(in_flight) < width and not result.stopped:
+                    start = next(starts, None)
+                    if start is None:
+                        return
                     if stop is not None and stop.is_set():
                         result.stopped = True
                         status, message = "stopped", "stopped on request between batches"
-                        break
-                    if not lock.alive():
+                    elif not lock.alive():
                         result.stopped = True
                         status, message = "stopped", "lost the lock between batches"
-                        break
-                    batch = cands[i : i + size]
-                    outcome = actor.act(batch, run_id)
-                    result.skipped.update(outcome.skipped)
-                    if not outcome.done and outcome.skipped.get("locked_by_auth_server"):
-                        continue  # the auth server holds a row of this batch: the next run gets it (S7)
-                    result.batches += 1
-                    for c in outcome.done:
-                        result.acted[(c.action, c.reason)] += 1
-                    deleted = [c.key for c in outcome.done if c.action in ("delete", "merge")]
-                    done_keys += deleted
-                    if deleted:
-                        result.restored_late += _sweep(actor, deleted, "late credential after delete")
-                    if outcome.done:
-                        ledger.progress(run_id, result.total_acted - len(result.restored_late))
-                    if progress:
-                        progress(min(i + size, len(cands)), len(cands))
-                    if pol.pause and i + size < len(cands):
-                        pause(pol.pause, stop)
+                    else:
+                        in_flight.append((start, pool.submit(run_batch, start)))
+
+            try:
+                try:
+                    refill()
+                    while in_flight:
+                        start, future = in_flight[0]
+                        outcome = future.result()  # an interrupt here leaves the batch in flight, to be counted
+                        in_flight.popleft()
+                        if width > 1:
+                            refill()  # the next batch starts before this one's sweep
+                        took(start, outcome)
+                        refill()
+                finally:
+                    # A batch still in flight commits or rolls back on its own: wait for it, and count it.
+                    while in_flight:
+                        start, future = in_flight.popleft()
+                        try:
+                            took(start, future.result(), sweep=False)
+                        except BaseException as exc:  # noqa: BLE001 - the first error is the one raised
+                            log.warning("a batch in flight ended with %s: %s", type(exc).__name__, exc)
+                    pool.shutdown(wait=True)
                 if done_keys and pol.late_token_sweep:
                     pause(pol.late_token_sweep, stop)  # on a stop request: sweep at once
                     left = [k for k in done_keys if k not in result.restored_late]
                     result.restored_late += _sweep(actor, left, "late credential after run")
             except KeyboardInterrupt:
                 status, message = "interrupted", "interrupted by the operator (Ctrl-C)"
-                n = result.total_acted - len(result.restored_late)
+                n = proven()
                 raise Interrupted(
                     f"interrupted: run {run_id} acted on {n} client(s) before it stopped, each with its tombstone; "
                     f"`dcr-reaper restore --run {run_id[:8]}` puts them back"
@@ -193,7 +257,7 @@ def apply(
                 status, message = "failed", f"{type(exc).__name__}: {exc}"
                 raise
             finally:
-                acted = result.total_acted - len(result.restored_late)
+                acted = result.total_acted - len(result.restored_late) if status == "ok" else proven()
                 try:
                     ledger.finish_run(run_id, status, acted, message)
                 except ReaperError as exc:

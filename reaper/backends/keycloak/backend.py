@@ -55,6 +55,8 @@ def admin_client(config: Config, profile: BoundProfile) -> AdminClient:
 class KeycloakActor:
     """Acts through the Admin API; liveness re-checked read-only in the database right before each batch."""
 
+    batches_at_once = 1  # the Admin API paces its own calls
+
     def __init__(self, backend: KeycloakBackend, api: AdminClient, ledger: Ledger):
         self.backend = backend
         self.profile = backend.profile

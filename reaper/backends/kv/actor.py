@@ -31,6 +31,8 @@ PAYLOAD = "py-key-value"
 class KvActor:
     """Reaps through one store; the ledger is a SQL database of its own."""
 
+    batches_at_once = 1  # one event loop and one store client
+
     def __init__(
         self, store: Store, codec: Codec, profile: BoundProfile, ledger: Ledger, policy: PolicyConfig, skew: float
     ):

@@ -261,6 +261,7 @@ class SqlActor:
         self.pol = policy
         self.stale_after = stale_after
         self.impl = DatabaseImpl.for_engine(engine)
+        self.batches_at_once = self.impl.concurrent_batches
         self.sql = SqlStatements(profile, engine, policy)
 
     def close(self) -> None:
