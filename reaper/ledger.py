@@ -719,6 +719,13 @@ def encode_row(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v if v.__class__ in _PLAIN else _encode(v) for k, v in row.items()}
 
 
+def encode_values(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A row's values, in its table's column order, as JSON-safe data (`encode_row` without the names)."""
+    if _PLAIN.issuperset(map(type, values)):
+        return values
+    return tuple(v if v.__class__ in _PLAIN else _encode(v) for v in values)
+
+
 def decode_row(row: dict[str, Any]) -> dict[str, Any]:
     if dict not in set(map(type, row.values())):
         return row
@@ -733,10 +740,19 @@ def encode_payload(payload: dict[str, Any]) -> str:
 
 
 def decode_payload(text: str) -> dict[str, Any]:
+    """A tombstone's payload; child rows written as value arrays under their table's `columns` come back as rows
+    with names, as tombstones written before that form hold them."""
     try:
-        return dict(orjson.loads(text))
+        payload = dict(orjson.loads(text))
     except orjson.JSONDecodeError:
-        return dict(json.loads(text))
+        payload = dict(json.loads(text))
+    columns = payload.pop("columns", None)
+    if columns:
+        payload["children"] = {
+            name: [dict(zip(columns[name], values, strict=True)) for values in rows]
+            for name, rows in payload["children"].items()
+        }
+    return payload
 
 
 def insert_many(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]]) -> None:

@@ -85,7 +85,8 @@ def test_delete_without_returning_removes_exactly_the_locked_rows(mariadb_db):
             table = sa.Table(name, md, autoload_with=engine)
             where = sa.and_(table.c.client.in_(["c0", "c1"]), table.c.dead == 1)
             with engine.begin() as conn:
-                gone = MySQLDialect().delete_returning(conn, table, where)
+                names, rows = MySQLDialect().delete_returning(conn, table, where)
+                gone = [dict(zip(names, r, strict=True)) for r in rows]
             with engine.connect() as conn:
                 left = [tuple(r) for r in conn.execute(sa.select(table.c.client, table.c.dead))]
             assert sorted((r["client"], r["dead"]) for r in gone) == sorted(

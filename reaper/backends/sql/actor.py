@@ -21,7 +21,7 @@ from reaper.backends.sql.scan import credential_compiler, credential_filter, liv
 from reaper.config import PolicyConfig
 from reaper.db import Compiler, DatabaseImpl, describe_error, exists_where, now_param, redact
 from reaper.errors import DatabaseError, RestoreConflict, SchemaError
-from reaper.ledger import Ledger, Tombstone, decode_row, encode_row, insert_many
+from reaper.ledger import Ledger, Tombstone, decode_row, encode_row, encode_values, insert_many
 from reaper.profiles import BoundProfile, CredentialMap
 
 
@@ -295,7 +295,13 @@ class SqlActor:
         if not acting:
             return [], skipped
         payloads: dict[str, dict[str, Any]] = {
-            c.key: {"client_table": sql.client.name, "client": encode_row(locked[c.key]), "children": {}, "moved": []}
+            c.key: {
+                "client_table": sql.client.name,
+                "client": encode_row(locked[c.key]),
+                "columns": {},
+                "children": {},
+                "moved": [],
+            }
             for c in acting
         }
         deleting = [c for c in acting if c.action in ("delete", "merge")]
@@ -371,34 +377,45 @@ class SqlActor:
             owner_of[table.name] = {str(payloads[k]["client"].get(col)): k for k in keys}
         ref_of = {t.name: c.ref for c, t in sql.all_creds}
 
-        def owner(table: str, row: dict[str, Any]) -> str:
-            value = str(row[ref_of[table]])
-            return owner_of[table].get(value, value) if table in owner_of else value
+        def keep(table: str, names: list[str], rows: list[tuple[Any, ...]]) -> None:
+            """Child rows into their clients' tombstones, as value arrays under the table's column names (a
+            name per column, not per row: half the tombstone, and no dict a row)."""
+            at = names.index(ref_of[table])
+            owners = owner_of.get(table)
+            for r in rows:
+                value = str(r[at])
+                p = payloads[owners.get(value, value) if owners is not None else value]
+                p["columns"][table] = names
+                p["children"].setdefault(table, []).append(encode_values(r))
 
         if self.profile.profile.delete.cascade:
             for cred, table in sql.all_creds:
-                for row in conn.execute(sa.select(table).where(sql.refs(cred, table, keys))).mappings():
-                    r = dict(row)
-                    payloads[owner(table.name, r)]["children"].setdefault(table.name, []).append(encode_row(r))
+                result = conn.execute(sa.select(table).where(sql.refs(cred, table, keys)))
+                keep(table.name, list(result.keys()), [tuple(r) for r in result.all()])
         else:
             pointers = self._detach(conn, keys, now, idle)
             for cred, table in sql.children:
-                pk = _pk_cols(table)
-                for r in self.impl.delete_returning(conn, table, sql.dead_children(cred, table, keys, now, idle)):
-                    if pointers:
-                        at = _norm([r[c.name] for c in pk])
-                        for d in sql.detach:
-                            if d.table is table and (table.name, d.column, at) in pointers:
-                                r[d.column] = pointers.pop((table.name, d.column, at))[0]
-                    payloads[owner(table.name, r)]["children"].setdefault(table.name, []).append(encode_row(r))
+                names, rows = self.impl.delete_returning(conn, table, sql.dead_children(cred, table, keys, now, idle))
+                patched = [d for d in sql.detach if d.table is table]
+                if pointers and patched:
+                    # A detached pointer goes into the tombstone with the value it held.
+                    pk = [names.index(c.name) for c in _pk_cols(table)]
+                    for i, r in enumerate(rows):
+                        row_pk = _norm([r[j] for j in pk])
+                        for d in patched:
+                            if (table.name, d.column, row_pk) in pointers:
+                                values = list(rows[i])
+                                values[names.index(d.column)] = pointers.pop((table.name, d.column, row_pk))[0]
+                                rows[i] = tuple(values)
+                keep(table.name, names, rows)
             # Pointers of rows that stay (another client's, in theory): their tombstone sets them back.
             for (name, column, _at), (value, who, pk_row) in pointers.items():
                 payloads[who].setdefault("detached", []).append(
                     {"table": name, "pk": encode_row(pk_row), "column": column, "value": encode_row({"v": value})}
                 )
-        key_name = self.profile.client.key
-        gone = self.impl.delete_returning(conn, sql.client, sql.client_delete(keys, now, idle))
-        late = set(keys) - {str(r[key_name]) for r in gone}
+        names, gone = self.impl.delete_returning(conn, sql.client, sql.client_delete(keys, now, idle))
+        key_at = names.index(self.profile.client.key)
+        late = set(keys) - {str(r[key_at]) for r in gone}
         if late:
             raise _LateCredential(late)
 
