@@ -166,3 +166,29 @@ def test_markdown_rendered_by_commonmark_runs_no_script_in_chromium(sqlite_db, t
     assert ran.search(dom(control)), "control: unescaped, the payload runs"
     rendered = dom(page)
     assert not ran.search(rendered) and "<table>" in rendered and "f0h11" in rendered
+
+
+def test_text_that_is_not_utf8_reaches_the_json_report_escaped(sqlite_db):
+    """SQLite keeps bytes that are not UTF-8 as text: the JSON report shows them as escapes (the record orjson
+    refuses is written guarded) and stays valid UTF-8, and its neighbours are written the fast way."""
+    create_authlib(sqlite_db.engine)
+    now = int(time.time()) - 86400 * 30
+    with sqlite_db.engine.begin() as conn:
+        raw = conn.connection.driver_connection
+        for cid, meta in (
+            ("bad-bytes", b'{"client_name": "M\xfcller App", "redirect_uris": ["http://127.0.0.1/cb"]}'),
+            ("plain", b'{"client_name": "Plain App", "redirect_uris": ["http://127.0.0.1/cb"]}'),
+        ):
+            raw.execute(
+                "INSERT INTO oauth2_client (client_id, client_secret, client_id_issued_at, client_secret_expires_at,"
+                " client_metadata) VALUES (?, 's', ?, 0, CAST(? AS TEXT))",
+                (cid, now, meta),
+            )
+    text = _render(sqlite_db, "json")
+    text.encode("utf-8")  # no lone surrogate got through
+    by_id = {c["client_id"]: c for c in json.loads(text)["clients"]}
+    assert by_id["bad-bytes"]["name"] == "M\\xfcller App"
+    assert any("not valid UTF-8" in p for p in by_id["bad-bytes"]["problems"])
+    assert by_id["plain"]["name"] == "Plain App" and re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", by_id["plain"]["registered_at"]
+    )

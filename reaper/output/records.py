@@ -7,7 +7,7 @@ from typing import Any
 
 from reaper.analysis.fingerprint import ip_prefix, normalize_name
 from reaper.analysis.model import VERDICTS, Classified, FamilyStats, FloodEvidence, LoopEvidence, Snapshot
-from reaper.output.text import iso, utf8_safe
+from reaper.output.text import iso, iso_value, utf8_safe
 
 CLIENT_FIELDS = (
     "client_id",
@@ -46,18 +46,23 @@ class Filters:
         return True
 
 
-def client_record(item: Classified, show_ips: bool = False) -> dict[str, Any]:
-    """The public facts of one classified client (no secret, no token)."""
+def _as_is(text: str | None) -> str | None:
+    return text
+
+
+def client_record(item: Classified, show_ips: bool = False, raw: bool = False) -> dict[str, Any]:
+    """The public facts of one classified client (no secret, no token). `raw`: times as datetimes (`iso_value`)
+    and text unguarded, for orjson, which writes them in C and refuses what `utf8_safe` would have escaped."""
     row = item.row
-    safe = utf8_safe
+    safe, when = (_as_is, iso_value) if raw else (utf8_safe, iso)
     record = {
         "client_id": safe(row.client_id),
         "name": safe(row.name),
         "family": item.family,
         "verdict": str(item.verdict),
         "reason": item.reason,
-        "registered_at": iso(row.created_at),
-        "last_token_at": iso(row.last_used),
+        "registered_at": when(row.created_at),
+        "last_token_at": when(row.last_used),
         "live_credentials": sum(row.live.values()),
         "credentials": row.total_credentials,
         "redirect_uris": [safe(u) for u in row.redirect_uris],

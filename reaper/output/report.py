@@ -21,7 +21,17 @@ from reaper.output.records import (
     loops_sorted,
     summary_record,
 )
-from reaper.output.text import clean, csv_cell, database_label, duration_text, iso, md_cell, md_code, short_time
+from reaper.output.text import (
+    ISO_OPTIONS,
+    clean,
+    csv_cell,
+    database_label,
+    duration_text,
+    iso,
+    md_cell,
+    md_code,
+    short_time,
+)
 
 LOOP_STEPS_IN_TABLE = 10
 
@@ -325,12 +335,22 @@ def _json_record(record: dict[str, Any]) -> str:
         return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
 
 
-def _write_records(out: IO[str], records: Iterable[dict[str, Any]]) -> None:
+def _client_lines(items: Iterable[Classified], show_ips: bool) -> Iterator[str]:
+    """Client records as JSON text: built for orjson to write the times and check the text in C; a record it
+    refuses (text that was not UTF-8, a huge integer) is built guarded and written by `_json_record`."""
+    for item in items:
+        try:
+            yield orjson.dumps(client_record(item, show_ips, raw=True), option=ISO_OPTIONS).decode()
+        except orjson.JSONEncodeError:
+            yield _json_record(client_record(item, show_ips))
+
+
+def _write_records(out: IO[str], lines: Iterable[str]) -> None:
     """The elements of a JSON array, one record a line, written WRITE_EVERY at a time."""
     pending: list[str] = []
     separator = "\n  "
-    for record in records:
-        pending.append(separator + _json_record(record))
+    for line in lines:
+        pending.append(separator + line)
         separator = ",\n  "
         if len(pending) >= WRITE_EVERY:
             out.write("".join(pending))
@@ -342,12 +362,12 @@ def _render_json(stream: Iterable[Classified], snap: Snapshot, out: IO[str], fil
     """Client records written as they arrive (one a line), then the summary once the stream is complete."""
     out.write('{"clients": [')
     match, by_id = filters.match, snap.families
-    _write_records(out, (client_record(item, show_ips) for item in stream if match(item, by_id)))
+    _write_records(out, _client_lines((item for item in stream if match(item, by_id)), show_ips))
     out.write("\n],\n")
     out.write(f'"summary": {json.dumps(summary_record(snap), ensure_ascii=False, indent=1)},\n"families": [')
     # Families one a line, as they are written: tens of thousands of them never make one document in memory.
     families = sorted(snap.families.values(), key=lambda f: (-f.members, f.id))
-    _write_records(out, (family_record(fam, snap) for fam in families if fam.members > 1))
+    _write_records(out, (_json_record(family_record(fam, snap)) for fam in families if fam.members > 1))
     rest = {
         "loops": [loop_record(lp) for lp in loops_sorted(snap)],
         "floods": [flood_record(f) for f in snap.floods],
