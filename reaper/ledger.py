@@ -26,17 +26,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import sqlalchemy as sa
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from reaper.config import LedgerConfig
 from reaper.db import DatabaseImpl, describe_error, redact
 from reaper.errors import ConfigError, DatabaseError, ReaperError
+
+if TYPE_CHECKING:
+    from cryptography.fernet import MultiFernet
 
 SEALED = "fernet:"  # a sealed payload's prefix; a plain one is a JSON object ("{...")
 KEY_HINT = "ledger.key_file or DCR_REAPER_LEDGER__KEY"
@@ -105,6 +107,8 @@ def load_keys(settings: LedgerConfig) -> list[bytes]:
     keys = [k.strip().encode() for k in re.split(r"[,\s]+", raw) if k.strip()]
     if not keys:
         raise ConfigError(f"{where}: empty")
+    from cryptography.fernet import Fernet  # here: 7 MB of OpenSSL only for a ledger with a key
+
     for k in keys:
         try:
             Fernet(k)
@@ -122,7 +126,11 @@ class Ledger:
         self.engine = engine
         self.shared = shared  # the ledger lives in the auth database: tombstones commit with the delete
         keys = load_keys(settings)
-        self.cipher = MultiFernet([Fernet(k) for k in keys]) if keys else None
+        self.cipher: MultiFernet | None = None
+        if keys:
+            from cryptography.fernet import Fernet, MultiFernet
+
+            self.cipher = MultiFernet([Fernet(k) for k in keys])
         impl = DatabaseImpl.for_engine(engine)
         self.impl = impl
         p, schema = settings.prefix, settings.schema_
@@ -420,6 +428,8 @@ class Ledger:
             raise ConfigError(
                 f"the tombstones of run {run_id} are sealed: restoring needs the key that sealed them ({KEY_HINT})"
             )
+        from cryptography.fernet import InvalidToken
+
         try:
             return decode_payload(self.cipher.decrypt(text[len(SEALED) :].encode()).decode())
         except InvalidToken:
@@ -659,6 +669,8 @@ def _one(found: list[str], wanted: str, what: str, hint: str) -> str:
 
 def new_key() -> str:
     """A fresh Fernet key for ledger.key."""
+    from cryptography.fernet import Fernet
+
     return Fernet.generate_key().decode()
 
 
