@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from kit.config import make_config
 from kit.databases import client_ids, snapshot
 from kit.ledger import runs, tombstone_count, tombstones
-from kit.schemas.authlib import AuthlibDB, fill_families
+from kit.schemas.authlib import AuthlibDB, fill_families, reissue_client_id
 from reaper.backends.sql.actor import SqlActor
 from reaper.commands import apply, plan, restore
 from reaper.errors import Interrupted, RestoreConflict
@@ -142,14 +142,7 @@ def test_restore_takes_pages_at_once_and_a_conflict_stops_it_after_the_pages_in_
     result = apply(config, plan(config))
     assert result.total_acted == len(planned)
     taken = tombstones(pg_db.engine)[6].client_id  # on the second page
-    with pg_db.engine.begin() as conn:  # the auth server handed out the same client_id again
-        conn.execute(
-            sa.text(
-                "INSERT INTO oauth2_client (client_id, client_secret, client_id_issued_at,"
-                " client_secret_expires_at, client_metadata) VALUES (:c, 'new', :t, 0, '{}')"
-            ),
-            {"c": taken, "t": int(time.time())},
-        )
+    reissue_client_id(pg_db.engine, taken)
     overlap = Overlap(monkeypatch, method="restore")
     with pytest.raises(RestoreConflict, match=f"client {taken}.*the 15 client\\(s\\) of the other batches stay"):
         restore(config, run_id=result.run_id)

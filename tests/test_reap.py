@@ -25,7 +25,7 @@ from kit.config import make_config, write_config
 from kit.databases import child_counts, client_ids, has_table, server_db, snapshot, writer_engine
 from kit.ledger import runs, tombstone_count, tombstones
 from kit.plugin import database_fixture
-from kit.schemas.authlib import DAY, HOUR, TABLES, AuthlibDB, authlib_usable, fill_families
+from kit.schemas.authlib import DAY, HOUR, TABLES, AuthlibDB, authlib_usable, fill_families, reissue_client_id
 from reaper.analysis.model import Verdict
 from reaper.backends import Candidate
 from reaper.commands import apply, classified, plan, restore
@@ -831,14 +831,7 @@ def test_restore_refuses_on_conflict_and_restores_nothing(db):
     config = make_config(db.url)
     result = apply(config, plan(config))
     taken = sorted(planned)[0]
-    with db.engine.begin() as conn:  # the auth server handed out the same client_id again
-        conn.execute(
-            sa.text(
-                "INSERT INTO oauth2_client (client_id, client_secret, client_id_issued_at,"
-                " client_secret_expires_at, client_metadata) VALUES (:c, 'new', :t, 0, '{}')"
-            ),
-            {"c": taken, "t": int(time.time())},
-        )
+    reissue_client_id(db.engine, taken)
     blocked = snapshot(db.engine)
 
     with pytest.raises(RestoreConflict, match=f"client {taken}.*nothing restored"):

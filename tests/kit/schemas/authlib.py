@@ -383,6 +383,18 @@ class AuthlibDB:
                 self._rows[name] = []
 
 
+def reissue_client_id(engine: sa.Engine, client_id: str) -> None:
+    """The auth server hands out a reaped client's client_id again: a new client row holding it (secret 'new')."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO oauth2_client (client_id, client_secret, client_id_issued_at,"
+                " client_secret_expires_at, client_metadata) VALUES (:c, 'new', :t, 0, '{}')"
+            ),
+            {"c": client_id, "t": int(time.time())},
+        )
+
+
 def fill_families(adb: AuthlibDB, families: int, orphans_each: int, seed: int) -> list[Family]:
     rng = random.Random(seed)
     fams = [adb.family(f"Claude Code (proj-{f:03d})", orphans_each, rng) for f in range(families)]
