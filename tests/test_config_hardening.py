@@ -72,6 +72,8 @@ def test_the_manifests_turn_service_links_off():
         ({"service": {"bind_address": "0.0.0.0; rm -rf /"}}, "service.bind_address"),
         ({"service": {"full_scan_every": 0}}, "service.full_scan_every"),
         ({"scan": {"max_rows_per_second": 10}}, "scan.max_rows_per_second"),
+        ({"policy": {"batches_in_flight": 0}}, "policy.batches_in_flight"),
+        ({"policy": {"batches_in_flight": 9}}, "policy.batches_in_flight"),
         ({"ledger": {"schema": 'a"; DROP TABLE victim; COMMIT; CREATE SCHEMA "b'}}, "ledger.schema"),
         ({"ledger": {"prefix": "x; DROP TABLE victim"}}, "ledger.prefix"),
         ({"tables": {"oauth2_client": 'client"; DROP TABLE victim; --'}}, "tables.oauth2_client"),
