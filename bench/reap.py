@@ -225,8 +225,9 @@ def floor(dsn: str, batch: int, limit: int, log: Any) -> dict[str, Any]:
         with conn.transaction():
             for table in ("client", "token", "code"):
                 conn.execute(
-                    f"INSERT INTO {table} SELECT (jsonb_populate_record(NULL::{table}, row)).* FROM scratch "
-                    f"WHERE t = '{table}'"
+                    # LATERAL: `(jsonb_populate_record(...)).*` would call the function once per column.
+                    f"INSERT INTO {table} SELECT r.* FROM scratch s, jsonb_populate_record(NULL::{table}, s.row) r "
+                    f"WHERE s.t = '{table}'"
                 )
         restore_s = time.perf_counter() - t0
     n = len(ids)

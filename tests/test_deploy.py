@@ -871,6 +871,7 @@ def test_reap_role_applies_with_a_ledger_and_restores(roles: Roles, tmp_path: Pa
         assert ledger == [
             ("dcr_reaper_aliases", roles.reap),
             ("dcr_reaper_evidence", roles.reap),
+            ("dcr_reaper_restores", roles.reap),
             ("dcr_reaper_runs", roles.reap),
             ("dcr_reaper_tombstones", roles.reap),
         ]

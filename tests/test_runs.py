@@ -103,6 +103,40 @@ def test_runs_and_restore_take_unique_prefixes_and_pasted_cut_ids(sqlite_db):
     assert runs(config)[0].restored == 8
 
 
+def test_restores_are_marked_apart_and_a_ledger_from_before_keeps_its_marks(db):
+    """A restore inserts a mark into <prefix>restores and leaves its tombstones unwritten; a ledger made before
+    that table (its marks in tombstones.restored_at) still counts, lists and skips what it restored, and gains the
+    table on its next restore; purge takes the marks with their tombstones."""
+    _families(db, families=2, orphans=4)
+    config = make_config(db.url, policy={"batch_size": 3})
+    first = apply(config, plan(config))
+    assert first.run_id and first.total_acted == 8
+    one = run_show(config, first.run_id).clients[0]
+    restore(config, client_id=one.client_id)
+    with db.engine.begin() as conn:  # as an older release left it: the mark in the tombstone, no restores table
+        (tomb_id, when) = conn.execute(sa.text("SELECT tombstone_id, restored_at FROM dcr_reaper_restores")).one()
+        conn.execute(
+            sa.text("UPDATE dcr_reaper_tombstones SET restored_at = :w WHERE id = :i"), {"w": when, "i": tomb_id}
+        )
+        conn.execute(sa.text("DROP TABLE dcr_reaper_restores"))
+
+    assert runs(config)[0].restored == 1
+    shown = {c.client_id: c.restored_at for c in run_show(config, first.run_id).clients}
+    assert shown[one.client_id] == pytest.approx(when) and sum(v is not None for v in shown.values()) == 1
+    rest = restore(config, run_id=first.run_id)
+    assert (len(rest.restored), rest.already) == (7, 1)
+    assert runs(config)[0].restored == 8
+    with db.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM dcr_reaper_restores")).scalar() == 7
+        written = conn.execute(sa.text("SELECT count(*) FROM dcr_reaper_tombstones WHERE restored_at IS NOT NULL"))
+        assert written.scalar() == 1, "a restore marks apart; the tombstones are not rewritten"
+    assert restore(config, run_id=first.run_id).restored == [], "restoring a restored run is a no-op"
+    time.sleep(0.01)
+    assert purge(config, 0)[0] == 8
+    with db.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM dcr_reaper_restores")).scalar() == 0
+
+
 def test_sealed_tombstones_hold_no_plaintext_secret_and_restore_needs_the_key(db, tmp_path: Path):
     planned = _families(db, families=2, orphans=5)
     before = snapshot(db.engine)

@@ -101,14 +101,14 @@ ALTER SCHEMA :"ledger_schema" OWNER TO :"reap_role";
 ALTER ROLE :"reap_role" IN DATABASE :"dbname" SET search_path = :"ledger_schema", :"schema";
 
 -- A ledger that a first run as the owner or a superuser made in :schema (PostgreSQL's default) moves into the
--- ledger schema, runs, tombstones and evidence included, unless that schema has one already; then every ledger
--- table there (with its id sequence) is handed to the reap role. Without this the reap role finds the old tables
--- first and fails with "permission denied for table dcr_reaper_runs".
+-- ledger schema, runs, tombstones, restores and evidence included, unless that schema has one already; then every
+-- ledger table there (with its id sequence) is handed to the reap role. Without this the reap role finds the old
+-- tables first and fails with "permission denied for table dcr_reaper_runs".
 SELECT format('ALTER TABLE %I.%I SET SCHEMA %I', n.nspname, c.relname, :'ledger_schema')
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.relkind = 'r' AND n.nspname = :'schema' AND :'schema' <> :'ledger_schema'
    AND c.relname IN (:'ledger_prefix' || 'runs', :'ledger_prefix' || 'tombstones', :'ledger_prefix' || 'aliases',
-                     :'ledger_prefix' || 'evidence')
+                     :'ledger_prefix' || 'evidence', :'ledger_prefix' || 'restores')
    AND NOT EXISTS (SELECT FROM pg_class c2 JOIN pg_namespace n2 ON n2.oid = c2.relnamespace
                     WHERE n2.nspname = :'ledger_schema' AND c2.relname = :'ledger_prefix' || 'tombstones')
 \gexec
@@ -116,7 +116,7 @@ SELECT format('ALTER TABLE %I.%I OWNER TO %I', n.nspname, c.relname, :'reap_role
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.relkind = 'r' AND n.nspname = :'ledger_schema'
    AND c.relname IN (:'ledger_prefix' || 'runs', :'ledger_prefix' || 'tombstones', :'ledger_prefix' || 'aliases',
-                     :'ledger_prefix' || 'evidence')
+                     :'ledger_prefix' || 'evidence', :'ledger_prefix' || 'restores')
 \gexec
 
 COMMIT;

@@ -11,7 +11,7 @@ from reaper.ledger import Ledger
 def ledger_findings(ledger: Ledger, where: str) -> list[Finding]:
     """Read-only: the ledger's location (info), and a warning naming the missing right and its grant."""
     schema = ledger.metadata.schema
-    names = [t.name for t in (ledger.runs, ledger.tombstones, ledger.aliases)]
+    names = [t.name for t in (ledger.runs, ledger.tombstones, ledger.aliases, ledger.restores)]
     place = f"{schema + '.' if schema else ''}{ledger.runs.name.removesuffix('runs')}*"
     shared = " (the auth database itself: tombstones commit with each delete)" if ledger.shared else ""
     out = [Finding("info", "ledger", f"the ledger is {place} in {where}{shared}")]

@@ -135,6 +135,8 @@ def restore_from_ledger(
         ledger = backend.ledger()
         if not ledger.exists():
             raise ReaperError("no ledger found: nothing has been reaped here yet")
+        if not ledger.has_restores_table():
+            ledger.create()  # a ledger an older release made: its restores table, before the first restore
         actor = backend.actor()
         try:
             reconcile(actor)  # a run a crash interrupted is restorable like any other

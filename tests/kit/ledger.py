@@ -15,12 +15,17 @@ def tombstones(engine: sa.Engine, prefix: str = LEDGER_PREFIX) -> list[Any]:
     """Every tombstone row (no payload), oldest first; [] when the ledger was never created."""
     if not has_table(engine, f"{prefix}tombstones"):
         return []
+    # A restore is marked in <prefix>restores; ledgers made before that table set tombstones.restored_at.
+    marks, restored_at = "", "t.restored_at"
+    if has_table(engine, f"{prefix}restores"):
+        marks = f" LEFT JOIN {prefix}restores r ON r.tombstone_id = t.id"
+        restored_at = "COALESCE(r.restored_at, t.restored_at)"
     with engine.connect() as conn:
         return list(
             conn.execute(
                 sa.text(
-                    f"SELECT id, run_id, client_key, client_id, action, state, restored_at FROM {prefix}tombstones "
-                    "ORDER BY id"
+                    f"SELECT t.id, t.run_id, t.client_key, t.client_id, t.action, t.state, {restored_at} AS "
+                    f"restored_at FROM {prefix}tombstones t{marks} ORDER BY t.id"
                 )
             )
         )
