@@ -138,6 +138,9 @@ def fresh_copy(n: int, suffix: str) -> str:
     with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.execute(f"CREATE DATABASE {name} TEMPLATE {dbname(n)}")
+        # The copy went through the WAL: flush it now, or the checkpoint it triggers lands in whichever phase runs
+        # next (full-page writes for every page that phase touches first).
+        admin.execute("CHECKPOINT")
     return psycopg.conninfo.make_conninfo(ADMIN_DSN, dbname=name)
 
 

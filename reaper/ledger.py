@@ -570,21 +570,18 @@ class Ledger:
             q = self._open_query(conn, run_id, client_id, keys).order_by(self.tombstones.c.id)
             return [self._tombstone(r) for r in conn.execute(q).all()]
 
-    def count_open(self, run_id: str | None = None, keys: list[str] | None = None) -> int:
-        with self.connect() as conn:
-            q = self._open_query(conn, run_id, None, keys).with_only_columns(sa.func.count())
-            return int(conn.execute(q).scalar_one())
-
-    def iter_open(
-        self, run_id: str | None = None, keys: list[str] | None = None, batch: int = 1000
-    ) -> Iterator[list[Tombstone]]:
-        """Open tombstones in pages of `batch`, oldest first. The ids come first (one query on the run's index),
-        then each page by primary key: a page is a short query whatever the run's size (a keyset query on
-        `run_id, id > after` re-read the run's whole index for every page), and holds no cursor open."""
+    def open_ids(self, run_id: str) -> list[int]:
+        """The ids of a run's open tombstones, oldest first (one query on the run's index)."""
         t = self.tombstones
         with self.connect() as conn:
-            q = self._open_query(conn, run_id, None, keys).with_only_columns(t.c.id)
-            ids = sorted(int(i) for i in conn.execute(q).scalars().all())
+            q = self._open_query(conn, run_id, None, None).with_only_columns(t.c.id)
+            return sorted(int(i) for i in conn.execute(q).scalars().all())
+
+    def pages(self, ids: list[int], batch: int = 1000) -> Iterator[list[Tombstone]]:
+        """These open tombstones in pages of `batch`, each read by primary key: a page is a short query whatever
+        the run's size (a keyset query on `run_id, id > after` re-read the run's whole index for every page), and
+        holds no cursor open. A tombstone restored meanwhile is left out."""
+        t = self.tombstones
         for i in range(0, len(ids), batch):
             chunk = ids[i : i + batch]
             with self.connect() as conn:
@@ -592,9 +589,6 @@ class Ledger:
                 page = [self._tombstone(r) for r in conn.execute(q).all()]
             if page:
                 yield page
-
-    def restored_count(self, run_id: str) -> int:
-        return self.run(run_id).restored
 
     def mark_restored(self, conn: Connection, tombs: Sequence[Tombstone]) -> None:
         """Record a restore (inside the caller's transaction): tombstones closed, merge aliases dropped."""
@@ -783,19 +777,29 @@ def encode_payload(payload: dict[str, Any]) -> str:
 
 
 def decode_payload(text: str) -> dict[str, Any]:
-    """A tombstone's payload; child rows written as value arrays under their table's `columns` come back as rows
-    with names, as tombstones written before that form hold them."""
+    """A tombstone's payload. A SQL store's rows (its `client` and `children`) come back decoded, with names: child
+    rows written as value arrays under their table's `columns` as much as those of tombstones written before
+    that form."""
     try:
         payload = dict(orjson.loads(text))
     except orjson.JSONDecodeError:
         payload = dict(json.loads(text))
-    columns = payload.pop("columns", None)
-    if columns:
-        payload["children"] = {
-            name: [dict(zip(columns[name], values, strict=True)) for values in rows]
-            for name, rows in payload["children"].items()
-        }
+    if "children" not in payload:  # another store's payload (a key-value entry, a Keycloak representation)
+        return payload
+    # An encoded value is an object with one "$..." key: text without `"$` holds none (a string with `"$` in it
+    # only costs the decoding).
+    decode = decode_row if '"$' in text else _as_is
+    columns = payload.pop("columns", None) or {}
+    payload["client"] = decode(payload["client"])
+    payload["children"] = {
+        name: [decode(dict(zip(columns[name], row, strict=True)) if name in columns else row) for row in rows]
+        for name, rows in payload["children"].items()
+    }
     return payload
+
+
+def _as_is(row: dict[str, Any]) -> dict[str, Any]:
+    return row
 
 
 def insert_many(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]]) -> None:

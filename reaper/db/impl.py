@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import operator
 import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
@@ -421,18 +422,25 @@ class PostgresImpl(DatabaseImpl):
         if not rows:
             return
         prep = conn.dialect.identifier_preparer
-        names = [c for c in rows[0]]
-        json_cols = {n for n in names if isinstance(table.c[n].type, sa.JSON)}
+        names = list(rows[0])
+        json_at = [i for i, n in enumerate(names) if isinstance(table.c[n].type, sa.JSON)]
+        values = operator.itemgetter(*names) if len(names) > 1 else lambda row: (row[names[0]],)  # in C
         cols = ", ".join(prep.quote(n) for n in names)
         raw = conn.connection.driver_connection
         assert raw is not None
         statement = f"COPY {prep.format_table(table)} ({cols}) FROM STDIN"
         try:
             with raw.cursor() as cur, cur.copy(statement) as copy:
+                write = copy.write_row
                 for row in rows:
-                    copy.write_row(
-                        [json.dumps(row[n]) if n in json_cols and row[n] is not None else row[n] for n in names]
-                    )
+                    if not json_at:
+                        write(values(row))
+                        continue
+                    fixed = list(values(row))
+                    for i in json_at:
+                        if fixed[i] is not None:
+                            fixed[i] = json.dumps(fixed[i])
+                    write(fixed)
         except psycopg.Error as exc:  # as SQLAlchemy would raise it: callers handle DBAPIError / IntegrityError
             kind = sa.exc.IntegrityError if isinstance(exc, psycopg.IntegrityError) else sa.exc.DBAPIError
             raise kind(statement, None, exc) from None

@@ -144,14 +144,15 @@ def restore_from_ledger(
             if run_id:
                 run_id = ledger.resolve_run(run_id)
                 result.run_id = run_id
-                total = ledger.count_open(run_id=run_id)
+                ids = ledger.open_ids(run_id)
+                total = len(ids)
                 info = ledger.run(run_id)
                 result.already = info.restored
                 if total == 0:
                     if info.purged:
                         raise ReaperError(f"run {run_id}: its tombstones were purged; nothing can be restored")
                     return result
-                pages = prefetched(ledger.iter_open(run_id=run_id, batch=max(1, batch_size)))
+                pages = prefetched(ledger.pages(ids, max(1, batch_size)))
             else:
                 assert client_id
                 key = ledger.resolve_client(client_id)

@@ -699,12 +699,8 @@ class SqlActor:
         shares the database, else only once the rows are committed."""
         if not tombs:
             return 0
-        clients = {t.id: decode_row(t.payload["client"]) for t in tombs}
-        children = {
-            t.id: {name: [decode_row(r) for r in rows] for name, rows in t.payload["children"].items()}
-            for t in tombs
-            if t.action != "disable"
-        }
+        clients = {t.id: t.payload["client"] for t in tombs}  # rows decoded by the ledger
+        children = {t.id: t.payload["children"] for t in tombs if t.action != "disable"}
         try:
             with self.engine.begin() as conn:
                 self.impl.begin_batch(conn)  # the checks below look keys up in the index
