@@ -545,18 +545,20 @@ class Ledger:
         return q
 
     def _tombstone(self, r: Any) -> Tombstone:
+        # By position (a page holds thousands): the tombstone table's columns in order, less restored_at.
+        tomb_id, run_id, key, client_id, action, verdict, reason, family, acted_at, state, _, payload = r
         return Tombstone(
-            r.id,
-            r.run_id,
-            r.client_key,
-            r.client_id,
-            r.action,
-            r.verdict,
-            r.reason,
-            r.family,
-            r.acted_at,
-            r.state,
-            self.unseal(r.payload, r.id, r.run_id),
+            tomb_id,
+            run_id,
+            key,
+            client_id,
+            action,
+            verdict,
+            reason,
+            family,
+            acted_at,
+            state,
+            self.unseal(payload, tomb_id, run_id),
         )
 
     def open_tombstones(
@@ -788,18 +790,16 @@ def decode_payload(text: str) -> dict[str, Any]:
         return payload
     # An encoded value is an object with one "$..." key: text without `"$` holds none (a string with `"$` in it
     # only costs the decoding).
-    decode = decode_row if '"$' in text else _as_is
     columns = payload.pop("columns", None) or {}
-    payload["client"] = decode(payload["client"])
-    payload["children"] = {
-        name: [decode(dict(zip(columns[name], row, strict=True)) if name in columns else row) for row in rows]
+    children = {
+        name: [dict(zip(columns[name], row, strict=True)) for row in rows] if name in columns else rows
         for name, rows in payload["children"].items()
     }
+    if '"$' in text:
+        payload["client"] = decode_row(payload["client"])
+        children = {name: [decode_row(row) for row in rows] for name, rows in children.items()}
+    payload["children"] = children
     return payload
-
-
-def _as_is(row: dict[str, Any]) -> dict[str, Any]:
-    return row
 
 
 def insert_many(conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]]) -> None:
