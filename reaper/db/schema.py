@@ -6,6 +6,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from sqlalchemy.engine.reflection import ObjectKind, ObjectScope
 
 from reaper.db.impl import NUMERIC_TYPES, TEXT_TYPES, DatabaseImpl
 from reaper.profiles import BoundProfile, FieldMap, Profile, profile_reads
@@ -59,13 +60,27 @@ def check_schema(engine: Engine, profile: Profile | BoundProfile) -> list[str]:
     problems: list[str] = []
     expected = expected_types(profile)
     optional = {c.table for c in profile.credentials if c.optional}
-    for table, columns in sorted(profile_reads(profile).items()):
+    reads = profile_reads(profile)
+    # Every table of a schema in one reflection (`serve` checks before each tick): tables, views, temporary or not.
+    names: dict[str | None, list[str]] = {}
+    for table in reads:
         schema, _, bare = table.rpartition(".")
-        if not inspector.has_table(bare, schema=schema or None):
+        names.setdefault(schema or None, []).append(bare)
+    found_columns: dict[tuple[str | None, str], list[Any]] = {}
+    for in_schema, bares in names.items():
+        found_columns.update(
+            inspector.get_multi_columns(
+                schema=in_schema, filter_names=bares, kind=ObjectKind.ANY, scope=ObjectScope.ANY
+            )
+        )
+    for table, columns in sorted(reads.items()):
+        schema, _, bare = table.rpartition(".")
+        reflected = found_columns.get((schema or None, bare))
+        if reflected is None:
             if table not in optional:  # a table some releases lack: skipped (backends drop it from the profile)
                 problems.append(f"table '{table}' not found (profile '{profile.name}')")
             continue
-        actual = {c["name"]: c["type"] for c in inspector.get_columns(bare, schema=schema or None)}
+        actual = {c["name"]: c["type"] for c in reflected}
         for column in sorted(columns):
             found = impl.find_column(column, actual)
             if found is None:
