@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from reaper.analysis.fingerprint import ip_prefix, normalize_name
 from reaper.analysis.model import VERDICTS, Classified, FamilyStats, FloodEvidence, LoopEvidence, Snapshot
-from reaper.output.text import iso, iso_value, utf8_safe
+from reaper.output.text import FOUR_DIGIT_YEARS, iso, iso_value, utf8_safe
+
+_from_epoch = datetime.fromtimestamp
+_LOW, _HIGH = FOUR_DIGIT_YEARS  # iso_value's range for a datetime, inlined
 
 CLIENT_FIELDS = (
     "client_id",
@@ -46,29 +50,51 @@ class Filters:
         return True
 
 
-def _as_is(text: str | None) -> str | None:
-    return text
-
-
-def client_record(item: Classified, show_ips: bool = False, raw: bool = False) -> dict[str, Any]:
-    """The public facts of one classified client (no secret, no token). `raw`: times as datetimes (`iso_value`)
-    and text unguarded, for orjson, which writes them in C and refuses what `utf8_safe` would have escaped."""
+def client_record(item: Classified, show_ips: bool = False) -> dict[str, Any]:
+    """The public facts of one classified client (no secret, no token)."""
     row = item.row
-    safe, when = (_as_is, iso_value) if raw else (utf8_safe, iso)
     record = {
-        "client_id": safe(row.client_id),
-        "name": safe(row.name),
+        "client_id": utf8_safe(row.client_id),
+        "name": utf8_safe(row.name),
         "family": item.family,
         "verdict": str(item.verdict),
         "reason": item.reason,
-        "registered_at": when(row.created_at),
-        "last_token_at": when(row.last_used),
+        "registered_at": iso(row.created_at),
+        "last_token_at": iso(row.last_used),
         "live_credentials": sum(row.live.values()),
         "credentials": row.total_credentials,
-        "redirect_uris": [safe(u) for u in row.redirect_uris],
-        "software_id": safe(row.software_id),
+        "redirect_uris": [utf8_safe(u) for u in row.redirect_uris],
+        "software_id": utf8_safe(row.software_id),
         "disabled": row.disabled,
         "problems": list(row.problems),
+    }
+    if row.ip:
+        record["ip"] = row.ip if show_ips else (row.ip_network or ip_prefix(row.ip))
+    return record
+
+
+def raw_client_record(item: Classified, show_ips: bool = False) -> dict[str, Any]:
+    """`client_record` for orjson (with ISO_OPTIONS), built with as few Python calls as it can be (one a client of
+    a JSON report): times as datetimes, text unguarded (orjson refuses what `utf8_safe` would have escaped; the
+    caller then falls back to `client_record`), the verdict as its enum, tuples as they are."""
+    row = item.row
+    created, used = row.created_at, row.last_used
+    record = {
+        "client_id": row.client_id,
+        "name": row.name,
+        "family": item.family,
+        "verdict": item.verdict,
+        "reason": item.reason,
+        "registered_at": _from_epoch(created, UTC)
+        if created is not None and _LOW <= created <= _HIGH
+        else iso_value(created),
+        "last_token_at": _from_epoch(used, UTC) if used is not None and _LOW <= used <= _HIGH else iso_value(used),
+        "live_credentials": sum(row.live.values()),
+        "credentials": row.total_credentials,
+        "redirect_uris": row.redirect_uris,
+        "software_id": row.software_id,
+        "disabled": row.disabled,
+        "problems": row.problems,
     }
     if row.ip:
         record["ip"] = row.ip if show_ips else (row.ip_network or ip_prefix(row.ip))

@@ -19,6 +19,7 @@ from reaper.output.records import (
     flood_record,
     loop_record,
     loops_sorted,
+    raw_client_record,
     summary_record,
 )
 from reaper.output.text import (
@@ -340,7 +341,7 @@ def _client_lines(items: Iterable[Classified], show_ips: bool) -> Iterator[str]:
     refuses (text that was not UTF-8, a huge integer) is built guarded and written by `_json_record`."""
     for item in items:
         try:
-            yield orjson.dumps(client_record(item, show_ips, raw=True), option=ISO_OPTIONS).decode()
+            yield orjson.dumps(raw_client_record(item, show_ips), option=ISO_OPTIONS).decode()
         except orjson.JSONEncodeError:
             yield _json_record(client_record(item, show_ips))
 

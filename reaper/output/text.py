@@ -60,14 +60,14 @@ def format_time(ts: float, fmt: str) -> str:
 
 
 # Years 1000 to 9999, where time.strftime's %Y has four digits: the fast path of iso().
-_FOUR_DIGIT_YEARS = (-30610224000.0, 253402300799.0)
+FOUR_DIGIT_YEARS = (-30610224000.0, 253402300799.0)
 
 
 def iso(ts: float | None) -> str | None:
     """ISO 8601 UTC, seconds precision ("out of range" for a time no calendar can show)."""
     if ts is None:
         return None
-    if _FOUR_DIGIT_YEARS[0] <= ts <= _FOUR_DIGIT_YEARS[1]:
+    if FOUR_DIGIT_YEARS[0] <= ts <= FOUR_DIGIT_YEARS[1]:
         # What datetime.fromtimestamp() shows, without building a datetime: the time rounded to the
         # microsecond (half to even), then cut to the second.
         whole = math.floor(ts)
@@ -95,7 +95,7 @@ def iso_value(ts: float | None) -> datetime | str | None:
     shows the year in four digits, `iso()`'s own text elsewhere."""
     if ts is None:
         return None
-    if _FOUR_DIGIT_YEARS[0] <= ts <= _FOUR_DIGIT_YEARS[1]:
+    if FOUR_DIGIT_YEARS[0] <= ts <= FOUR_DIGIT_YEARS[1]:
         try:
             return datetime.fromtimestamp(ts, UTC)
         except (OverflowError, ValueError, OSError):
