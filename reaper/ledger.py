@@ -178,10 +178,13 @@ class Ledger:
         # Marks of restored tombstones. Inserting a narrow row costs a tenth of rewriting a tombstone (its
         # payload and four index entries) to set `restored_at`, which now only holds marks older ledgers wrote;
         # both are read. Like evidence, a table of its own: an older ledger gains it on `create()` unaltered.
+        # Keyed by run too: a mark an older release's purge left behind never matches a tombstone that reuses
+        # its id (SQLite reuses the highest id once it is deleted).
         self.restores = sa.Table(
             f"{p}restores",
             self.metadata,
             sa.Column("tombstone_id", sa.Integer, primary_key=True, autoincrement=False),
+            sa.Column("run_id", sa.String(36), primary_key=True),
             sa.Column("restored_at", sa.Float, nullable=False),
         )
         self._has_restores = False
@@ -281,9 +284,8 @@ class Ledger:
         if not self.has_restores_table(conn):
             return q.select_from(t), t.c.restored_at
         r = self.restores
-        return q.select_from(t.outerjoin(r, r.c.tombstone_id == t.c.id)), sa.func.coalesce(
-            r.c.restored_at, t.c.restored_at
-        )
+        marked = sa.and_(r.c.tombstone_id == t.c.id, r.c.run_id == t.c.run_id)
+        return q.select_from(t.outerjoin(r, marked)), sa.func.coalesce(r.c.restored_at, t.c.restored_at)
 
     def has_evidence_table(self) -> bool:
         with self.connect() as conn:
@@ -535,7 +537,7 @@ class Ledger:
         q = sa.select(t).where(t.c.restored_at.is_(None), t.c.state == "done")
         if self.has_restores_table(conn):
             r = self.restores
-            q = q.where(~sa.exists().where(r.c.tombstone_id == t.c.id))
+            q = q.where(~sa.exists().where(r.c.tombstone_id == t.c.id, r.c.run_id == t.c.run_id))
         if run_id:
             q = q.where(t.c.run_id == run_id)
         if client_id:
@@ -595,7 +597,9 @@ class Ledger:
     def mark_restored(self, conn: Connection, tombs: Sequence[Tombstone]) -> None:
         """Record a restore (inside the caller's transaction): tombstones closed, merge aliases dropped."""
         now = time.time()
-        insert_many(conn, self.restores, [{"tombstone_id": t.id, "restored_at": now} for t in tombs])
+        insert_many(
+            conn, self.restores, [{"tombstone_id": t.id, "run_id": t.run_id, "restored_at": now} for t in tombs]
+        )
         aliases = [t.client_id for t in tombs if t.action == "merge"]
         if aliases:
             conn.execute(sa.delete(self.aliases).where(self.aliases.c.alias_client_id.in_(aliases)))
@@ -652,8 +656,9 @@ class Ledger:
                 n_e = int(conn.execute(sa.select(sa.func.count()).where(e.c.run_id.in_(old_runs))).scalar_one())
             if not dry_run:
                 if self.has_restores_table(conn):
-                    old = sa.select(t.c.id).where(t.c.acted_at < cutoff)
-                    conn.execute(sa.delete(self.restores).where(self.restores.c.tombstone_id.in_(old)))
+                    r = self.restores
+                    old = sa.exists().where(t.c.id == r.c.tombstone_id, t.c.run_id == r.c.run_id, t.c.acted_at < cutoff)
+                    conn.execute(sa.delete(r).where(old))
                 conn.execute(sa.delete(t).where(t.c.acted_at < cutoff))
                 if has_evidence:
                     conn.execute(sa.delete(e).where(e.c.run_id.in_(old_runs)))

@@ -57,6 +57,15 @@ def test_each_builtin_binds_and_is_documented(name: str):
     assert profile_columns(bound.profile), name
 
 
+def test_tables_in_a_schema_that_does_not_exist_are_not_found(any_db):
+    """An unknown schema (a database, on MySQL/MariaDB; an attached file, on SQLite) is a finding, not an error."""
+    tables = {t: f"nosuch.{t}" for t in ("oauth2_client", "oauth2_token", "oauth2_code")}
+    bound = bind_profile(make_config(any_db.url, tables=tables))
+    assert check_schema(any_db.engine, bound) == [
+        f"table 'nosuch.{t}' not found (profile 'authlib')" for t in ("oauth2_client", "oauth2_code", "oauth2_token")
+    ]
+
+
 @pytest.mark.parametrize("name", [n for n in BUILTINS if "postgresql" in load_profile(n).database])
 def test_check_lists_every_missing_table_on_an_empty_database(pg_db, name: str):
     bound = bind_profile(make_config(pg_db.url, profile=name))

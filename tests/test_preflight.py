@@ -104,6 +104,12 @@ def test_check_says_where_the_ledger_is_and_what_a_read_only_role_may_not_do(pg_
             conn.exec_driver_sql(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
         res = _check(tmp_path, url)
         assert [f["level"] for f in _findings(res, "ledger")] == ["info"], res.stdout
+        # A ledger an older release made has no restores table: the next reap or restore creates it (CREATE).
+        with pg_db.engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE dcr_reaper_restores")
+        res = _check(tmp_path, url)
+        [_, rights] = _findings(res, "ledger")
+        assert rights["level"] == "warning" and "create tables in public" in rights["message"], rights
 
         # check itself wrote nothing: no ledger table appeared for the role, nothing was created anywhere.
         with pg_db.engine.connect() as conn:

@@ -133,8 +133,15 @@ def test_restores_are_marked_apart_and_a_ledger_from_before_keeps_its_marks(db):
     assert restore(config, run_id=first.run_id).restored == [], "restoring a restored run is a no-op"
     time.sleep(0.01)
     assert purge(config, 0)[0] == 8
-    with db.engine.connect() as conn:
+    with db.engine.begin() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM dcr_reaper_restores")).scalar() == 0
+        # A mark an older release's purge left behind: its tombstone id comes round again (SQLite reuses ids).
+        stale = [{"i": i, "w": when} for i in range(1, 40)]
+        conn.execute(sa.text("INSERT INTO dcr_reaper_restores VALUES (:i, 'a-run-long-gone', :w)"), stale)
+    second = apply(config, plan(config))
+    assert second.run_id and second.total_acted == 8
+    assert runs(config)[0].restored == 0, "a stale mark makes no tombstone look restored"
+    assert len(restore(config, run_id=second.run_id).restored) == 8
 
 
 def test_sealed_tombstones_hold_no_plaintext_secret_and_restore_needs_the_key(db, tmp_path: Path):

@@ -68,6 +68,8 @@ def check_schema(engine: Engine, profile: Profile | BoundProfile) -> list[str]:
         names.setdefault(schema or None, []).append(bare)
     found_columns: dict[tuple[str | None, str], list[Any]] = {}
     for in_schema, bares in names.items():
+        if in_schema is not None and not inspector.has_schema(in_schema):
+            continue  # its tables are not found (MySQL and SQLite would raise on an unknown database)
         found_columns.update(
             inspector.get_multi_columns(
                 schema=in_schema, filter_names=bares, kind=ObjectKind.ANY, scope=ObjectScope.ANY

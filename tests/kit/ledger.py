@@ -18,7 +18,7 @@ def tombstones(engine: sa.Engine, prefix: str = LEDGER_PREFIX) -> list[Any]:
     # A restore is marked in <prefix>restores; ledgers made before that table set tombstones.restored_at.
     marks, restored_at = "", "t.restored_at"
     if has_table(engine, f"{prefix}restores"):
-        marks = f" LEFT JOIN {prefix}restores r ON r.tombstone_id = t.id"
+        marks = f" LEFT JOIN {prefix}restores r ON r.tombstone_id = t.id AND r.run_id = t.run_id"
         restored_at = "COALESCE(r.restored_at, t.restored_at)"
     with engine.connect() as conn:
         return list(
