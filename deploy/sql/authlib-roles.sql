@@ -92,8 +92,8 @@ GRANT SELECT, INSERT, DELETE ON :"schema".:"client_table", :"schema".:"token_tab
 -- before the delete. dcr-reaper never updates an Authlib client; this column is granted only for the lock.
 GRANT UPDATE (client_id_issued_at) ON :"schema".:"client_table" TO :"reap_role";
 
--- The ledger (<prefix>runs, <prefix>tombstones, <prefix>aliases, created by the first `reap --apply`) lives in
--- a schema of its own that the reap role owns: it can create tables there and nowhere else. The schema comes
+-- The ledger (<prefix>runs, tombstones, restores, aliases and evidence, created by the first `reap --apply`)
+-- lives in a schema of its own that the reap role owns: it can create tables there and nowhere else. The schema comes
 -- first on the reap role's search_path, so the ledger lands there with the default settings (no ledger.schema);
 -- the Authlib tables are still found in :schema. Run `restore` with this role too, so it finds the ledger.
 CREATE SCHEMA IF NOT EXISTS :"ledger_schema" AUTHORIZATION :"reap_role";
