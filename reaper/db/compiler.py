@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import singledispatchmethod
@@ -78,6 +79,14 @@ class Compiler:
         self.impl = impl
         self.owner = owner
         self.strict = strict  # read "never expires" (NULL or 0 meaning forever) as expired
+        # Every comparison with the clock compiled so far: (value, the threshold at a given clock). A row's
+        # condition can only change between two clocks where one of these values lies between its thresholds.
+        self.thresholds: list[tuple[ColumnElement[Any], Callable[[datetime], Any]]] = []
+
+    def _later(self, value: ColumnElement[Any], at: Callable[[datetime], Any]) -> ColumnElement[bool]:
+        """`value > at(now)`, remembered as one of the clock's thresholds."""
+        self.thresholds.append((value, at))
+        return cast(ColumnElement[bool], value > at(self.now))
 
     def col(self, name: str) -> ColumnElement[Any]:
         return self.t.c[name]
@@ -146,7 +155,7 @@ class Compiler:
     def _(self, cond: c.NotRevoked) -> ColumnElement[bool]:
         op = cond.not_revoked
         col = self.col(op.column)
-        future = col > now_param(self.now, op.encoding)
+        future = self._later(col, lambda at: now_param(at, op.encoding))
         if op.encoding in ("epoch", "epoch_ms"):
             return sa.or_(col.is_(None), col == 0, future)
         return sa.or_(col.is_(None), future)
@@ -155,7 +164,7 @@ class Compiler:
     def _(self, cond: c.ExpiresAt) -> ColumnElement[bool]:
         op = cond.expires_at
         col = self.col(op.column)
-        alive = col > now_param(self.now, op.encoding)
+        alive = self._later(col, lambda at: now_param(at, op.encoding))
         return sa.or_(col.is_(None), alive) if op.null == "never" and not self.strict else alive
 
     @compile.register
@@ -166,9 +175,9 @@ class Compiler:
             secs = self.col(op.seconds_column)
             if enc in ("epoch", "epoch_ms"):
                 factor = 1000 if enc == "epoch_ms" else 1
-                alive = start + secs * factor > now_param(self.now, enc)
+                alive = self._later(start + secs * factor, lambda at: now_param(at, enc))
             else:
-                alive = self.impl.add_seconds(start, secs) > now_param(self.now, enc)
+                alive = self._later(self.impl.add_seconds(start, secs), lambda at: now_param(at, enc))
             extra = []
             if op.zero == "never" and not self.strict:
                 extra.append(secs == 0)
@@ -180,7 +189,7 @@ class Compiler:
             return sa.true() if op.null == "never" and not self.strict else sa.false()
         if seconds == 0:
             return sa.true() if op.zero == "never" and not self.strict else sa.false()
-        return cast(ColumnElement[bool], start > _shift(self.now, float(seconds), enc))
+        return self._later(start, lambda at: _shift(at, float(seconds), enc))
 
     @compile.register
     def _(self, cond: c.After) -> ColumnElement[bool]:

@@ -24,13 +24,13 @@ from reaper.backends.sql.scan import (
     credential_compiler,
     credential_filter,
     keys_in,
-    live_condition,
     revoked_query,
     tenant_filter,
 )
 from reaper.backends.values import to_epoch
 from reaper.db import Compiler, now_param, table_clause
 from reaper.profiles import BoundProfile, credential_columns, profile_reads
+from reaper.profiles import conditions as c
 
 CHUNK = 2000  # keys per re-read statement
 
@@ -70,8 +70,12 @@ class SqlDelta:
         client = table_clause(cm.table, reads[cm.table]).alias("c")
         assert cm.created_at is not None and cm.created_at.column
         changed = [client.c[cm.created_at.column] >= _stamp(since_at, cm.created_at.encoding)]
-        then, current = Compiler(client, before, profile.options, impl), Compiler(client, now, profile.options, impl)
-        changed += [_flag(then.compile(c)) != _flag(current.compile(c)) for _, c in cm.flags()]
+        for _, cond in cm.flags():
+            then, current = (
+                Compiler(client, before, profile.options, impl),
+                Compiler(client, now, profile.options, impl),
+            )
+            changed.append(_flipped(cond, then, current))
         query = sa.select(client.c[cm.key]).where(*tenant_filter(client, cm.tenant, profile.options), sa.or_(*changed))
         keys.update(str(k) for (k,) in conn.execute(query))
 
@@ -82,13 +86,15 @@ class SqlDelta:
             stamps += list(cred.changed_at or ())
             changed = [t.c[col] >= _stamp(since_at, encoding) for col in stamps]
             for strict in (False, True) if can_live_forever(cred) else (False,):
-                was = live_condition(cred, credential_compiler(profile, cred, t, before, impl, strict))
-                is_ = live_condition(cred, credential_compiler(profile, cred, t, now, impl, strict))
-                changed.append(_flag(was) != _flag(is_))
+                if cred.live is None:
+                    continue  # live or not whatever the clock
+                then = credential_compiler(profile, cred, t, before, impl, strict)
+                current = credential_compiler(profile, cred, t, now, impl, strict)
+                changed.append(_flipped(cred.live, then, current))
             if cred.exclude is not None:
-                was = credential_compiler(profile, cred, t, before, impl).compile(cred.exclude)
-                is_ = credential_compiler(profile, cred, t, now, impl).compile(cred.exclude)
-                changed.append(_flag(was) != _flag(is_))
+                then = credential_compiler(profile, cred, t, before, impl)
+                current = credential_compiler(profile, cred, t, now, impl)
+                changed.append(_flipped(cred.exclude, then, current))
             refs = (
                 sa.select(t.c[cred.ref])
                 .where(*tenant_filter(t, cred.tenant, profile.options), sa.or_(*changed))
@@ -155,6 +161,18 @@ def delta_unsupported(profile: BoundProfile) -> str | None:
         if cred.client_column not in (None, cm.key, cm.client_id):
             return f"credential '{cred.name}' references the client by {cred.client_column}"
     return None
+
+
+def _flipped(cond: c.ConditionBase, then: Compiler, current: Compiler) -> Any:
+    """SQL for "`cond` holds at one clock and not at the other". A value compared with the clock must lie between
+    its thresholds at the two clocks for anything to change, so that cheap test goes first and the database
+    skips the condition for nearly every row. Not where the condition looks into another table (EXISTS: its
+    comparisons are not this row's) or the clock went back."""
+    was, is_ = _flag(then.compile(cond)), _flag(current.compile(cond))
+    if then.now > current.now or any(isinstance(node, c.Exists) for node in cond.walk()):
+        return was != is_
+    between = [sa.and_(value > at(then.now), value <= at(current.now)) for value, at in current.thresholds]
+    return sa.and_(sa.or_(*between), was != is_) if between else sa.false()
 
 
 def _stamp(at: datetime, encoding: str | None) -> Any:
