@@ -432,15 +432,16 @@ class PostgresImpl(DatabaseImpl):
         try:
             with raw.cursor() as cur, cur.copy(statement) as copy:
                 write = copy.write_row
-                for row in rows:
-                    if not json_at:
+                if not json_at:
+                    for row in rows:
                         write(values(row))
-                        continue
-                    fixed = list(values(row))
-                    for i in json_at:
-                        if fixed[i] is not None:
-                            fixed[i] = json.dumps(fixed[i])
-                    write(fixed)
+                else:
+                    for row in rows:
+                        fixed = list(values(row))
+                        for i in json_at:
+                            if fixed[i] is not None:
+                                fixed[i] = json.dumps(fixed[i])
+                        write(fixed)
         except psycopg.Error as exc:  # as SQLAlchemy would raise it: callers handle DBAPIError / IntegrityError
             kind = sa.exc.IntegrityError if isinstance(exc, psycopg.IntegrityError) else sa.exc.DBAPIError
             raise kind(statement, None, exc) from None
