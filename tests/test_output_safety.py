@@ -17,6 +17,7 @@ import time
 import unicodedata
 from pathlib import Path
 
+import orjson
 import pytest
 from markdown_it import MarkdownIt
 from sqlalchemy.orm import Session
@@ -28,6 +29,8 @@ from kit.schemas.authlib import create_schema as create_authlib
 from reaper.analysis.model import VERDICTS
 from reaper.commands import classified
 from reaper.output import Filters, render
+from reaper.output.records import client_record, raw_client_record
+from reaper.output.text import ISO_OPTIONS
 
 CHROMIUM = Path("/usr/bin/chromium")
 MARK = "data-pwned"
@@ -192,3 +195,19 @@ def test_text_that_is_not_utf8_reaches_the_json_report_escaped(sqlite_db):
     assert by_id["plain"]["name"] == "Plain App" and re.fullmatch(
         r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", by_id["plain"]["registered_at"]
     )
+
+
+def test_the_record_orjson_writes_is_the_guarded_record(db):
+    """`raw_client_record` (the JSON report's fast path) says what `client_record` says, field for field, for
+    every hostile client orjson accepts; the others take the guarded path."""
+    _hostile_db(db)
+    compared = 0
+    with classified(make_config(db.url)) as (stream, _snap):
+        for item in stream:
+            try:
+                fast = orjson.dumps(raw_client_record(item), option=ISO_OPTIONS)
+            except orjson.JSONEncodeError:
+                continue
+            assert orjson.loads(fast) == json.loads(json.dumps(client_record(item))), item.row.client_id
+            compared += 1
+    assert compared >= len(HOSTILE) * len(FIELDS) - 4
