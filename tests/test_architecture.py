@@ -73,6 +73,25 @@ def test_the_rule_itself_catches_a_branch():
     assert _database_comparisons(ast.parse(code)) == [1, 2]
 
 
+def test_the_compiler_compares_with_the_clock_only_through_later():
+    """Incremental ticks skip a condition for rows where no value it compares with the clock crossed a threshold
+    (`Compiler._later` records them): a comparison written any other way would be missed, and a flip with it.
+    `self.now` may only reach `_later` and the compiler an EXISTS makes for its other table (not windowed)."""
+    tree = ast.parse((PACKAGE / "db" / "compiler.py").read_text(encoding="utf-8"))
+    elsewhere = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef) or fn.name in ("__init__", "_later"):
+            continue
+        handles = (
+            ast.unparse(fn.args.args[1].annotation) if len(fn.args.args) > 1 and fn.args.args[1].annotation else ""
+        )
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Attribute) and node.attr == "now" and ast.unparse(node.value) == "self":
+                if handles != "c.Exists":
+                    elsewhere.append(f"{fn.name} ({handles or 'no condition'}), line {node.lineno}")
+    assert not elsewhere, "compare with the clock through Compiler._later: " + ", ".join(elsewhere)
+
+
 @pytest.mark.slow
 def test_mypy_strict_is_clean():
     res = run("mypy", "--strict", "reaper")
