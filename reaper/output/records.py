@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -37,6 +38,12 @@ class Filters:
     verdicts: frozenset[str] = frozenset()
     family: str | None = None
     reapable: frozenset[str] = frozenset({"orphan", "abandoned"})  # policy.verdicts: the default listing
+
+    def keep(self, families: dict[str, FamilyStats]) -> Callable[[Classified], bool] | None:
+        """`match` over these families, or None when every client is listed (no call a client)."""
+        if not self.verdicts and not self.family:
+            return None
+        return lambda item: self.match(item, families)
 
     def match(self, item: Classified, families: dict[str, FamilyStats]) -> bool:
         if self.verdicts and item.verdict not in self.verdicts:

@@ -246,8 +246,9 @@ def _collect(
     heap: list[tuple[tuple[float, str], int, Classified]] = []
     listed: list[Classified] = []
     matched = 0
+    keep = filters.keep(snap.families)
     for item in stream:
-        if filters.match(item, snap.families):
+        if keep is None or keep(item):
             matched += 1
             order = (item.row.created_at if item.row.created_at is not None else float("-inf"), item.row.key)
             if limit == 0:
@@ -336,16 +337,6 @@ def _json_record(record: dict[str, Any]) -> str:
         return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
 
 
-def _client_lines(items: Iterable[Classified], show_ips: bool) -> Iterator[str]:
-    """Client records as JSON text: built for orjson to write the times and check the text in C; a record it
-    refuses (text that was not UTF-8, a huge integer) is built guarded and written by `_json_record`."""
-    for item in items:
-        try:
-            yield orjson.dumps(raw_client_record(item, show_ips), option=ISO_OPTIONS).decode()
-        except orjson.JSONEncodeError:
-            yield _json_record(client_record(item, show_ips))
-
-
 def _write_records(out: IO[str], lines: Iterable[str]) -> None:
     """The elements of a JSON array, one record a line, written WRITE_EVERY at a time."""
     pending: list[str] = []
@@ -359,11 +350,25 @@ def _write_records(out: IO[str], lines: Iterable[str]) -> None:
     out.write("".join(pending))
 
 
+def _client_lines(
+    items: Iterable[Classified], keep: Callable[[Classified], bool] | None, show_ips: bool
+) -> Iterator[str]:
+    """The kept clients' records as JSON text: built for orjson to write the times and check the text in C; a
+    record it refuses (text that was not UTF-8, a huge integer) is built guarded and written by `_json_record`."""
+    dumps, build = orjson.dumps, raw_client_record
+    for item in items:
+        if keep is not None and not keep(item):
+            continue
+        try:
+            yield dumps(build(item, show_ips), option=ISO_OPTIONS).decode()
+        except orjson.JSONEncodeError:
+            yield _json_record(client_record(item, show_ips))
+
+
 def _render_json(stream: Iterable[Classified], snap: Snapshot, out: IO[str], filters: Filters, show_ips: bool) -> None:
     """Client records written as they arrive (one a line), then the summary once the stream is complete."""
     out.write('{"clients": [')
-    match, by_id = filters.match, snap.families
-    _write_records(out, _client_lines((item for item in stream if match(item, by_id)), show_ips))
+    _write_records(out, _client_lines(stream, filters.keep(snap.families), show_ips))
     out.write("\n],\n")
     out.write(f'"summary": {json.dumps(summary_record(snap), ensure_ascii=False, indent=1)},\n"families": [')
     # Families one a line, as they are written: tens of thousands of them never make one document in memory.
@@ -381,9 +386,9 @@ def _render_csv(stream: Iterable[Classified], snap: Snapshot, out: IO[str], filt
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CLIENT_FIELDS)
     pending: list[list[str]] = []
-    match, by_id = filters.match, snap.families
+    keep = filters.keep(snap.families)
     for item in stream:
-        if match(item, by_id):
+        if keep is None or keep(item):
             rec = client_record(item, show_ips)
             rec["redirect_uris"] = " ".join(rec["redirect_uris"])
             rec["problems"] = "; ".join(rec["problems"])
