@@ -133,3 +133,24 @@ def test_a_rate_limited_scan_hands_out_every_row_no_faster_than_its_rate():
     assert [row for chunk in slices for row in chunk] == list(range(3000))
     assert max(len(chunk) for chunk in slices) == 200
     assert 1.35 <= took < 3.0, took
+
+
+def test_the_collector_runs_rarely_during_a_scan_and_as_before_after_it(bench_pg):
+    """few_collections: a raised gen-0 threshold and a frozen heap while the stream runs; both put back after it,
+    also when the consumer stops early."""
+    import gc
+
+    from reaper.analysis.pipeline import SCAN_GC_THRESHOLD
+
+    url, now = bench_pg
+    config = make_config(url)
+    before = gc.get_threshold()
+    for stop_after in (None, 10):
+        seen = []
+        with commands.classified(config, now=now) as (stream, _snapshot):
+            for n, _item in enumerate(stream, 1):
+                seen.append((gc.get_threshold()[0], gc.get_freeze_count() > 0))
+                if n == stop_after:
+                    break
+        assert seen and set(seen) == {(max(before[0], SCAN_GC_THRESHOLD), True)}
+        assert gc.get_threshold() == before and gc.get_freeze_count() == 0, "put back after the scan"

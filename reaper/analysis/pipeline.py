@@ -6,6 +6,7 @@ module only sees ClientRows, so nothing here assumes SQL.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
@@ -76,6 +77,26 @@ def _detector(config: Config, source: ScanSource, now: float, snapshot: Snapshot
     return LoopDetector(settings, revoked, now, snapshot.families)
 
 
+# A scan allocates a few container objects a client and drops them at once (no cycles): at the default gen-0
+# threshold (700) the collector would run every hundred or so clients. 10 % of a scan's CPU at 100k clients.
+SCAN_GC_THRESHOLD = 100_000
+
+
+@contextmanager
+def few_collections() -> Iterator[None]:
+    """While a scan runs, the garbage collector passes rarely, and never over what existed before it (the imports,
+    the configuration): gen-0 collections every SCAN_GC_THRESHOLD allocations, the heap before frozen. Both are
+    put back after."""
+    threshold = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(max(threshold[0], SCAN_GC_THRESHOLD), *threshold[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
+
+
 @contextmanager
 def classified(
     config: Config,
@@ -119,7 +140,8 @@ def classified(
 
     outer = counted()
     try:
-        yield outer, snapshot
+        with few_collections():
+            yield outer, snapshot
     finally:
         # Close the generators (and so the store's cursor) while the source is still open, even when the
         # consumer stopped early (a broken pipe, a stop request).
