@@ -157,7 +157,8 @@ def latency_during(dsn: str, seconds: float, action) -> tuple[list[float], Any]:
 
 def latency_phases(n: int, scanned: dict[str, Any], args, log) -> dict[str, Any]:
     """On a throw-away copy of the N-client dataset (the load writes tokens): the auth load's p99 idle, during a
-    `report`, and during one limited to half the rows a second the unlimited scan read."""
+    `report`, during one limited to half the rows a second the unlimited scan read, and during the floor's query
+    alone (what the database's side of any scan costs the load)."""
     copy = f"dcr_bench_load_{n}_{os.getpid()}"
     try:
         dsn = copy_pg(ADMIN_DSN, n, copy)
@@ -166,6 +167,7 @@ def latency_phases(n: int, scanned: dict[str, Any], args, log) -> dict[str, Any]
         idle, _ = latency_during(dsn, args.idle_seconds, None)
         during, scan = latency_during(dsn, 900.0, lambda: one_scan("table", url))
         limited, slow = latency_during(dsn, 900.0, lambda: one_scan("table", url, rate))
+        floor_lat, floor = latency_during(dsn, 900.0, lambda: one_scan("floor", url))
         reap = None
         if args.reap_clients and n == min(int(s) for s in args.sizes.split(",")):
             log(f"reap, up to {args.reap_clients:,} clients (PostgreSQL, {n:,}):")
@@ -177,14 +179,22 @@ def latency_phases(n: int, scanned: dict[str, Any], args, log) -> dict[str, Any]
             "limited_rate": rate,
             "limited_p99_ms": p99(limited) * 1000,
             "limited_s": slow["seconds"],
-            "samples": {"idle": len(idle), "scan": len(during), "limited": len(limited)},
+            "floor_p99_ms": p99(floor_lat) * 1000,
+            "floor_s": floor["seconds"],
+            "samples": {
+                "idle": len(idle),
+                "scan": len(during),
+                "limited": len(limited),
+                "floor": len(floor_lat),
+            },
         }
         if reap is not None:
             out.update(reap=reap, reap_p99_ms=p99(reap_lat) * 1000)
             out["samples"]["reap"] = len(reap_lat)
         log(
             f"  auth p99 idle {out['idle_p99_ms']:.2f} ms, during a scan {out['scan_p99_ms']:.2f} ms, "
-            f"during a scan at {rate:,} rows/s {out['limited_p99_ms']:.2f} ms ({slow['seconds']:.1f}s)"
+            f"during a scan at {rate:,} rows/s {out['limited_p99_ms']:.2f} ms ({slow['seconds']:.1f}s), "
+            f"during the floor's query alone {out['floor_p99_ms']:.2f} ms"
         )
         return out
     finally:
@@ -313,6 +323,16 @@ def report(r: dict[str, Any]) -> None:
                     "",
                 )
             )
+            if "floor_p99_ms" in ld:
+                rows.append(
+                    (
+                        "  ... during the floor's query alone",
+                        f"{ld['floor_p99_ms']:.2f} ms, query {ld['floor_s']:.1f}s",
+                        f"{ld['floor_p99_ms'] / ld['idle_p99_ms']:.2f}x",
+                        "",
+                        "",
+                    )
+                )
             if "reap" in ld:
                 rows.append(
                     (
