@@ -53,13 +53,14 @@ def pg_admin_url(base: str) -> str:
     return base
 
 
-def pg_dbname(n: int) -> str:
-    return f"dcr_bench_v{VERSION}_n{n}"
+def pg_dbname(n: int, family_count: int | None = None) -> str:
+    return f"dcr_bench_v{VERSION}_n{n}" + (f"_f{family_count}" if family_count else "")
 
 
-def ensure_pg(admin_dsn: str, n: int, log=print) -> tuple[str, int]:
-    """The DSN of a PostgreSQL database holding the N-client dataset (made now, or cached); and its 'now'."""
-    name = pg_dbname(n)
+def ensure_pg(admin_dsn: str, n: int, log=print, family_count: int | None = None) -> tuple[str, int]:
+    """The DSN of a PostgreSQL database holding the N-client dataset (made now, or cached); and its 'now'. With
+    `family_count`, the clients are spread over that many families instead of families of FAMILY_SIZE."""
+    name = pg_dbname(n, family_count)
     with psycopg.connect(admin_dsn, autocommit=True) as admin:
         exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
         if not exists:
@@ -77,7 +78,7 @@ def ensure_pg(admin_dsn: str, n: int, log=print) -> tuple[str, int]:
         for stmt in filter(str.strip, SCHEMA.split(";")):
             conn.execute(stmt)
         now = int(time.time())
-        f = families(n)
+        f = family_count or families(n)
         stable = int(f * STABLE_SHARE)
         # Client i belongs to family i % f and registers at base + i * step: the last f ids are the newest
         # member of each family. Families below `stable` have one member only (ids beyond are re-mapped).

@@ -53,10 +53,19 @@ def test_bench_harness_runs_end_to_end(tmp_path):
         assert figures["table"]["db_cpu_s"] > 0  # the backend's CPU, read from /proc (same host)
     for load in result["load"].values():
         assert load["samples"]["idle"] > 0 and load["limited_rate"] >= 1000 and load["limited_p99_ms"] > 0
+        assert load["samples"]["floor"] > 0 and load["floor_p99_ms"] > 0
+    assert set(result["few_families"]) == {"3000", "6000"}
+    assert all(f["families"] == 50 and f["rss_mb"] > 0 for f in result["few_families"].values())
     assert result["sqlite"]["clients"] == 2000
     reap = result["load"]["3000"]["reap"]
     assert reap["clients"] == 1000 and reap["clients_per_s"] > 0
-    for line in ("report (table) vs floor, 6,000", "JSON output overhead", "peak RSS JSON 6,000 / 3,000"):
+    for line in (
+        "report (table) vs floor, 6,000",
+        "JSON output overhead",
+        "peak RSS JSON 6,000 / 3,000",
+        "peak RSS JSON, 6,000 in 50 families",
+        "during the floor's query alone",
+    ):
         assert line in proc.stdout
     assert "auth p99 during a scan" in proc.stdout and "reap throughput" in proc.stdout
     for ticks in result["ticks"].values():  # bench.tick's phase, at each size
