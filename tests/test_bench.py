@@ -55,7 +55,8 @@ def test_bench_harness_runs_end_to_end(tmp_path):
         assert load["samples"]["idle"] > 0 and load["limited_rate"] >= 1000 and load["limited_p99_ms"] > 0
         assert load["samples"]["floor"] > 0 and load["floor_p99_ms"] > 0
     assert set(result["few_families"]) == {"3000", "6000"}
-    assert all(f["families"] == 50 and f["rss_mb"] > 0 for f in result["few_families"].values())
+    for figures in result["few_families"].values():
+        assert figures["families"] == 50 and figures["table_vs_floor"] > 0 and figures["json"]["rss_mb"] > 0
     assert result["sqlite"]["clients"] == 2000
     reap = result["load"]["3000"]["reap"]
     assert reap["clients"] == 1000 and reap["clients_per_s"] > 0
@@ -64,6 +65,7 @@ def test_bench_harness_runs_end_to_end(tmp_path):
         "JSON output overhead",
         "peak RSS JSON 6,000 / 3,000",
         "peak RSS JSON, 6,000 in 50 families",
+        "report (table) vs floor, 6,000 in 50 families",
         "during the floor's query alone",
     ):
         assert line in proc.stdout
