@@ -249,3 +249,24 @@ def test_service_full_scan_every(sqlite_db: TestDB) -> None:
             modes.append(before is not None and service._state is before)
         service.backend.close()
         assert modes == expected, every
+
+
+def test_a_dropped_state_is_freed_at_once(sqlite_db: TestDB) -> None:
+    """No reference cycle holds a state: `serve` replacing it with a new one frees the old by reference counting,
+    not at some later full garbage collection (a scan raises the collector's threshold, so that may be far off)."""
+    import gc
+    import weakref
+
+    create_schema(sqlite_db.engine)
+    world = World(sqlite_db.engine)
+    for i in range(4):
+        world.apply(("register", i % 2, 4000))
+    gc.disable()
+    try:
+        _, state = commands.tick(_config(sqlite_db.url), None, now=world.clock)
+        assert state is not None
+        gone = weakref.ref(state)
+        del state
+        assert gone() is None, "the state outlived its last reference"
+    finally:
+        gc.enable()

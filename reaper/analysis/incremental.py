@@ -108,19 +108,8 @@ class ClientState:
 
     def watch(self, source: ScanSource) -> ScanSource:
         """The source, with its revoked index kept here when the pipeline reads it."""
-        state = self
         self.ips = source.has_ips
-
-        class Watched:
-            def __getattr__(self, name: str) -> object:
-                return getattr(source, name)
-
-            def revoked(self, since: float) -> RevokedIndex | None:
-                state._revoked = source.revoked(since)
-                state.loop_evidence = state._revoked.evidence if state._revoked is not None else None
-                return state._revoked
-
-        return Watched()  # type: ignore[return-value]
+        return _Watched(source, self)  # type: ignore[return-value]
 
     def record(self, item: Classified) -> None:
         """One client of the full scan, as the pipeline classified it."""
@@ -381,6 +370,25 @@ class ClientState:
     def size(self) -> int:
         """Clients kept."""
         return len(self.clients)
+
+
+class _Watched:
+    """A scan source whose revoked index the state keeps as the pipeline reads it. A plain instance, not a class
+    made per call: such a class is a reference cycle, and its methods' closure would keep the whole state alive
+    until a full garbage collection."""
+
+    def __init__(self, source: ScanSource, state: ClientState):
+        self._source = source
+        self._state = state
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._source, name)
+
+    def revoked(self, since: float) -> RevokedIndex | None:
+        state = self._state
+        state._revoked = self._source.revoked(since)
+        state.loop_evidence = state._revoked.evidence if state._revoked is not None else None
+        return state._revoked
 
 
 def _nan(value: float | None) -> float:
