@@ -154,3 +154,28 @@ def test_the_collector_runs_rarely_during_a_scan_and_as_before_after_it(bench_pg
                     break
         assert seen and set(seen) == {max(before[0], SCAN_GC_THRESHOLD)}
         assert gc.get_threshold() == before, "put back after the scan"
+
+
+def test_overlapping_scans_put_the_collector_back_when_the_last_ends():
+    """Scans in two threads ending in either order leave the threshold as it was; threshold 0 (automatic collection
+    off) stays 0 through a scan."""
+    import gc
+
+    from reaper.analysis.pipeline import SCAN_GC_THRESHOLD, few_collections
+
+    before = gc.get_threshold()
+    try:
+        first, second = few_collections(), few_collections()
+        first.__enter__()
+        second.__enter__()
+        assert gc.get_threshold()[0] == max(before[0], SCAN_GC_THRESHOLD)
+        first.__exit__(None, None, None)  # the first ends before the second
+        assert gc.get_threshold()[0] == max(before[0], SCAN_GC_THRESHOLD), "the second still runs"
+        second.__exit__(None, None, None)
+        assert gc.get_threshold() == before
+        gc.set_threshold(0)
+        with few_collections():
+            assert gc.get_threshold()[0] == 0
+        assert gc.get_threshold()[0] == 0
+    finally:
+        gc.set_threshold(*before)
