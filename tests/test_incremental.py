@@ -270,3 +270,20 @@ def test_a_dropped_state_is_freed_at_once(sqlite_db: TestDB) -> None:
         assert gone() is None, "the state outlived its last reference"
     finally:
         gc.enable()
+
+
+def test_the_watched_source_copies_and_reads_through(sqlite_db: TestDB) -> None:
+    """The wrapper the state puts around a scan source hands every attribute through, and a copy of it (made before
+    its fields exist) does not recurse."""
+    import copy
+
+    from reaper.analysis.incremental import _Watched
+
+    class Source:
+        has_ips = False
+        profile_name = "authlib"
+
+    state = ClientState(_config(sqlite_db.url))
+    watched = state.watch(Source())  # type: ignore[arg-type]
+    assert watched.profile_name == "authlib" and isinstance(watched, _Watched)
+    assert copy.copy(watched).profile_name == "authlib"

@@ -382,7 +382,10 @@ class _Watched:
         self._state = state
 
     def __getattr__(self, name: str) -> object:
-        return getattr(self._source, name)
+        source = self.__dict__.get("_source")  # not self._source: before __init__ (a copy) that would recurse
+        if source is None:
+            raise AttributeError(name)
+        return getattr(source, name)
 
     def revoked(self, since: float) -> RevokedIndex | None:
         state = self._state
