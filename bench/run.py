@@ -214,7 +214,7 @@ def main() -> None:
         "--issue-families",
         type=int,
         default=50,
-        help="also measure the JSON report's peak RSS with the clients in this many families (the issue's 1M "
+        help="also compare floor, table and JSON with the clients in this many families (the issue's 1M "
         "dataset: 50 families of 20,000; 0 = skip)",
     )
     ap.add_argument("--out", default="bench/results/latest.json")

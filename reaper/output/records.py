@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from reaper.analysis.fingerprint import ip_prefix, normalize_name
@@ -43,7 +44,7 @@ class Filters:
         """`match` over these families, or None when every client is listed (no call a client)."""
         if not self.verdicts and not self.family:
             return None
-        return lambda item: self.match(item, families)
+        return partial(self.match, families=families)
 
     def match(self, item: Classified, families: dict[str, FamilyStats]) -> bool:
         if self.verdicts and item.verdict not in self.verdicts:
