@@ -287,3 +287,18 @@ def test_the_watched_source_copies_and_reads_through(sqlite_db: TestDB) -> None:
     watched = state.watch(Source())  # type: ignore[arg-type]
     assert watched.profile_name == "authlib" and isinstance(watched, _Watched)
     assert copy.copy(watched).profile_name == "authlib"
+
+
+def test_a_state_build_leaves_the_collector_nothing_pending(sqlite_db: TestDB) -> None:
+    """The scan collects rarely; the state it built is long-lived. The build ends with a full pass, so the first
+    ticks after it do not pay for walking the new state (0.13 to 0.2 s at 100k clients)."""
+    import gc
+
+    create_schema(sqlite_db.engine)
+    world = World(sqlite_db.engine)
+    for i in range(40):
+        world.apply(("register", i % 3, 4000))
+    _, state = commands.tick(_config(sqlite_db.url), None, now=world.clock)
+    assert state is not None and state.size() == 40
+    young, middle, _ = gc.get_count()
+    assert middle == 0 and young < 700, "no collection pending after the build"

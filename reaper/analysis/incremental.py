@@ -12,6 +12,7 @@ it is a sample, and a sample depends on the order members were seen in.
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -147,6 +148,9 @@ class ClientState:
         self.now = snapshot.started_at
         self.dangling = counts[1] - self.credentials
         self._revoked = None
+        # The state just built (3 objects a client) is long-lived, and the scan collected rarely: one full pass now,
+        # as part of the full scan, rather than in a later tick (0.13 to 0.2 s at 100k clients).
+        gc.collect()
 
     # -- a tick -------------------------------------------------------------------------------------------------
 
