@@ -32,7 +32,9 @@ from kit.schemas.doorkeeper import Doorkeeper
 from kit.schemas.hydra import Hydra
 from kit.schemas.mcp_memory import create_mcp_schema
 from kit.schemas.spring import Spring, spring_metadata
+from reaper.backends.sql import scan
 from reaper.commands import report
+from reaper.profiles import bind_profile
 
 # Every test writes a few hundred rows through a server or its statements and scans twice: seconds each.
 pytestmark = pytest.mark.slow
@@ -51,6 +53,17 @@ def assert_only_loop(url: str, profile: str, members: list[str], name: str = LOO
     assert [s.client_id for s in loop.steps] == members[-2::-1], "each lost login, newest first"
     strict = report(make_config(url, profile=profile, loops={"min_cycles": 1}))
     assert [x.name for x in strict.loops.values()] == [name], "the healthy families show no step"
+    assert_same_as_a_pass_of_its_own(url, profile, strict)
+
+
+def assert_same_as_a_pass_of_its_own(url: str, profile: str, snap: Any) -> None:
+    """The scan reads the revocations with the clients when it can: the loops and floods are exactly those a
+    separate pass over the credential table gives."""
+    assert scan.revocations_on_rows(bind_profile(make_config(url, profile=profile))) is not None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(scan, "revocations_on_rows", lambda _profile: None)
+        apart = report(make_config(url, profile=profile, loops={"min_cycles": 1}))
+    assert apart.loops == snap.loops and apart.floods == snap.floods
 
 
 # --- mcp-memory-service: its own SQLite OAuth storage ------------------------------------------------------

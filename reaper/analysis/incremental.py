@@ -114,7 +114,7 @@ class ClientState:
 
     def record(self, item: Classified) -> None:
         """One client of the full scan, as the pipeline classified it."""
-        revoked = self._revoked.get(item.row.key) if self._revoked else None
+        revoked = self._revoked.at(item.row) if self._revoked else None
         self.clients[item.row.key] = _Client(self._compact(item.row), item.family, item.verdict, _nan(revoked))
         self.credentials += item.row.total_credentials
         if item.row.problems:

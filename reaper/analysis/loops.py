@@ -42,8 +42,9 @@ class RevokedIndex:
     other's revocation time, and a loop step also needs a family sibling registered right after it.
     """
 
-    def __init__(self, pairs: Iterable[tuple[str, float]] = (), evidence: str = "replay"):
+    def __init__(self, pairs: Iterable[tuple[str, float]] = (), evidence: str = "replay", on_rows: bool = False):
         self.evidence = evidence
+        self.on_rows = on_rows  # the scan reads each client's revocation with the client (ClientRow.revoked_at)
         hashes, times = array("q"), array("d")
         for key, at in pairs:
             hashes.append(hash(key))
@@ -52,8 +53,20 @@ class RevokedIndex:
         self.hashes = array("q", (hashes[i] for i in order))
         self.times = array("d", (times[i] for i in order))
 
+    @classmethod
+    def read_with_rows(cls, evidence: str) -> RevokedIndex:
+        """An index whose entries come with the scanned clients themselves: no pass of its own."""
+        return cls((), evidence, on_rows=True)
+
     def __len__(self) -> int:
         return len(self.hashes)
+
+    def __bool__(self) -> bool:
+        return self.on_rows or len(self.hashes) > 0
+
+    def at(self, row: ClientRow) -> float | None:
+        """The client's latest refresh revocation, wherever the index keeps it."""
+        return row.revoked_at if self.on_rows else self.get(row.key)
 
     def get(self, key: str) -> float | None:
         h = hash(key)
@@ -129,7 +142,7 @@ class LoopDetector:
             fam = self.lookback[item.family] = _Family()
         revoked_at = math.nan
         if self.revoked and row.total_credentials:
-            at = self.revoked.get(row.key)
+            at = self.revoked.at(row)
             if at is not None and self._eligible(row, at):
                 revoked_at = at
         fam.times.append(t)

@@ -36,6 +36,9 @@ class ClientRow:
     total_credentials: int = 0
     last_used: float | None = None
     problems: list[str] = field(default_factory=list)
+    # The latest refresh revocation within loops.lookback, when the scan reads it with the row (a revoked index
+    # that is `on_rows`); otherwise the source's revoked index holds it.
+    revoked_at: float | None = None
 
 
 @dataclass(slots=True)

@@ -115,13 +115,45 @@ def keys_in(column: Any, keys: Sequence[str]) -> Any:
     return column.in_(sa.bindparam(None, list(keys), expanding=True, type_=sa.types.NullType()))
 
 
+def _revocation(profile: BoundProfile, t: Any, comp: Compiler, now: datetime, since: float | None) -> tuple[Any, Any]:
+    """For the loop map's credential table `t`: (this row's refresh token was revoked, since `since` when given;
+    the latest such revocation, as an aggregate)."""
+    lmap = profile.profile.loops
+    assert lmap is not None and lmap.revoked_at.column
+    revoked_at = t.c[lmap.revoked_at.column]
+    revoked = comp.compile(lmap.revoked)
+    if since is not None:
+        value = now_param(datetime.fromtimestamp(since, UTC), lmap.revoked_at.encoding)
+        value = int(value) if lmap.revoked_at.encoding == "epoch" else value  # integer columns compare to integers
+        revoked = sa.and_(revoked, revoked_at >= value)
+    return revoked, sa.func.max(sa.case((revoked, revoked_at), else_=None))
+
+
+def revocations_on_rows(profile: BoundProfile) -> CredentialMap | None:
+    """The loop map's credential when the scan query can read each client's latest revocation in its own
+    aggregate (a credential keyed by the client's key), so the revoked index needs no pass of its own."""
+    lmap = profile.profile.loops
+    if lmap is None:
+        return None
+    for cred in profile.scan_credentials:
+        if cred.name == lmap.credential and cred.client_column in (None, profile.client.key) and cred.via is None:
+            return cred
+    return None
+
+
 def build_query(
-    profile: BoundProfile, impl: DatabaseImpl, now: datetime, only: Sequence[str] | None = None
+    profile: BoundProfile,
+    impl: DatabaseImpl,
+    now: datetime,
+    only: Sequence[str] | None = None,
+    revoked_since: float | None = None,
 ) -> sa.Select[Any]:
     """The scan query: clients LEFT JOIN per-credential aggregates. With `only`, just the clients with these keys
-    (the aggregates narrowed to them too where a credential references the key)."""
+    (the aggregates narrowed to them too where a credential references the key). With `revoked_since`, the loop
+    map credential's aggregate also carries its latest refresh revocation since then (`revocations_on_rows`)."""
     cm = profile.client
     reads = profile_reads(profile.profile)
+    loop_cred = revocations_on_rows(profile) if revoked_since is not None else None
     client = table_clause(cm.table, reads[cm.table]).alias("c")
     comp = Compiler(client, now, profile.options, impl)
     cols: list[Any] = [client.c[cm.key].label("k"), client.c[cm.client_id].label("client_id")]
@@ -133,9 +165,13 @@ def build_query(
         cols.append(_flag(comp.compile(cond)).label(f"is_{flag}"))
     query_from: Any = client
     for i, cred in enumerate(profile.scan_credentials):
-        t = table_clause(cred.table, credential_columns(cred)).alias(f"t{i}")
+        columns = credential_columns(cred) | (reads[cred.table] if cred is loop_cred else set())
+        t = table_clause(cred.table, columns).alias(f"t{i}")
         live = live_condition(cred, credential_compiler(profile, cred, t, now, impl))
         aggs = [t.c[cred.ref].label("ref"), sa.func.sum(_flag(live)).label("live"), sa.func.count().label("total")]
+        if cred is loop_cred:
+            comp_t = credential_compiler(profile, cred, t, now, impl)
+            aggs.append(_revocation(profile, t, comp_t, now, revoked_since)[1].label("revoked"))
         if can_live_forever(cred):  # live counted again with "never expires" read as expired
             strict = live_condition(cred, credential_compiler(profile, cred, t, now, impl, strict=True))
             aggs.append(sa.func.sum(_flag(strict)).label("strict"))
@@ -151,6 +187,8 @@ def build_query(
             cols.append(sub.c.strict.label(f"strict_{i}"))
         if "last" in sub.c:
             cols.append(sub.c.last.label(f"last_{i}"))
+        if "revoked" in sub.c:
+            cols.append(sub.c.revoked.label("revoked_at"))
     looked_up: dict[str, Any] = {}
     for name, f in cm.fields():
         if f.rows is not None:
@@ -332,6 +370,13 @@ class RowDecoder:
             strict_at = pos.get(f"strict_{i}", pos[f"live_{i}"])  # no "never" rule: strict is live itself
             self.creds.append((cred.kind, pos[f"live_{i}"], pos[f"total_{i}"], pos.get(f"last_{i}"), enc, strict_at))
         self.key_pos, self.id_pos = pos["k"], pos["client_id"]
+        # (position, the loop credential's live count when a live row clears the revocation, encoding)
+        self.revoked: tuple[int, int | None, str | None] | None = None
+        lmap = profile.profile.loops
+        if "revoked_at" in pos and lmap is not None:
+            i = next(i for i, c in enumerate(profile.scan_credentials) if c.name == lmap.credential)
+            live_at = pos[f"live_{i}"] if lmap.evidence == "replay" else None
+            self.revoked = (pos["revoked_at"], live_at, lmap.revoked_at.encoding)
 
     def decode(self, row: Any) -> ClientRow:
         problems: list[str] = []
@@ -402,6 +447,14 @@ class RowDecoder:
                     last = t
         out.last_used = last
         out.live_forever_only = bool(out.live) and strict_live == 0
+        if self.revoked is not None:
+            revoked_at, cleared_at, revoked_enc = self.revoked
+            raw_revoked = row[revoked_at]
+            if raw_revoked is not None and (cleared_at is None or not row[cleared_at]):
+                try:
+                    out.revoked_at = to_epoch(raw_revoked, revoked_enc)
+                except (TypeError, ValueError):
+                    pass  # as the revoked index reads it: an unreadable time is no revocation
         return out
 
 
@@ -493,17 +546,11 @@ def revoked_query(profile: BoundProfile, impl: DatabaseImpl, now: datetime, sinc
     reads = profile_reads(profile.profile)
     t: Any = table_clause(cred.table, reads[cred.table]).alias("lt")
     comp = credential_compiler(profile, cred, t, now, impl)
-    revoked_at = t.c[lmap.revoked_at.column]
-    revoked = comp.compile(lmap.revoked)
-    if since is not None:
-        value = now_param(datetime.fromtimestamp(since, UTC), lmap.revoked_at.encoding)
-        value = int(value) if lmap.revoked_at.encoding == "epoch" else value  # integer columns compare to integers
-        revoked = sa.and_(revoked, revoked_at >= value)
+    revoked, latest = _revocation(profile, t, comp, now, since)
     live = live_condition(cred, comp)
     where = credential_filter(profile, cred, t, now, impl)
     # Only rows that matter: recent revocations, and live rows (one live row clears its client).
     where.append(sa.or_(revoked, live))
-    latest = sa.func.max(sa.case((revoked, revoked_at), else_=None))
     query = sa.select(t.c[cred.ref].label("ref"), latest).where(*where).group_by(t.c[cred.ref])
     if lmap.evidence == "replay":  # a live row clears its client; with rotation evidence the successor is live
         query = query.having(sa.func.sum(sa.case((live, 1), else_=0)) == 0)
@@ -540,6 +587,7 @@ class SqlScan:
         self.has_ips = profile.client.ip is not None
         self.now = now.timestamp()
         self.forever_fix = forever_fix(profile)
+        self.revoked_since: float | None = None  # set by revoked() when the rows carry the revocations
 
     def count(self) -> int:
         cm = self.profile.client
@@ -551,6 +599,9 @@ class SqlScan:
         lmap = self.profile.profile.loops
         if lmap is None:
             return None
+        if revocations_on_rows(self.profile) is not None:
+            self.revoked_since = since  # read by rows(): one pass over the credential table, not two
+            return RevokedIndex.read_with_rows(lmap.evidence)
         query = revoked_query(self.profile, self.impl, self.at, since)
         encoding = lmap.revoked_at.encoding
         conn, impl = self.conn, self.impl
@@ -598,7 +649,7 @@ class SqlScan:
         A reader thread fetches the next batch while this one decodes and classifies the last: the database
         computes the next rows while Python works (psycopg waits for the server without the GIL).
         """
-        query = build_query(self.profile, self.impl, self.at)
+        query = build_query(self.profile, self.impl, self.at, revoked_since=self.revoked_since)
         with self.impl.scan_rows(self.conn, query, self.batch) as (keys, batches):
             decode = RowDecoder(self.profile, self.at, self.skew, keys).decode
             batches = prefetched(batches)
