@@ -113,6 +113,8 @@ def _partitioned_report(db, proxy: FaultProxy, tmp_path: Path, case: str) -> Non
     (line,) = assert_errors(res, 1)
     assert "no answer from the server within" in line or "timed out" in line or "timeout" in line, line
     assert took < 4.0 + 2.0
+    if when == "before connecting":  # connecting waits connect_timeout, whatever the driver reads it with
+        assert took < 2.0 + 2.5, f"{took:.2f}s: connecting must not wait a round trip's bound"
     assert _files(outdir) == before, "the previous report untouched, no partial file beside it"
 
 

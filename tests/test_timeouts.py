@@ -105,6 +105,23 @@ def test_mariadb_sockets_and_sessions(mariadb_db):
             engine.dispose()
 
 
+def test_mariadb_connects_within_the_connect_bound_then_waits_a_round_trip(mariadb_db):
+    """PyMySQL reads the server's greeting with its read timeout: connecting is bounded by the connect bound (the
+    partition tests in test_chaos.py time it), and once connected a statement may take a whole round trip."""
+    bounds = Timeouts(connect=1, round_trip=4.0)
+    engine = make_engine(mariadb_db.url, readonly=True, bounds=bounds)
+    given = make_engine(f"{mariadb_db.url}?read_timeout=7", readonly=True, bounds=bounds)
+    try:
+        with engine.connect() as conn:
+            assert conn.connection.dbapi_connection._read_timeout == 4.0  # type: ignore[union-attr]
+            assert conn.execute(sa.text("SELECT SLEEP(2)")).scalar() == 0, "longer than connecting may take"
+        with given.connect() as conn:
+            assert conn.connection.dbapi_connection._read_timeout == 7, "a timeout in the URL wins"  # type: ignore[union-attr]
+    finally:
+        engine.dispose()
+        given.dispose()
+
+
 @pytest.mark.parametrize("server", ["postgresql", "mariadb"])
 def test_the_scan_runs_under_its_statement_timeout(server, request):
     db = request.getfixturevalue("pg_db" if server == "postgresql" else "mariadb_db")

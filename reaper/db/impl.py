@@ -640,11 +640,12 @@ class MySQLImpl(DatabaseImpl):
     drivers = {"mysql": "mysql+pymysql", "mariadb": "mariadb+pymysql"}
 
     def connect_args(self, url: URL, purpose: Purpose, timeouts: Timeouts) -> dict[str, Any]:
-        # PyMySQL's socket timeouts: connecting, then every read and write (a round trip's bound).
-        args: dict[str, Any] = {"connect_timeout": max(1, math.ceil(timeouts.connect))}
-        if timeouts.round_trip is not None:
-            args["read_timeout"] = timeouts.round_trip
-            args["write_timeout"] = timeouts.round_trip
+        # PyMySQL's socket timeouts: connecting, then every read and write. It reads the server's greeting and
+        # the login with its read timeout, so a server that takes the connection and never answers would hold it
+        # for a round trip's bound: connecting gets the connect bound, the round trip's is set once connected
+        # (prepare_engine).
+        bound = max(1, math.ceil(timeouts.connect))
+        args: dict[str, Any] = {"connect_timeout": bound, "read_timeout": bound, "write_timeout": bound}
         return {k: v for k, v in args.items() if k not in url.query}
 
     def on_connect(self, dbapi_conn: Any, purpose: Purpose, timeouts: Timeouts) -> None:
@@ -674,6 +675,17 @@ class MySQLImpl(DatabaseImpl):
             cur.close()
 
     def prepare_engine(self, engine: Engine, readonly: bool, timeouts: Timeouts) -> None:
+        given = {k for k in ("read_timeout", "write_timeout") if k in engine.url.query}
+
+        @sa.event.listens_for(engine, "connect")
+        def _round_trip(dbapi_conn: Any, _record: Any) -> None:
+            # Connected and logged in: from now on a read or a write waits a round trip's bound (None: unbounded).
+            # PyMySQL applies these at its next read or write.
+            if "read_timeout" not in given:
+                dbapi_conn._read_timeout = timeouts.round_trip
+            if "write_timeout" not in given:
+                dbapi_conn._write_timeout = timeouts.round_trip
+
         @sa.event.listens_for(engine, "handle_error")
         def _forget_unbuffered(context: Any) -> None:
             # A streamed (unbuffered) result whose connection died (a read timeout, a cut) would try to read the
