@@ -329,6 +329,7 @@ class RowDecoder:
         cm = profile.client
         self.now = now.timestamp()
         self.skew = skew
+        self.latest = self.now + skew  # a registration after this is in the future
         pos = {k: i for i, k in enumerate(keys)}
         col_pos = {name: pos[f"f_{i}"] for i, name in enumerate(_data_columns(cm))}
         self.created: tuple[int, str, str | None] | None = None
@@ -360,10 +361,18 @@ class RowDecoder:
                 groups.setdefault(at, (at, column, []))[2].append((tuple(f.json_path.split(".")), setter))
             else:
                 self.plain.append((at, setter))
-        self.json_groups = list(groups.values())
-        self.flags: list[tuple[str, int]] = [
-            (flag, pos[f"is_{flag}"]) for flag in ("dynamic", "cimd", "disabled") if f"is_{flag}" in pos
+        # A one-part path (the usual case) is read with one get: (position, column, [(member, setter)],
+        # [(path parts, setter)]).
+        self.json_groups = [
+            (
+                at,
+                column,
+                [(p[0], put) for p, put in fields if len(p) == 1],
+                [(p, put) for p, put in fields if len(p) > 1],
+            )
+            for at, column, fields in groups.values()
         ]
+        self.dynamic_at, self.cimd_at, self.disabled_at = (pos.get(f"is_{f}") for f in ("dynamic", "cimd", "disabled"))
         self.creds = []
         for i, cred in enumerate(profile.scan_credentials):
             enc = cred.issued_at.encoding if cred.issued_at else None
@@ -384,8 +393,10 @@ class RowDecoder:
         if self.created is not None:
             at, column, encoding = self.created
             raw = row[at]
-            if encoding == "epoch" and raw.__class__ in (int, float) and MIN_EPOCH <= raw <= MAX_EPOCH:
-                created = float(raw)
+            if raw.__class__ is int and encoding == "epoch" and MIN_EPOCH <= raw <= MAX_EPOCH:
+                created = float(raw)  # the usual case first
+            elif encoding == "epoch" and raw.__class__ is float and MIN_EPOCH <= raw <= MAX_EPOCH:
+                created = raw
             elif encoding in ("epoch", "epoch_ms") and isinstance(raw, str):
                 # Text in a number column (SQLite keeps what it is given): the statement that re-checks the age
                 # compares numbers, so such a row could be planned and never acted on. A problem row instead.
@@ -397,7 +408,7 @@ class RowDecoder:
                     problems.append(f"{column}: unreadable time {str(raw)[:40]!r}")
             if created is None and not problems and not self.unknown_age_ok:
                 problems.append(f"{column}: no registration time (NULL)")
-            elif created is not None and created > self.now + self.skew:
+            elif created is not None and created > self.latest:
                 problems.append(f"{column}: registration time is in the future")
         key, client_id = row[self.key_pos], row[self.id_pos]
         key = key if key.__class__ is str else str(key)
@@ -407,19 +418,26 @@ class RowDecoder:
             problems.append("client_id: not valid UTF-8")
         for at, put in self.plain:
             put(out, row[at], problems)
-        for at, column, fields in self.json_groups:
+        for at, column, members, paths in self.json_groups:
             raw_doc = row[at]
             try:
                 doc = orjson.loads(raw_doc) if raw_doc.__class__ is str else _parse_json(raw_doc, column, problems)
             except orjson.JSONDecodeError:  # NaN, Infinity, a document cut at the cap, or no JSON at all
                 doc = _parse_json(raw_doc, column, problems)
-            for path, put in fields:
+            get = doc.get if doc.__class__ is dict else _nothing
+            for member, put in members:
+                put(out, get(member), problems)
+            for path, put in paths:
                 value = doc
                 for part in path:
                     value = value.get(part) if value.__class__ is dict else None
                 put(out, value, problems)
-        for flag, flag_at in self.flags:
-            setattr(out, flag, bool(row[flag_at]))
+        if self.dynamic_at is not None:
+            out.dynamic = bool(row[self.dynamic_at])
+        if self.cimd_at is not None:
+            out.cimd = bool(row[self.cimd_at])
+        if self.disabled_at is not None:
+            out.disabled = bool(row[self.disabled_at])
         last = None
         strict_live = 0
         for kind, live_at, total_at, last_at, enc, strict_at in self.creds:
@@ -456,6 +474,11 @@ class RowDecoder:
                 except (TypeError, ValueError):
                     pass  # as the revoked index reads it: an unreadable time is no revocation
         return out
+
+
+def _nothing(_member: str) -> None:
+    """`dict.get` for a document that is not an object: no member has a value."""
+    return None
 
 
 def _parse_json(raw: Any, column: str, problems: list[str]) -> Any:
