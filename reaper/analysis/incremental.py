@@ -134,6 +134,7 @@ class ClientState:
             row.live = self._no_live
         if not row.problems:
             row.problems = self._no_problems
+        row.revoked_at = None  # kept once, in _Client.revoked: what a tick's loop detector reads
         return row
 
     def finish(self, snapshot: Snapshot, delta: Delta) -> None:
