@@ -19,6 +19,7 @@ from typing import Any
 from bench.dataset import ensure_pg
 from bench.run import ADMIN_DSN, sqla_url
 from reaper import commands
+from reaper.backends import Backend, open_backend
 from reaper.config import Config, load_config
 
 TARGET = 0.10  # an incremental tick costs at most this share of a full scan
@@ -32,12 +33,13 @@ def _config(url: str) -> Config:
     return load_config(None, {"database_url": url, "profile": "authlib"}, environ={})
 
 
-def _full_scan(config: Config, now: float) -> float:
+def _full_scan(config: Config, backend: Backend, now: float) -> float:
     """Seconds for one full scan as `serve` ran it before incremental ticks (no state kept)."""
     started = time.perf_counter()
-    with commands.classified(config, now=now) as (stream, _):
+    with commands.classified(config, backend, now=now) as (stream, _):
         for _ in stream:
             pass
+    backend.close()
     return time.perf_counter() - started
 
 
@@ -58,17 +60,21 @@ def state_bytes(url: str, now: float) -> tuple[int, int]:
 def measure(url: str, now: float, repeats: int = 3, log: Any = None) -> dict[str, Any]:
     """Median seconds of a full scan and of an incremental tick on an unchanged database, and their ratio."""
     config = _config(url)
+    # One backend for the run, closed after each scan and tick, as `serve` keeps it.
+    backend = open_backend(config)
     full, build, ticks = [], [], []
     for _ in range(repeats):
-        full.append(_full_scan(config, now))
+        full.append(_full_scan(config, backend, now))
         started = time.perf_counter()
-        snapshot, state = commands.tick(config, None, now=now)
+        snapshot, state = commands.tick(config, None, backend, now=now)
+        backend.close()
         build.append(time.perf_counter() - started)
         at = now
         for _ in range(2):
             at += INTERVAL
             started = time.perf_counter()
-            again, kept = commands.tick(config, state, now=at, new_since=snapshot.newest_registration)
+            again, kept = commands.tick(config, state, backend, now=at, new_since=snapshot.newest_registration)
+            backend.close()
             ticks.append(time.perf_counter() - started)
             assert kept is state, "the tick scanned fully"
             assert again.clients == snapshot.clients

@@ -23,7 +23,9 @@ from kit.ledger import tombstone_count
 from kit.prometheus import promtool_check, value
 from kit.proxy import FaultProxy, pg_port_of, via_proxy
 from kit.schemas.authlib import fill_churning
+from reaper import commands
 from reaper.analysis.model import VERDICTS
+from reaper.backends import open_backend
 from reaper.config import Config, load_config
 from reaper.demo import CHURN_REGISTRATIONS, build_demo
 from reaper.service import Service
@@ -453,3 +455,38 @@ def test_connection_cut_mid_scan_then_recovers(pg_db, proxy, service_events):
         assert service.stop() is True
     gc.collect()  # cursors dropped by the cuts are collected here, inside this test and its warning filter
     assert len(service_events.named("scan")) == service.metrics.scans - service.metrics.failures
+
+
+def test_ticks_hold_no_connection_between_them_and_keep_their_engines(pg_db):
+    """`serve` closes its backend after each tick: no connection to the auth database stays open in between, and
+    the next tick reuses the engines (their compiled statements and first-connect checks), not new ones."""
+    fill_churning(pg_db.engine, families=2, orphans_per_family=4)
+    config = _service_config(pg_db.url)
+    backend = open_backend(config)
+
+    def sessions() -> int:
+        with pg_db.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND pid <> pg_backend_pid()"
+                    )
+                ).scalar_one()
+            )
+
+    pg_db.engine.dispose()
+    alone = sessions()
+    try:
+        snapshot, state = commands.tick(config, None, backend)
+        backend.close()
+        engines = dict(backend._engines)
+        assert engines and sessions() == alone, "no connection kept after the tick"
+        again, kept = commands.tick(config, state, backend, new_since=snapshot.newest_registration)
+        assert kept is state and again.clients == snapshot.clients == 10
+        backend.close()
+        assert backend._engines == engines, "the same engines"
+        assert all(e.pool.checkedin() == 0 and e.pool.checkedout() == 0 for e in engines.values())
+        assert sessions() == alone
+    finally:
+        backend.close()

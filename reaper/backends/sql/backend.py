@@ -113,9 +113,10 @@ class SqlBackend:
         return self._engine("write")
 
     def close(self) -> None:
+        """Close every connection. The engines stay for the next use (`serve` closes after each tick): their
+        compiled statements and the dialect's first-connect checks are not paid again."""
         for engine in self._engines.values():
             engine.dispose()
-        self._engines.clear()
 
     def interrupt(self) -> None:
         """Cut every connection this backend has open (not the run lock's): a blocked call fails at once."""
