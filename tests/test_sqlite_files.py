@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from kit.cli import clean_env, cli_command, tool
-from reaper.commands import classified, report
+from reaper.backends import open_backend
+from reaper.commands import classified, report, tick
 from reaper.config import load_config
 from reaper.demo import CHURN_REGISTRATIONS, build_demo
 from reaper.errors import DatabaseError
@@ -130,3 +131,36 @@ def test_serve_in_a_directory_the_reaper_cannot_write_scans_without_a_run_lock(t
     finally:
         data.chmod(0o755)
     assert _listing(data) == before, "nothing created beside the database"
+
+
+def test_serve_ticks_follow_the_server_opening_and_closing_the_file(tmp_path):
+    """One backend across ticks, as `serve` keeps it: when the auth server starts after the reaper, the next tick
+    reads through its WAL (not the file as immutable); when it stops again, the next tick leaves no -wal or -shm
+    of its own beside the database."""
+    db = build_demo(tmp_path / "oauth.db")
+    config = _config(db)
+    backend = open_backend(config)  # type: ignore[arg-type]
+    try:
+        snapshot, state = tick(config, None, backend)  # type: ignore[arg-type]
+        backend.close()
+        assert snapshot.clients == CHURN_REGISTRATIONS + 3
+        server = sqlite3.connect(db)
+        try:
+            server.execute("PRAGMA journal_mode=WAL")
+            server.execute("PRAGMA wal_autocheckpoint=0")
+            server.execute("INSERT INTO oauth_clients (client_id, client_name, created_at) VALUES ('new', 'x', 1)")
+            server.commit()
+            for _ in range(2):
+                snapshot, state = tick(config, state, backend)  # type: ignore[arg-type]
+                backend.close()
+                assert snapshot.clients == CHURN_REGISTRATIONS + 4
+        finally:
+            server.close()
+        assert not Path(f"{db}-wal").exists() and not Path(f"{db}-shm").exists()
+        before = _listing(tmp_path)
+        snapshot, state = tick(config, state, backend)  # type: ignore[arg-type]
+        backend.close()
+        assert snapshot.clients == CHURN_REGISTRATIONS + 4
+        assert _listing(tmp_path) == before, "no -wal or -shm of the reaper's own"
+    finally:
+        backend.close()

@@ -114,9 +114,13 @@ class SqlBackend:
 
     def close(self) -> None:
         """Close every connection. The engines stay for the next use (`serve` closes after each tick): their
-        compiled statements and the dialect's first-connect checks are not paid again."""
-        for engine in self._engines.values():
+        compiled statements and the dialect's first-connect checks are not paid again. Not a SQLite file's:
+        how it is opened (immutable when nobody has it open, its symlink resolved) is decided when its engine is
+        made, from the file as it is then."""
+        for role, engine in list(self._engines.items()):
             engine.dispose()
+            if engine.dialect.name == "sqlite":
+                del self._engines[role]
 
     def interrupt(self) -> None:
         """Cut every connection this backend has open (not the run lock's): a blocked call fails at once."""
