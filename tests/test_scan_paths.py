@@ -179,3 +179,22 @@ def test_overlapping_scans_put_the_collector_back_when_the_last_ends():
         assert gc.get_threshold()[0] == 0
     finally:
         gc.set_threshold(*before)
+
+
+def test_decoded_problems_keep_the_profiles_field_order_with_a_dotted_json_path(tmp_path):
+    """A one-part JSON path is read with one lookup, a dotted one member by member; the fields still decode, and
+    report their problems, in the profile's order (the name before the redirect URIs)."""
+    builtin = Path(__file__).parent.parent / "reaper" / "profiles" / "builtin" / "authlib.toml"
+    text = builtin.read_text(encoding="utf-8").replace('name = "authlib"', 'name = "authlib-dotted"', 1)
+    text = text.replace('json = "client_name"', 'json = "a.b"', 1)
+    custom = tmp_path / "authlib-dotted.toml"
+    custom.write_text(text, encoding="utf-8")
+    url = f"sqlite:///{tmp_path / 'unused.db'}"
+    profile = bind_profile(make_config(url, profile=str(custom)))
+    now = datetime.fromtimestamp(1_800_000_000, UTC)
+    keys = list(build_query(profile, DatabaseImpl.for_backend("sqlite"), now).selected_columns.keys())
+    values = dict.fromkeys(keys)
+    values.update(k="c1", client_id="c1", f_0=1_700_000_000, is_dynamic=1, is_cimd=0)
+    values["f_1"] = '{"a": {"b": "\udcff"}, "redirect_uris": "not json"}'
+    row = RowDecoder(profile, now, 30.0, keys).decode(tuple(values[k] for k in keys))
+    assert row.problems == ["client_metadata: name is not valid UTF-8", "client_metadata: redirect URIs unreadable"]

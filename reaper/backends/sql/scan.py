@@ -361,15 +361,10 @@ class RowDecoder:
                 groups.setdefault(at, (at, column, []))[2].append((tuple(f.json_path.split(".")), setter))
             else:
                 self.plain.append((at, setter))
-        # A one-part path (the usual case) is read with one get: (position, column, [(member, setter)],
-        # [(path parts, setter)]).
+        # A one-part path (the usual case) is read with one get, a longer one member by member; fields keep the
+        # profile's order (so do the problems they report): (position, column, [(member or None, parts, setter)]).
         self.json_groups = [
-            (
-                at,
-                column,
-                [(p[0], put) for p, put in fields if len(p) == 1],
-                [(p, put) for p, put in fields if len(p) > 1],
-            )
+            (at, column, [(p[0] if len(p) == 1 else None, p, put) for p, put in fields])
             for at, column, fields in groups.values()
         ]
         self.dynamic_at, self.cimd_at, self.disabled_at = (pos.get(f"is_{f}") for f in ("dynamic", "cimd", "disabled"))
@@ -418,16 +413,17 @@ class RowDecoder:
             problems.append("client_id: not valid UTF-8")
         for at, put in self.plain:
             put(out, row[at], problems)
-        for at, column, members, paths in self.json_groups:
+        for at, column, fields in self.json_groups:
             raw_doc = row[at]
             try:
                 doc = orjson.loads(raw_doc) if raw_doc.__class__ is str else _parse_json(raw_doc, column, problems)
             except orjson.JSONDecodeError:  # NaN, Infinity, a document cut at the cap, or no JSON at all
                 doc = _parse_json(raw_doc, column, problems)
             get = doc.get if doc.__class__ is dict else _nothing
-            for member, put in members:
-                put(out, get(member), problems)
-            for path, put in paths:
+            for member, path, put in fields:
+                if member is not None:
+                    put(out, get(member), problems)
+                    continue
                 value = doc
                 for part in path:
                     value = value.get(part) if value.__class__ is dict else None
