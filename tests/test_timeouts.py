@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import socket
+import threading
 import time
 
 import psycopg
@@ -120,6 +121,35 @@ def test_mariadb_connects_within_the_connect_bound_then_waits_a_round_trip(maria
     finally:
         engine.dispose()
         given.dispose()
+
+
+def test_a_connect_timeout_in_a_mysql_url_also_bounds_the_login():
+    """A server that takes the connection and never sends its greeting: the URL's connect_timeout (1 s) bounds
+    the wait, not the configured one (5 s)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    held: list[socket.socket] = []
+    accepting = threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True)
+    accepting.start()
+    port = silent.getsockname()[1]
+    engine = make_engine(
+        f"mysql+pymysql://root@127.0.0.1:{port}/x?connect_timeout=1",
+        readonly=True,
+        bounds=Timeouts(connect=5, round_trip=30.0),
+    )
+    try:
+        started = time.monotonic()
+        with pytest.raises(DBAPIError), engine.connect():
+            pass
+        took = time.monotonic() - started
+        assert held, "the connection was taken: the wait was for the greeting"
+        assert took < 3.0, f"{took:.2f}s"
+    finally:
+        engine.dispose()
+        for conn in held:
+            conn.close()
+        silent.close()
 
 
 @pytest.mark.parametrize("server", ["postgresql", "mariadb"])

@@ -645,6 +645,9 @@ class MySQLImpl(DatabaseImpl):
         # for a round trip's bound: connecting gets the connect bound, the round trip's is set once connected
         # (prepare_engine).
         bound = max(1, math.ceil(timeouts.connect))
+        given = str(url.query.get("connect_timeout", ""))
+        if given.replace(".", "", 1).isdigit():  # the URL's own bound, also for the login
+            bound = max(1, math.ceil(float(given)))
         args: dict[str, Any] = {"connect_timeout": bound, "read_timeout": bound, "write_timeout": bound}
         return {k: v for k, v in args.items() if k not in url.query}
 
