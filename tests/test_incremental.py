@@ -17,7 +17,9 @@ from kit.schemas.authlib import client_row, code_row, create_schema, token_row
 from reaper import commands
 from reaper.analysis.incremental import ClientState
 from reaper.analysis.model import Snapshot
+from reaper.backends.sql import SqlBackend
 from reaper.config import Config
+from reaper.profiles import bind_profile
 from reaper.service.app import Service
 
 T0 = 1_750_000_000
@@ -302,3 +304,33 @@ def test_a_state_build_leaves_the_collector_nothing_pending(sqlite_db: TestDB) -
     assert state is not None and state.size() == 40
     young, middle, _ = gc.get_count()
     assert middle == 0 and young < 700, "no collection pending after the build"
+
+
+def test_a_tick_matches_a_revocation_to_its_client_as_the_full_scan_does(any_db: TestDB) -> None:
+    """The full scan joins each client's revocations to it in SQL; a tick re-reading the client must match them
+    the same way. MariaDB's default collation matches 'dupy' to the client 'DupY' (case, trailing spaces): both
+    see the revocation there, neither on SQLite or PostgreSQL."""
+    create_schema(any_db.engine)
+    client, token, _ = World(any_db.engine).tables()
+    with any_db.engine.begin() as conn:
+        conn.execute(client.insert(), [client_row("DupY", "App", ["http://localhost:3000/cb"], T0 - 3600)])
+        revoked = T0 - 2000
+        conn.execute(
+            token.insert(),
+            [token_row("dupy", 1, T0 - 3000, 60, refresh=True, access_revoked=revoked, refresh_revoked=revoked)],
+        )
+    config = _config(any_db.url)
+    backend = SqlBackend(config, bind_profile(config))
+    try:
+        backend.check()
+        with backend.scan(float(T0)) as source:
+            since = source.now - config.loops.lookback
+            index = source.revoked(since)
+            assert index is not None and index.on_rows
+            scanned = {row.key: index.at(row) for row in source.rows()}
+            ticked = backend.delta(source).revoked(["DupY"], since)
+    finally:
+        backend.close()
+    expected = float(revoked) if any_db.kind == "mariadb" else None
+    assert scanned == {"DupY": expected}
+    assert ticked.get("DupY") == expected

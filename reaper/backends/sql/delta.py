@@ -24,6 +24,7 @@ from reaper.backends.sql.scan import (
     credential_compiler,
     credential_filter,
     keys_in,
+    revocations_on_rows,
     revoked_query,
     tenant_filter,
 )
@@ -136,15 +137,25 @@ class SqlDelta:
             return {}
         out: dict[str, float] = {}
         inner = revoked_query(self.profile, self.impl, self.scan.at, since).order_by(None).subquery("r")
+        ref, latest = list(inner.c)
+        cm = self.profile.client
+        on_rows = revocations_on_rows(self.profile) is not None
         for at in range(0, len(keys), CHUNK):
-            query = sa.select(*inner.c).where(keys_in(inner.c.ref, keys[at : at + CHUNK]))
-            for ref, raw_at in self.scan.conn.execute(query):
+            chunk = keys[at : at + CHUNK]
+            query = sa.select(ref, latest).where(keys_in(ref, chunk))
+            if on_rows:
+                # The full scan joins the revocations to their client in SQL: a database whose collation matches
+                # keys without regard to case or trailing spaces (MariaDB's default) matches them the same here.
+                client = table_clause(cm.table, {cm.key}).alias("c")
+                query = sa.select(client.c[cm.key], latest).select_from(client.join(inner, ref == client.c[cm.key]))
+                query = query.where(keys_in(ref, chunk), keys_in(client.c[cm.key], chunk))
+            for ref_value, raw_at in self.scan.conn.execute(query):
                 try:
                     when = to_epoch(raw_at, lmap.revoked_at.encoding)
                 except (TypeError, ValueError):
                     continue
-                if when is not None and ref is not None:
-                    out[str(ref)] = when
+                if when is not None and ref_value is not None:
+                    out[str(ref_value)] = when
         return out
 
 
