@@ -83,6 +83,8 @@ class DatabaseImpl:
     # writers queue (SQLite) or where deletes by a secondary index take gap locks two batches could deadlock on
     # (InnoDB).
     concurrent_batches: ClassVar[int] = 1
+    # Whether an engine serves again once its connections were closed (`serve` keeps them between ticks).
+    engine_outlives_close: ClassVar[bool] = True
     _registry: ClassVar[dict[str, type[DatabaseImpl]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -835,6 +837,9 @@ class MySQLImpl(DatabaseImpl):
 class SQLiteImpl(DatabaseImpl):
     name = "sqlite"
     backends = ("sqlite",)
+    # How a file is opened (immutable when nobody has it open, its symlink resolved) is decided when its engine
+    # is made, from the file as it is then: a new engine each time.
+    engine_outlives_close = False
 
     def check_url(self, url: URL, key: str = "database_url") -> None:
         path = url.database

@@ -113,13 +113,12 @@ class SqlBackend:
         return self._engine("write")
 
     def close(self) -> None:
-        """Close every connection. The engines stay for the next use (`serve` closes after each tick): their
-        compiled statements and the dialect's first-connect checks are not paid again. Not a SQLite file's:
-        how it is opened (immutable when nobody has it open, its symlink resolved) is decided when its engine is
-        made, from the file as it is then."""
+        """Close every connection. The engines stay for the next use (`serve` closes after each tick), where
+        the database allows (not a SQLite file's): their compiled statements and the dialect's first-connect
+        checks are not paid again."""
         for role, engine in list(self._engines.items()):
             engine.dispose()
-            if engine.dialect.name == "sqlite":
+            if not DatabaseImpl.for_engine(engine).engine_outlives_close:
                 del self._engines[role]
 
     def interrupt(self) -> None:
