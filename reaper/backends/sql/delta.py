@@ -142,13 +142,14 @@ class SqlDelta:
         on_rows = revocations_on_rows(self.profile) is not None
         for at in range(0, len(keys), CHUNK):
             chunk = keys[at : at + CHUNK]
-            query = sa.select(ref, latest).where(keys_in(ref, chunk))
             if on_rows:
                 # The full scan joins the revocations to their client in SQL: a database whose collation matches
                 # keys without regard to case or trailing spaces (MariaDB's default) matches them the same here.
                 client = table_clause(cm.table, {cm.key}).alias("c")
                 query = sa.select(client.c[cm.key], latest).select_from(client.join(inner, ref == client.c[cm.key]))
                 query = query.where(keys_in(ref, chunk), keys_in(client.c[cm.key], chunk))
+            else:
+                query = sa.select(ref, latest).where(keys_in(ref, chunk))
             for ref_value, raw_at in self.scan.conn.execute(query):
                 try:
                     when = to_epoch(raw_at, lmap.revoked_at.encoding)

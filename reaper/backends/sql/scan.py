@@ -115,7 +115,7 @@ def keys_in(column: Any, keys: Sequence[str]) -> Any:
     return column.in_(sa.bindparam(None, list(keys), expanding=True, type_=sa.types.NullType()))
 
 
-def _revocation(profile: BoundProfile, t: Any, comp: Compiler, now: datetime, since: float | None) -> tuple[Any, Any]:
+def _revocation(profile: BoundProfile, t: Any, comp: Compiler, since: float | None) -> tuple[Any, Any]:
     """For the loop map's credential table `t`: (this row's refresh token was revoked, since `since` when given;
     the latest such revocation, as an aggregate)."""
     lmap = profile.profile.loops
@@ -167,11 +167,11 @@ def build_query(
     for i, cred in enumerate(profile.scan_credentials):
         columns = credential_columns(cred) | (reads[cred.table] if cred is loop_cred else set())
         t = table_clause(cred.table, columns).alias(f"t{i}")
-        live = live_condition(cred, credential_compiler(profile, cred, t, now, impl))
+        comp_t = credential_compiler(profile, cred, t, now, impl)
+        live = live_condition(cred, comp_t)
         aggs = [t.c[cred.ref].label("ref"), sa.func.sum(_flag(live)).label("live"), sa.func.count().label("total")]
         if cred is loop_cred:
-            comp_t = credential_compiler(profile, cred, t, now, impl)
-            aggs.append(_revocation(profile, t, comp_t, now, revoked_since)[1].label("revoked"))
+            aggs.append(_revocation(profile, t, comp_t, revoked_since)[1].label("revoked"))
         if can_live_forever(cred):  # live counted again with "never expires" read as expired
             strict = live_condition(cred, credential_compiler(profile, cred, t, now, impl, strict=True))
             aggs.append(sa.func.sum(_flag(strict)).label("strict"))
@@ -565,7 +565,7 @@ def revoked_query(profile: BoundProfile, impl: DatabaseImpl, now: datetime, sinc
     reads = profile_reads(profile.profile)
     t: Any = table_clause(cred.table, reads[cred.table]).alias("lt")
     comp = credential_compiler(profile, cred, t, now, impl)
-    revoked, latest = _revocation(profile, t, comp, now, since)
+    revoked, latest = _revocation(profile, t, comp, since)
     live = live_condition(cred, comp)
     where = credential_filter(profile, cred, t, now, impl)
     # Only rows that matter: recent revocations, and live rows (one live row clears its client).
