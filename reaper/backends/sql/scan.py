@@ -156,7 +156,9 @@ def build_query(
     loop_cred = revocations_on_rows(profile) if revoked_since is not None else None
     client = table_clause(cm.table, reads[cm.table]).alias("c")
     comp = Compiler(client, now, profile.options, impl)
-    cols: list[Any] = [client.c[cm.key].label("k"), client.c[cm.client_id].label("client_id")]
+    cols: list[Any] = [client.c[cm.key].label("k")]
+    if cm.client_id != cm.key:  # read once where the key is the client_id (the decoder reuses the string)
+        cols.append(client.c[cm.client_id].label("client_id"))
     for i, name in enumerate(_data_columns(cm)):
         cap = _cap(cm, name)
         col = client.c[name] if cap is None else impl.prefix(client.c[name], cap)
@@ -373,7 +375,7 @@ class RowDecoder:
             enc = cred.issued_at.encoding if cred.issued_at else None
             strict_at = pos.get(f"strict_{i}", pos[f"live_{i}"])  # no "never" rule: strict is live itself
             self.creds.append((cred.kind, pos[f"live_{i}"], pos[f"total_{i}"], pos.get(f"last_{i}"), enc, strict_at))
-        self.key_pos, self.id_pos = pos["k"], pos["client_id"]
+        self.key_pos, self.id_pos = pos["k"], pos.get("client_id", pos["k"])
         # (position, the loop credential's live count when a live row clears the revocation, encoding)
         self.revoked: tuple[int, int | None, str | None] | None = None
         lmap = profile.profile.loops
@@ -405,9 +407,13 @@ class RowDecoder:
                 problems.append(f"{column}: no registration time (NULL)")
             elif created is not None and created > self.latest:
                 problems.append(f"{column}: registration time is in the future")
-        key, client_id = row[self.key_pos], row[self.id_pos]
+        key = row[self.key_pos]
         key = key if key.__class__ is str else str(key)
-        client_id = client_id if client_id.__class__ is str else str(client_id)
+        if self.id_pos == self.key_pos:
+            client_id = key  # one string for both: families and evidence keep it
+        else:
+            client_id = row[self.id_pos]
+            client_id = client_id if client_id.__class__ is str else str(client_id)
         out = ClientRow(key, client_id, created, problems=problems)
         if not (client_id.isascii() and key.isascii()) and (invalid_text(client_id) or invalid_text(key)):
             problems.append("client_id: not valid UTF-8")
