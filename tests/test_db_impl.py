@@ -30,3 +30,10 @@ def test_keys_select_exactly_their_rows(any_db):
         assert none == []
         ints = {r[0] for r in conn.execute(sa.select(int_keys.c.k).where(impl.in_(int_keys.c.k, ["3", "17", "42"])))}
         assert ints == {3, 17, 42}
+        # The scan's tables are declared without types (`table_clause`): the database reads the keys as the
+        # column's type, and the tricky ones still select only themselves.
+        text_any, int_any = sa.table("keyed_text", sa.column("k")), sa.table("keyed_int", sa.column("k"))
+        got = {r[0] for r in conn.execute(sa.select(text_any.c.k).where(impl.in_(text_any.c.k, TRICKY)))}
+        assert got == set(TRICKY)
+        ints = {r[0] for r in conn.execute(sa.select(int_any.c.k).where(impl.in_(int_any.c.k, ["3", "17", "42"])))}
+        assert ints == {3, 17, 42}

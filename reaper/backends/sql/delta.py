@@ -23,7 +23,6 @@ from reaper.backends.sql.scan import (
     can_live_forever,
     credential_compiler,
     credential_filter,
-    keys_in,
     revocations_on_rows,
     revoked_query,
     tenant_filter,
@@ -147,9 +146,9 @@ class SqlDelta:
                 # keys without regard to case or trailing spaces (MariaDB's default) matches them the same here.
                 client = table_clause(cm.table, {cm.key}).alias("c")
                 query = sa.select(client.c[cm.key], latest).select_from(client.join(inner, ref == client.c[cm.key]))
-                query = query.where(keys_in(ref, chunk), keys_in(client.c[cm.key], chunk))
+                query = query.where(self.impl.in_(ref, chunk), self.impl.in_(client.c[cm.key], chunk))
             else:
-                query = sa.select(ref, latest).where(keys_in(ref, chunk))
+                query = sa.select(ref, latest).where(self.impl.in_(ref, chunk))
             for ref_value, raw_at in self.scan.conn.execute(query):
                 try:
                     when = to_epoch(raw_at, lmap.revoked_at.encoding)

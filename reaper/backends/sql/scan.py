@@ -109,12 +109,6 @@ def _data_columns(cm: ClientMap) -> list[str]:
     return sorted({f.column for _, f in cm.fields() if f.column})
 
 
-def keys_in(column: Any, keys: Sequence[str]) -> Any:
-    """`column IN keys`, untyped: keys travel as text and the database reads them as the column's type. One
-    expanding parameter, so the statement compiles once whatever the number of keys."""
-    return column.in_(sa.bindparam(None, list(keys), expanding=True, type_=sa.types.NullType()))
-
-
 def _revocation(profile: BoundProfile, t: Any, comp: Compiler, since: float | None) -> tuple[Any, Any]:
     """For the loop map's credential table `t`: (this row's refresh token was revoked, since `since` when given;
     the latest such revocation, as an aggregate)."""
@@ -181,7 +175,7 @@ def build_query(
             aggs.append(sa.func.max(t.c[cred.issued_at.column]).label("last"))
         where = credential_filter(profile, cred, t, now, impl)
         if only is not None and cred.client_column in (None, cm.key):
-            where.append(keys_in(t.c[cred.ref], only))
+            where.append(impl.in_(t.c[cred.ref], only))
         sub = sa.select(*aggs).where(*where).group_by(t.c[cred.ref]).subquery(f"a{i}")
         query_from = query_from.outerjoin(sub, sub.c.ref == client.c[cred.client_column or cm.key])
         cols += [sub.c.live.label(f"live_{i}"), sub.c.total.label(f"total_{i}")]
@@ -198,7 +192,7 @@ def build_query(
             agg = impl.group_concat(rt.c[f.rows.column])
             rsel = sa.select(rt.c[f.rows.ref].label("ref"), agg.label("vals")).group_by(rt.c[f.rows.ref])
             if only is not None:
-                rsel = rsel.where(keys_in(rt.c[f.rows.ref], only))
+                rsel = rsel.where(impl.in_(rt.c[f.rows.ref], only))
             subq = rsel.subquery(f"rows_{name}")
             query_from = query_from.outerjoin(subq, subq.c.ref == client.c[cm.key])
             cols.append(subq.c.vals.label(f"rows_{name}"))
@@ -218,7 +212,7 @@ def build_query(
             cols.append(lsub.c.v.label(f"lk_{name}"))
     tenant = tenant_filter(client, cm.tenant, profile.options)
     if only is not None:
-        tenant.append(keys_in(client.c[cm.key], only))
+        tenant.append(impl.in_(client.c[cm.key], only))
     query = sa.select(*cols).select_from(query_from).where(*tenant)
     # No ORDER BY: a sort would keep the database busy before the first row; the classifier needs no order.
     return query
