@@ -334,3 +334,33 @@ def test_a_tick_matches_a_revocation_to_its_client_as_the_full_scan_does(any_db:
     expected = float(revoked) if any_db.kind == "mariadb" else None
     assert scanned == {"DupY": expected}
     assert ticked.get("DupY") == expected
+
+
+def test_a_member_whose_change_stays_its_own_is_judged_without_its_family(any_db: TestDB) -> None:
+    """A re-read member whose family, rank, liveness and revocation are unchanged (its access token expired, its
+    refresh token keeps it live) is judged alone; one whose liveness changed has its family judged whole. Both
+    ticks equal a full scan."""
+    create_schema(any_db.engine)
+    world = World(any_db.engine)
+    for i in range(5):
+        world.apply(("register", 0, 4000 - 100 * i))  # one family, the last registered the newest
+    for i in range(4):
+        world.apply(("token", i, 60, False))  # the older members' tokens: expired, and before the overlap
+    world.clock += 400
+    world.apply(("token", 4, 60, True))  # the newest: an access token for a minute, a refresh token
+    ticker = Ticker(_config(any_db.url))
+    built, _ = ticker.tick(world.clock)
+    state = ticker.state
+    assert state is not None and built.live_forever_only == 0
+
+    world.clock += 120  # the newest's access token expires: it is live through its refresh token alone
+    snap, full = ticker.tick(world.clock)
+    assert ticker.state is state and _facts(snap) == _facts(full)
+    assert (state.judged_alone, state.rejudged) == (1, 0)
+    assert snap.by_verdict["live"] == 1 and snap.by_verdict["orphan"] == 4 and snap.live_forever_only == 1
+
+    world.apply(("revoke", 4))  # no live credential left: its verdict changes, and so may its siblings'
+    world.clock += 60
+    snap, full = ticker.tick(world.clock)
+    assert ticker.state is state and _facts(snap) == _facts(full)
+    assert (state.judged_alone, state.rejudged) == (0, 5)

@@ -100,6 +100,8 @@ class ClientState:
         self.loop_evidence: str | None = None  # None: the profile has no loop map
         self.revoked_in_seconds = False
         self.ips = False  # rows carry registrant IPs: floods by IP prefix span families
+        self.judged_alone = 0  # the last tick's re-read members that qualified to be judged without their family
+        self.rejudged = 0  # and the members of the families it judged whole
         self._revoked: RevokedIndex | None = None
         self._shared: dict[Any, Any] = {}  # values many rows hold, kept once
         self._no_live: dict[str, int] = {}
@@ -187,20 +189,25 @@ class ClientState:
             else {}
         )
         family_of = parts_of(settings.classify.family_components)
+        alone: list[tuple[_Client, _Client]] = []  # (before, now): re-read members whose change may be their own
         for row in fresh:
             old = self.clients.get(row.key)
-            if old is not None:
-                self.credentials -= old.row.total_credentials
-                dirty.add(old.family)
-                self.families[old.family].keys.discard(row.key)
             fid = family_id(family_of(row))
-            dirty.add(fid)
-            self.clients[row.key] = _Client(self._compact(row), fid, Verdict.PROTECTED, _nan(revoked.get(row.key)))
+            client = _Client(self._compact(row), fid, Verdict.PROTECTED, _nan(revoked.get(row.key)))
+            self.clients[row.key] = client
             self.credentials += row.total_credentials
             if row.problems:
                 self.unreadable.add(row.key)
             else:
                 self.unreadable.discard(row.key)
+            if old is not None:
+                self.credentials -= old.row.total_credentials
+                if _siblings_unaffected(old, client):
+                    alone.append((old, client))
+                    continue
+                dirty.add(old.family)
+                self.families[old.family].keys.discard(row.key)
+            dirty.add(fid)
             fam = self.families.get(fid)
             if fam is None:
                 fam = self.families[fid] = _Family(FamilyStats(fid, None, ""))
@@ -208,8 +215,14 @@ class ClientState:
         clients, credentials = delta.counts()
         if clients != len(self.clients) or credentials - self.credentials != self.dangling:
             return None
+        judge = Classifier(settings.classify, self._snapshot(source, now), now)
+        for old, client in alone:
+            if client.family not in dirty and not self._judged_alone(old, client, judge):
+                dirty.add(client.family)  # its verdict changed: the family is judged whole
+        self.judged_alone = len(alone)
         # Re-judge every member of the families that changed or that time caught up with, each family whole.
         rejudge = [self.clients[k].row for fid in dirty if fid in self.families for k in self.families[fid].keys]
+        self.rejudged = len(rejudge)
         for fid in dirty:
             self.families.pop(fid, None)
         snapshot, scratch = self._snapshot(source, now), self._snapshot(source, now)
@@ -234,6 +247,29 @@ class ClientState:
         return snapshot
 
     # -- the parts --------------------------------------------------------------------------------------------
+
+    def _judged_alone(self, old: _Client, client: _Client, judge: Classifier) -> bool:
+        """Judge a re-read member without its family, which time has not caught up with: its siblings' verdicts,
+        the family's stats, loop and flood hold (`_siblings_unaffected`), and so does its own verdict, or the
+        family is judged whole (False). Its reason may change (an access token expired: live through the refresh
+        token now), and so may whether it is live only through credentials that never expire."""
+        fam = self.families[client.family]
+        has_newer = fam.stats.newest_key != client.row.key  # its rank is unchanged: the family's newest is known
+        verdict, reason = judge.verdict(client.row, has_newer)
+        if verdict is not old.verdict:
+            return False
+        _, before = judge.verdict(old.row, has_newer)  # the reason it was counted under (time changed nothing)
+        if (verdict, before) not in fam.counts:
+            return False
+        if reason != before:
+            fam.counts[(verdict, before)] -= 1
+            if not fam.counts[(verdict, before)]:
+                del fam.counts[(verdict, before)]
+            fam.counts[(verdict, reason)] = fam.counts.get((verdict, reason), 0) + 1
+        if verdict is Verdict.LIVE:
+            fam.live_forever_only += client.row.live_forever_only - old.row.live_forever_only
+        client.verdict = verdict
+        return True
 
     def _absorb(self, item: Classified) -> None:
         fam = self.families.get(item.family)
@@ -401,3 +437,26 @@ class _Watched:
 
 def _nan(value: float | None) -> float:
     return math.nan if value is None else value
+
+
+def _siblings_unaffected(old: _Client, new: _Client) -> bool:
+    """Whether a re-read member's change can reach nothing but its own verdict: the same family and rank (so its
+    siblings' verdicts and the family's newest members hold), the same name and registrant IP (the family's
+    shown name, floods), and for the loop detector the same revocation, whether it is live and whether it ever
+    had a credential. Rows with problems never qualify."""
+    a, b = old.row, new.row
+    return (
+        old.family == new.family
+        and not a.problems
+        and not b.problems
+        and a.created_at is not None
+        and a.created_at == b.created_at
+        and a.last_used == b.last_used
+        and a.client_id == b.client_id
+        and a.name == b.name
+        and a.ip == b.ip
+        and a.ip_network == b.ip_network
+        and bool(a.live) == bool(b.live)
+        and bool(a.total_credentials) == bool(b.total_credentials)
+        and (old.revoked == new.revoked or (math.isnan(old.revoked) and math.isnan(new.revoked)))
+    )
