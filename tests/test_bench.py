@@ -50,7 +50,9 @@ def test_bench_harness_runs_end_to_end(tmp_path):
         for mode in ("floor", "table", "json"):
             assert figures[mode]["seconds"] > 0 and figures[mode]["rss_mb"] > 0
             assert figures[mode]["blks_hit"] + figures[mode]["blks_read"] > 0  # the database's counters moved
-        assert figures["table"]["db_cpu_s"] > 0  # the backend's CPU, read from /proc (same host)
+        # The backend's CPU, read from /proc (same host): clock ticks of 10 ms, which a scan of 3,000 rows on a
+        # quiet machine may not reach.
+        assert figures["table"]["db_cpu_s"] is not None and figures["table"]["db_cpu_s"] >= 0
     for load in result["load"].values():
         assert load["samples"]["idle"] > 0 and load["limited_rate"] >= 1000 and load["limited_p99_ms"] > 0
         assert load["samples"]["floor"] > 0 and load["floor_p99_ms"] > 0
@@ -71,8 +73,9 @@ def test_bench_harness_runs_end_to_end(tmp_path):
         assert line in proc.stdout
     assert "auth p99 during a scan" in proc.stdout and "reap throughput" in proc.stdout
     for ticks in result["ticks"].values():  # bench.tick's phase, at each size
-        assert ticks["full_s"] > 0 and 0 < ticks["tick_s"] and ticks["ratio"] > 0
+        assert ticks["full_s"] > 0 and 0 < ticks["tick_s"] and ticks["ratio"] > 0 and ticks["wave_tick_s"] > 0
     assert set(result["ticks"]) == {"3000", "6000"} and "serve tick on an unchanged database, 6,000" in proc.stdout
+    assert "access tokens expired at once, 6,000" in proc.stdout
 
 
 @pytest.mark.pg
