@@ -364,3 +364,25 @@ def test_a_member_whose_change_stays_its_own_is_judged_without_its_family(any_db
     snap, full = ticker.tick(world.clock)
     assert ticker.state is state and _facts(snap) == _facts(full)
     assert (state.judged_alone, state.rejudged) == (0, 5)
+
+
+def test_a_lone_member_whose_verdict_changes_has_its_family_judged_whole(any_db: TestDB) -> None:
+    """A superseded member long past `stale_after`, live through an access token and a refresh token: once the
+    access token expires it is live only through the refresh token, and stale, so an orphan. Its siblings are
+    unaffected, but its own verdict changed: the family is judged whole, and the tick equals a full scan."""
+    create_schema(any_db.engine)
+    world = World(any_db.engine)
+    world.apply(("register", 0, 9000))
+    world.apply(("register", 0, 8900))  # the newest of the family
+    world.apply(("token", 0, 7000, True))  # the older member: its access token outlives stale_after (5000 s)
+    world.clock += 5500
+    ticker = Ticker(_config(any_db.url))
+    built, _ = ticker.tick(world.clock)
+    state = ticker.state
+    assert state is not None and built.by_reason[("live", "live_token")] == 1
+
+    world.clock += 1600  # the access token expired: live only through the refresh token, and stale
+    snap, full = ticker.tick(world.clock)
+    assert ticker.state is state and _facts(snap) == _facts(full)
+    assert snap.by_reason[("orphan", "stale")] == 1
+    assert (state.judged_alone, state.rejudged) == (1, 2)
