@@ -3,6 +3,9 @@ full scan gives at the same moment (SQLite and PostgreSQL, Authlib's real schema
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -386,3 +389,25 @@ def test_a_lone_member_whose_verdict_changes_has_its_family_judged_whole(any_db:
     assert ticker.state is state and _facts(snap) == _facts(full)
     assert snap.by_reason[("orphan", "stale")] == 1
     assert (state.judged_alone, state.rejudged) == (1, 2)
+
+
+def test_the_scan_log_line_says_what_a_tick_read_again(sqlite_db: TestDB, caplog: pytest.LogCaptureFixture) -> None:
+    """A full scan's `scan` line has no tick counts; an incremental tick's says what it re-read, judged alone
+    and judged again."""
+    create_schema(sqlite_db.engine)
+    world = World(sqlite_db.engine, clock=int(time.time()))  # the service judges by the database's clock
+    for i in range(3):
+        world.apply(("register", 0, 4000 - 100 * i))
+    world.apply(("token", 2, 3600, True))
+    service = Service(_config(sqlite_db.url, service={"full_scan_every": 3, "port": 0}))
+    try:
+        with caplog.at_level(logging.INFO, logger="reaper.service"):
+            service._scan()
+            world.apply(("token", 2, 3600, True))  # the newest member's new token: it alone is re-read
+            service._scan()
+    finally:
+        service.backend.close()
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.getMessage().startswith('{"')]
+    full, tick = (line for line in lines if line["event"] == "scan")
+    assert (full["incremental"], full["reread"], full["judged_alone"], full["rejudged"]) == (False, None, None, None)
+    assert tick["incremental"] is True and tick["reread"] == 1 and tick["judged_alone"] + tick["rejudged"] >= 1

@@ -100,7 +100,8 @@ class ClientState:
         self.loop_evidence: str | None = None  # None: the profile has no loop map
         self.revoked_in_seconds = False
         self.ips = False  # rows carry registrant IPs: floods by IP prefix span families
-        self.judged_alone = 0  # the last tick's re-read members that qualified to be judged without their family
+        self.reread = 0  # the last tick's re-read clients,
+        self.judged_alone = 0  # those that qualified to be judged without their family,
         self.rejudged = 0  # and the members of the families it judged whole
         self._revoked: RevokedIndex | None = None
         self._shared: dict[Any, Any] = {}  # values many rows hold, kept once
@@ -173,6 +174,7 @@ class ClientState:
         keys |= self.unreadable  # a time in the future stops being one
         dirty = {fid for fid, fam in self.families.items() if fam.valid_until <= now}
         fresh: list[ClientRow] = list(delta.rows(sorted(keys))) if keys else []
+        self.reread = len(fresh)
         if source.has_ips or settings.ip.access_log:
             fresh = list(with_ips(iter(fresh), settings, source))
         seen = {row.key for row in fresh}

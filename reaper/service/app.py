@@ -173,6 +173,7 @@ class Service:
         if first and self.s.reap:
             self._remember_kept_loops(snapshot.started_at)
         self._last_error = None
+        kept = self._state if incremental else None  # what the tick re-read, judged alone and judged again
         log_event(
             "scan",
             clients=snapshot.clients,
@@ -180,6 +181,9 @@ class Service:
             by_verdict={str(k): v for k, v in snapshot.by_verdict.items()},
             new_registrations=snapshot.new_registrations if not first else None,
             incremental=incremental,
+            reread=kept.reread if kept else None,
+            judged_alone=kept.judged_alone if kept else None,
+            rejudged=kept.rejudged if kept else None,
             problems=snapshot.problem_count,
             duration_seconds=round(snapshot.duration, 3),
         )
