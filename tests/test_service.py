@@ -252,15 +252,7 @@ scan_interval = "1h"
     )
 
     def deleting() -> bool:
-        with pg_db.engine.connect() as conn:
-            return bool(
-                conn.execute(
-                    sa.text(
-                        "SELECT count(*) FROM pg_stat_activity "
-                        "WHERE state = 'active' AND query LIKE 'DELETE FROM oauth2_client%'"
-                    )
-                ).scalar()
-            )
+        return bool(_sessions(pg_db.engine, "state = 'active' AND query LIKE 'DELETE FROM oauth2_client%'"))
 
     with ServeProcess(["--config", cfg], tmp_path) as proc:
         proc.wait_started()
@@ -465,15 +457,7 @@ def test_ticks_hold_no_connection_between_them_and_keep_their_engines(pg_db):
     backend = open_backend(config)
 
     def sessions() -> int:
-        with pg_db.engine.connect() as conn:
-            return int(
-                conn.execute(
-                    sa.text(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                        " AND pid <> pg_backend_pid()"
-                    )
-                ).scalar_one()
-            )
+        return _sessions(pg_db.engine, "datname = current_database() AND pid <> pg_backend_pid()")
 
     pg_db.engine.dispose()
     alone = sessions()
@@ -490,3 +474,9 @@ def test_ticks_hold_no_connection_between_them_and_keep_their_engines(pg_db):
         assert sessions() == alone
     finally:
         backend.close()
+
+
+def _sessions(engine: sa.Engine, where: str) -> int:
+    """PostgreSQL sessions (pg_stat_activity) matching a condition."""
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text(f"SELECT count(*) FROM pg_stat_activity WHERE {where}")).scalar_one())
