@@ -15,11 +15,13 @@ import copy
 import gc
 import math
 import time
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from reaper.analysis.classify import MAX_PROBLEMS_KEPT, Classifier
+from reaper.analysis.columns import Columns, Kept
 from reaper.analysis.fingerprint import family_id, parts_of
 from reaper.analysis.loops import LoopDetector, RevokedIndex
 from reaper.analysis.model import (
@@ -62,19 +64,11 @@ class Delta(Protocol):
 
 
 @dataclass(slots=True)
-class _Client:
-    row: ClientRow
-    family: str
-    verdict: Verdict
-    revoked: float  # latest refresh revocation the loop map shows (NaN: none)
-
-
-@dataclass(slots=True)
 class _Family:
     """What one family added to the last Snapshot, and until when that holds by time alone."""
 
     stats: FamilyStats
-    keys: set[str] = field(default_factory=set)
+    members: array[int] = field(default_factory=lambda: array("i"))  # the members' slots in the Columns
     counts: dict[tuple[Verdict, str], int] = field(default_factory=dict)
     live_forever_only: int = 0
     problems: list[tuple[str, str]] = field(default_factory=list)
@@ -91,7 +85,7 @@ class ClientState:
 
     def __init__(self, config: Config):
         self.config = config
-        self.clients: dict[str, _Client] = {}
+        self.cols = Columns()
         self.families: dict[str, _Family] = {}
         self.now = 0.0
         self.credentials = 0  # the kept clients' credential rows, summed
@@ -104,9 +98,6 @@ class ClientState:
         self.judged_alone = 0  # those that qualified to be judged without their family,
         self.rejudged = 0  # and the members of the families it judged whole
         self._revoked: RevokedIndex | None = None
-        self._shared: dict[Any, Any] = {}  # values many rows hold, kept once
-        self._no_live: dict[str, int] = {}
-        self._no_problems: list[str] = []
 
     # -- a full scan ------------------------------------------------------------------------------------------
 
@@ -117,28 +108,13 @@ class ClientState:
 
     def record(self, item: Classified) -> None:
         """One client of the full scan, as the pipeline classified it."""
-        revoked = self._revoked.at(item.row) if self._revoked else None
-        self.clients[item.row.key] = _Client(self._compact(item.row), item.family, item.verdict, _nan(revoked))
-        self.credentials += item.row.total_credentials
-        if item.row.problems:
-            self.unreadable.add(item.row.key)
-        self._absorb(item)
-
-    def _compact(self, row: ClientRow) -> ClientRow:
-        """The row, its values shared with the rows that have the same (a family's members share a name and
-        usually their redirect URIs): memory per client is then mostly the client's own keys."""
-        shared = self._shared
-        if row.client_id == row.key:
-            row.client_id = row.key
-        row.name = shared.setdefault(row.name, row.name) if row.name is not None else None
-        row.redirect_uris = shared.setdefault(row.redirect_uris, row.redirect_uris)
-        # Kept rows are only read from now on (the classifier and the loop detector never write to them).
-        if not row.live:
-            row.live = self._no_live
-        if not row.problems:
-            row.problems = self._no_problems
-        row.revoked_at = None  # kept once, in _Client.revoked: what a tick's loop detector reads
-        return row
+        row = item.row
+        revoked = self._revoked.at(row) if self._revoked else None
+        slot = self.cols.put(row, item.family, item.verdict, _nan(revoked))
+        self.credentials += row.total_credentials
+        if row.problems:
+            self.unreadable.add(row.key)
+        self._absorb(item, slot)
 
     def finish(self, snapshot: Snapshot, delta: Delta) -> None:
         """The full scan is over: keep each family's stats, loops and floods, and the counts a tick compares."""
@@ -178,25 +154,31 @@ class ClientState:
         if source.has_ips or settings.ip.access_log:
             fresh = list(with_ips(iter(fresh), settings, source))
         seen = {row.key for row in fresh}
+        cols = self.cols
+        leaving: dict[str, set[int]] = {}  # family -> slots of members that left it
+        joining: list[tuple[str, int]] = []  # (family, slot): members that joined (or rejoined) it
         for key in keys - seen:  # gone: the counts below then do not add up, and the caller scans fully
-            old = self.clients.pop(key, None)
             self.unreadable.discard(key)
-            if old is not None:
-                self.credentials -= old.row.total_credentials
-                dirty.add(old.family)
-                self.families[old.family].keys.discard(key)
+            gone = cols.slots.get(key)
+            if gone is not None:
+                self.credentials -= cols.credentials(gone)
+                dirty.add(cols.family(gone))
+                leaving.setdefault(cols.family(gone), set()).add(gone)
+                cols.drop(key)
         revoked = (
             delta.revoked(sorted(seen), now - settings.loops.lookback)
             if self.loop_evidence is not None and seen
             else {}
         )
         family_of = parts_of(settings.classify.family_components)
-        alone: list[tuple[_Client, _Client]] = []  # (before, now): re-read members whose change may be their own
+        # (before, now, slot): re-read members whose change may be their own
+        alone: list[tuple[Kept, Kept, int]] = []
         for row in fresh:
-            old = self.clients.get(row.key)
+            slot = cols.slots.get(row.key)
+            old = cols.kept(slot) if slot is not None else None
             fid = family_id(family_of(row))
-            client = _Client(self._compact(row), fid, Verdict.PROTECTED, _nan(revoked.get(row.key)))
-            self.clients[row.key] = client
+            client = Kept(row, fid, Verdict.PROTECTED, _nan(revoked.get(row.key)))
+            slot = cols.put(row, fid, client.verdict, client.revoked)
             self.credentials += row.total_credentials
             if row.problems:
                 self.unreadable.add(row.key)
@@ -205,35 +187,34 @@ class ClientState:
             if old is not None:
                 self.credentials -= old.row.total_credentials
                 if _siblings_unaffected(old, client):
-                    alone.append((old, client))
+                    alone.append((old, client, slot))
                     continue
                 dirty.add(old.family)
-                self.families[old.family].keys.discard(row.key)
+                leaving.setdefault(old.family, set()).add(slot)
             dirty.add(fid)
-            fam = self.families.get(fid)
-            if fam is None:
-                fam = self.families[fid] = _Family(FamilyStats(fid, None, ""))
-            fam.keys.add(row.key)
+            joining.append((fid, slot))
+        self._move(leaving, joining)
         clients, credentials = delta.counts()
-        if clients != len(self.clients) or credentials - self.credentials != self.dangling:
+        if clients != len(cols) or credentials - self.credentials != self.dangling:
+            self._forget()
             return None
         judge = Classifier(settings.classify, self._snapshot(source, now), now)
-        for old, client in alone:
-            if client.family not in dirty and not self._judged_alone(old, client, judge):
+        for old, client, slot in alone:
+            if client.family not in dirty and not self._judged_alone(old, client, slot, judge):
                 dirty.add(client.family)  # its verdict changed: the family is judged whole
         self.judged_alone = len(alone)
         # Re-judge every member of the families that changed or that time caught up with, each family whole.
-        rejudge = [self.clients[k].row for fid in dirty if fid in self.families for k in self.families[fid].keys]
+        rejudge = [cols.row(s) for fid in dirty if fid in self.families for s in self.families[fid].members]
         self.rejudged = len(rejudge)
         for fid in dirty:
             self.families.pop(fid, None)
         snapshot, scratch = self._snapshot(source, now), self._snapshot(source, now)
         touched: set[str] = set()
         for item in Classifier(settings.classify, scratch, now, new_since, seen_at_watermark).run(rejudge):
-            client = self.clients[item.row.key]
-            client.family, client.verdict = item.family, item.verdict
+            slot = cols.slots[item.row.key]
+            cols.judged(slot, item.family, item.verdict)
             touched.add(item.family)
-            self._absorb(item)
+            self._absorb(item, slot)
         for fid in touched:
             self.families[fid].stats = scratch.families[fid]
         self._close_families((self.families[f] for f in touched), now)
@@ -250,7 +231,24 @@ class ClientState:
 
     # -- the parts --------------------------------------------------------------------------------------------
 
-    def _judged_alone(self, old: _Client, client: _Client, judge: Classifier) -> bool:
+    def _move(self, leaving: dict[str, set[int]], joining: list[tuple[str, int]]) -> None:
+        """Members out of the families they left, then into the ones they joined (a member may do both in one)."""
+        for fid, gone in leaving.items():
+            fam = self.families.get(fid)
+            if fam is not None:
+                fam.members = array("i", [s for s in fam.members if s not in gone])
+        for fid, slot in joining:
+            fam = self.families.get(fid)
+            if fam is None:
+                fam = self.families[fid] = _Family(FamilyStats(fid, None, ""))
+            fam.members.append(slot)
+
+    def _forget(self) -> None:
+        """Drop every kept client: a state a tick could not trust is never used again, and the full scan that
+        follows builds its own while the caller may still hold this one."""
+        self.cols, self.families, self.unreadable = Columns(), {}, set()
+
+    def _judged_alone(self, old: Kept, client: Kept, slot: int, judge: Classifier) -> bool:
         """Judge a re-read member without its family, which time has not caught up with: its siblings' verdicts,
         the family's stats, loop and flood hold (`_siblings_unaffected`), and so does its own verdict, or the
         family is judged whole (False). Its reason may change (an access token expired: live through the refresh
@@ -270,15 +268,15 @@ class ClientState:
             fam.counts[(verdict, reason)] = fam.counts.get((verdict, reason), 0) + 1
         if verdict is Verdict.LIVE:
             fam.live_forever_only += client.row.live_forever_only - old.row.live_forever_only
-        client.verdict = verdict
+        self.cols.judged(slot, client.family, verdict)
         return True
 
-    def _absorb(self, item: Classified) -> None:
+    def _absorb(self, item: Classified, slot: int) -> None:
         fam = self.families.get(item.family)
         if fam is None:
             fam = self.families[item.family] = _Family(FamilyStats(item.family, None, ""))
         row = item.row
-        fam.keys.add(row.key)
+        fam.members.append(slot)
         key = (item.verdict, item.reason)
         fam.counts[key] = fam.counts.get(key, 0) + 1
         if row.live_forever_only and item.verdict is Verdict.LIVE:
@@ -298,11 +296,11 @@ class ClientState:
         """Until when each family's verdicts and churn count hold by time alone."""
         s = self.config.classify
         lookback = self.config.loops.lookback if self.config.loops.enabled else None
+        times = self.cols.times
         for fam in families:
             until = math.inf
-            for key in fam.keys:
-                row = self.clients[key].row
-                created = row.created_at
+            for slot in fam.members:
+                created, last_used, revoked = times(slot)
                 if created is None:
                     continue
                 # Strict thresholds (age < x) change at the threshold; others (t >= now - x) just after it.
@@ -314,12 +312,11 @@ class ClientState:
                     if now < at < until:
                         until = at
                 if s.stale_after is not None:
-                    last = row.last_used if row.last_used is not None else created
+                    last = last_used if last_used is not None else created
                     at = math.nextafter(last + s.stale_after, math.inf)
                     if now < at < until:
                         until = at
                 if lookback is not None:  # leaving the loop lookback, as a registration or as a revocation
-                    revoked = self.clients[key].revoked
                     leave = (created + lookback, revoked + lookback)
                     for at in (*(math.nextafter(t, math.inf) for t in leave), revoked + 1 + lookback):
                         if now < at < until:
@@ -382,12 +379,13 @@ class ClientState:
             snapshot.loop_detection = "on"
             snapshot.loop_evidence = self.loop_evidence
 
-    def _detector(self, clients: Iterable[_Client], now: float, families: dict[str, FamilyStats]) -> LoopDetector:
+    def _detector(self, slots: Iterable[int], now: float, families: dict[str, FamilyStats]) -> LoopDetector:
         """The pipeline's loop detector, given these clients (those within the lookback)."""
         settings = self.config.loops
         since = now - settings.lookback
         bound = math.floor(since) if self.revoked_in_seconds else since  # as the store's revoked index reads it
-        members = [c for c in clients if c.row.created_at is not None and c.row.created_at >= since]
+        cols = self.cols
+        members = [cols.kept(s) for s in slots if (at := cols.created(s)) is not None and at >= since]
         if self.loop_evidence is None:
             revoked = RevokedIndex()
         else:
@@ -401,18 +399,18 @@ class ClientState:
         """One family's loop and flood, detected again over its members."""
         fam = self.families[fid]
         scratch = Snapshot("", "", now)
-        self._detector((self.clients[k] for k in fam.keys), now, {fid: fam.stats}).finish(scratch)
+        self._detector(fam.members, now, {fid: fam.stats}).finish(scratch)
         fam.loop = scratch.loops.get(fid)
         fam.flood = next(iter(scratch.floods), None)
 
     def _loops(self, snapshot: Snapshot, now: float) -> None:
         """Loops and floods over every kept client: floods by IP prefix span families."""
         snapshot.loops, snapshot.floods = {}, []
-        self._detector(self.clients.values(), now, snapshot.families).finish(snapshot)
+        self._detector(self.cols.slots.values(), now, snapshot.families).finish(snapshot)
 
     def size(self) -> int:
         """Clients kept."""
-        return len(self.clients)
+        return len(self.cols)
 
 
 class _Watched:
@@ -441,7 +439,7 @@ def _nan(value: float | None) -> float:
     return math.nan if value is None else value
 
 
-def _siblings_unaffected(old: _Client, new: _Client) -> bool:
+def _siblings_unaffected(old: Kept, new: Kept) -> bool:
     """Whether a re-read member's change can reach nothing but its own verdict: the same family and rank (so its
     siblings' verdicts and the family's newest members hold), the same name and registrant IP (the family's
     shown name, floods), and for the loop detector the same revocation, whether it is live and whether it ever

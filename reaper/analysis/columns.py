@@ -1,0 +1,211 @@
+"""The clients `serve` keeps between ticks, one column a field: a client costs its key, a slot in a dict and about
+60 bytes of arrays, where a kept ClientRow object graph cost about 640 bytes (docs/performance.md).
+
+A tick reads a kept client back as a ClientRow rebuilt from the columns (`kept`), never the row the scan gave.
+Values many clients share (a family's name, redirect URIs, software, subject; credential-count maps) are kept
+once. The tables of shared values only grow: a state lives until the next full scan, which builds a new one.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from dataclasses import dataclass
+from typing import Any
+
+from reaper.analysis.model import VERDICTS, ClientRow, Verdict
+
+_NO_CREATED, _NO_USE, _DYNAMIC, _CIMD, _DISABLED, _FOREVER_ONLY = 1, 2, 4, 8, 16, 32
+_VERDICT_NO = {v: i for i, v in enumerate(VERDICTS)}
+_NO_PROBLEMS: list[str] = []  # shared by every rebuilt row without problems: rows are only read once kept
+# The row's text fields, each a column of its own once a client has a value there (before: the default).
+_TEXTS = ("name", "redirect_uris", "software_id", "software_version", "subject", "ip", "ip_network")
+_TEXT_DEFAULTS: tuple[Any, ...] = (None, (), None, None, None, None, None)
+
+
+@dataclass(slots=True)
+class Kept:
+    """One kept client as a tick reads it: its row, family, verdict and latest refresh revocation (NaN: none)."""
+
+    row: ClientRow
+    family: str
+    verdict: Verdict
+    revoked: float
+
+
+class Columns:
+    """Kept clients by slot; `slots` maps a client's key to its slot. A dropped client's slot stays empty until
+    the state is rebuilt (a deletion makes the next tick scan fully in any case)."""
+
+    def __init__(self) -> None:
+        self.slots: dict[str, int] = {}
+        self._keys: list[str | None] = []
+        self._ids: list[str | None] | None = None  # the client_ids, once one is not its client's key
+        self._texts: list[list[Any] | None] = [None] * len(_TEXTS)
+        self._created = array("d")
+        self._used = array("d")
+        self._revoked = array("d")
+        self._credentials = array("q")
+        self._family = array("i")
+        self._verdict = array("b")
+        self._flags = array("B")
+        self._live = array("i")
+        self._problems: dict[int, list[str]] = {}
+        self._families: list[str] = []
+        self._family_no: dict[str, int] = {}
+        self._lives: list[dict[str, int]] = []
+        self._live_no: dict[tuple[tuple[str, int], ...], int] = {}
+        self._shared: dict[Any, Any] = {}  # text values many clients hold (a family's name), kept once
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def put(self, row: ClientRow, family: str, verdict: Verdict, revoked: float) -> int:
+        """Keep a client (replacing what was kept under its key); its slot."""
+        slot = self.slots.get(row.key)
+        if slot is None:
+            slot = self.slots[row.key] = len(self._keys)
+            self._grow()
+        key = self._keys[slot] = row.key
+        if row.client_id != key:
+            if self._ids is None:
+                self._ids = [None] * len(self._keys)
+            self._ids[slot] = row.client_id
+        elif self._ids is not None:
+            self._ids[slot] = None
+        shared = self._shared
+        values = (
+            row.name,
+            row.redirect_uris,
+            row.software_id,
+            row.software_version,
+            row.subject,
+            row.ip,
+            row.ip_network,
+        )
+        for i, value in enumerate(values):
+            column = self._texts[i]
+            if column is not None:
+                column[slot] = shared.setdefault(value, value)
+            elif value != _TEXT_DEFAULTS[i]:
+                column = self._texts[i] = [_TEXT_DEFAULTS[i]] * len(self._keys)
+                column[slot] = shared.setdefault(value, value)
+        flags = _DYNAMIC if row.dynamic else 0
+        if row.cimd:
+            flags |= _CIMD
+        if row.disabled:
+            flags |= _DISABLED
+        if row.live_forever_only:
+            flags |= _FOREVER_ONLY
+        if row.created_at is None:
+            flags |= _NO_CREATED
+        else:
+            self._created[slot] = row.created_at
+        if row.last_used is None:
+            flags |= _NO_USE
+        else:
+            self._used[slot] = row.last_used
+        self._flags[slot] = flags
+        self._revoked[slot] = revoked
+        self._credentials[slot] = row.total_credentials
+        self._family[slot] = self._family_index(family)
+        self._verdict[slot] = _VERDICT_NO[verdict]
+        self._live[slot] = self._live_index(row.live)
+        if row.problems:
+            self._problems[slot] = list(row.problems)
+        else:
+            self._problems.pop(slot, None)
+        return slot
+
+    def drop(self, key: str) -> int | None:
+        """Forget a client; its former slot (None if it was not kept)."""
+        slot = self.slots.pop(key, None)
+        if slot is not None:
+            self._keys[slot] = None
+            self._problems.pop(slot, None)
+        return slot
+
+    def judged(self, slot: int, family: str, verdict: Verdict) -> None:
+        """Record a kept client's family and verdict as judged again."""
+        self._family[slot] = self._family_index(family)
+        self._verdict[slot] = _VERDICT_NO[verdict]
+
+    def row(self, slot: int) -> ClientRow:
+        """The kept client's row, rebuilt."""
+        key = self._keys[slot]
+        assert key is not None, "a dropped slot"
+        name, uris, software_id, software_version, subject, ip, network = (
+            default if column is None else column[slot]
+            for column, default in zip(self._texts, _TEXT_DEFAULTS, strict=True)
+        )
+        flags = self._flags[slot]
+        cid = None if self._ids is None else self._ids[slot]
+        return ClientRow(
+            key,
+            key if cid is None else cid,
+            None if flags & _NO_CREATED else self._created[slot],
+            name,
+            uris,
+            software_id,
+            software_version,
+            subject,
+            ip,
+            network,
+            bool(flags & _DYNAMIC),
+            bool(flags & _CIMD),
+            bool(flags & _DISABLED),
+            self._lives[self._live[slot]],
+            bool(flags & _FOREVER_ONLY),
+            self._credentials[slot],
+            None if flags & _NO_USE else self._used[slot],
+            self._problems.get(slot, _NO_PROBLEMS),
+        )
+
+    def kept(self, slot: int) -> Kept:
+        """The kept client: row, family, verdict, revocation."""
+        return Kept(self.row(slot), self.family(slot), VERDICTS[self._verdict[slot]], self._revoked[slot])
+
+    def family(self, slot: int) -> str:
+        return self._families[self._family[slot]]
+
+    def created(self, slot: int) -> float | None:
+        return None if self._flags[slot] & _NO_CREATED else self._created[slot]
+
+    def times(self, slot: int) -> tuple[float | None, float | None, float]:
+        """Registration, last credential activity, latest refresh revocation (NaN: none)."""
+        flags = self._flags[slot]
+        return (
+            None if flags & _NO_CREATED else self._created[slot],
+            None if flags & _NO_USE else self._used[slot],
+            self._revoked[slot],
+        )
+
+    def credentials(self, slot: int) -> int:
+        return self._credentials[slot]
+
+    def _grow(self) -> None:
+        self._keys.append(None)
+        if self._ids is not None:
+            self._ids.append(None)
+        for i, text_column in enumerate(self._texts):
+            if text_column is not None:
+                text_column.append(_TEXT_DEFAULTS[i])
+        for column in (self._created, self._used, self._revoked):
+            column.append(math.nan)
+        for int_column in (self._credentials, self._family, self._verdict, self._flags, self._live):
+            int_column.append(0)
+
+    def _family_index(self, family: str) -> int:
+        n = self._family_no.get(family)
+        if n is None:
+            n = self._family_no[family] = len(self._families)
+            self._families.append(family)
+        return n
+
+    def _live_index(self, live: dict[str, int]) -> int:
+        items = tuple(live.items())
+        n = self._live_no.get(items)
+        if n is None:
+            n = self._live_no[items] = len(self._lives)
+            self._lives.append(dict(live))
+        return n
