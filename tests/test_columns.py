@@ -8,7 +8,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reaper.analysis.columns import Columns
+from reaper.analysis.columns import Columns, Keys
 from reaper.analysis.model import VERDICTS, ClientRow
 
 _text = st.one_of(st.none(), st.sampled_from(["App", "App 2", "", "ñ"]), st.text(max_size=8))
@@ -64,11 +64,11 @@ def test_columns_give_back_what_they_were_given(ops: list[object]) -> None:
         expected[row.key] = op
     assert len(cols) == len(expected)
     for key, (row, family, verdict, revoked) in expected.items():
-        kept = cols.kept(cols.slots[key])
+        kept = cols.kept(cols.keys.find(key))
         _same(kept.row, row)
         assert (kept.family, kept.verdict) == (family, verdict)
         assert kept.revoked == revoked or (math.isnan(kept.revoked) and math.isnan(revoked))
-        assert cols.times(cols.slots[key])[:2] == (row.created_at, row.last_used)
+        assert cols.times(cols.keys.find(key))[:2] == (row.created_at, row.last_used)
 
 
 def test_a_rejudged_client_keeps_its_row_and_shared_values_are_kept_once() -> None:
@@ -82,3 +82,19 @@ def test_a_rejudged_client_keeps_its_row_and_shared_values_are_kept_once() -> No
     cols.judged(a, "g", VERDICTS[2])
     assert (cols.family(a), cols.kept(a).verdict) == ("g", VERDICTS[2])
     assert cols.row(a).redirect_uris == ("http://127.0.0.1:1/cb",)
+
+
+def test_keys_are_found_by_key_after_growth_drops_and_returns() -> None:
+    """Thousands of keys (the table grows several times, neighbours collide), text no ASCII table holds, a key the
+    database gave as invalid UTF-8 (a surrogate escape), and a dropped key registered again."""
+    keys = Keys()
+    names = [f"client-{i}" for i in range(5000)] + ["ключ", "🔑", "bad-\udcff", ""]
+    slots = {name: keys.add(name) for name in names}
+    assert len(keys) == len(names) and sorted(slots.values()) == list(range(len(names)))
+    assert all(keys.find(name) == slot and keys.key(slot) == name for name, slot in slots.items())
+    assert keys.find("client-5000") is None and keys.find("bad-") is None
+    keys.dropped.add(slots["client-7"])
+    assert keys.find("client-7") is None and len(keys) == len(names) - 1
+    again = keys.add("client-7")
+    assert keys.find("client-7") == again != slots["client-7"]
+    assert slots["client-7"] not in set(keys.slots()) and again in set(keys.slots())

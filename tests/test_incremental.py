@@ -226,6 +226,8 @@ def test_ticks_read_only_what_changed(any_db: TestDB) -> None:
     snap, full = ticker.tick(world.clock)
     assert ticker.incremental == 2  # the count did not add up: a full scan, and a new state
     assert ticker.state is not state and _facts(snap) == _facts(full)
+    # The untrusted state kept nothing while the full scan built the new one: the caller may still hold it.
+    assert state.size() == 0 and not state.families
 
 
 def test_which_builtin_profiles_tick_incrementally(tmp_path: Any) -> None:

@@ -1,5 +1,5 @@
-"""The clients `serve` keeps between ticks, one column a field: a client costs its key, a slot in a dict and about
-60 bytes of arrays, where a kept ClientRow object graph cost about 640 bytes (docs/performance.md).
+"""The clients `serve` keeps between ticks, one column a field: a client costs its key in a shared buffer and
+about 90 bytes of arrays, where a kept ClientRow object graph cost about 640 bytes (docs/performance.md).
 
 A tick reads a kept client back as a ClientRow rebuilt from the columns (`kept`), never the row the scan gave.
 Values many clients share (a family's name, redirect URIs, software, subject; credential-count maps) are kept
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,61 @@ _TEXTS = ("name", "redirect_uris", "software_id", "software_version", "subject",
 _TEXT_DEFAULTS: tuple[Any, ...] = (None, (), None, None, None, None, None)
 
 
+class Keys:
+    """Client keys by slot, in one UTF-8 buffer, found by their hash in an open-addressing table of slots: about 60
+    bytes a 32-character key, where a dict of str to int with the str and int objects costs about 150."""
+
+    def __init__(self) -> None:
+        self._blob = bytearray()
+        self._ends = array("q")  # where each slot's key ends in the buffer
+        self._hashes = array("q")
+        self._table = array("i", [-1]) * 8  # slots by hash, linear probing; -1: empty
+        self.dropped: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._ends) - len(self.dropped)
+
+    def slots(self) -> Iterator[int]:
+        """Every kept slot."""
+        dropped = self.dropped
+        return (s for s in range(len(self._ends)) if s not in dropped)
+
+    def find(self, key: str) -> int | None:
+        h = hash(key)
+        table, hashes, mask = self._table, self._hashes, len(self._table) - 1
+        i = h & mask
+        while (slot := table[i]) != -1:
+            if hashes[slot] == h and slot not in self.dropped and self.key(slot) == key:
+                return slot
+            i = (i + 1) & mask
+        return None
+
+    def add(self, key: str) -> int:
+        """A new slot for a key not kept (`find` gave None)."""
+        slot = len(self._ends)
+        self._blob += key.encode("utf-8", "surrogatepass")
+        self._ends.append(len(self._blob))
+        h = hash(key)
+        self._hashes.append(h)
+        if 2 * len(self._ends) > len(self._table):
+            self._table = array("i", [-1]) * (4 * len(self._table))
+            for s in range(slot):
+                self._place(s, self._hashes[s])
+        self._place(slot, h)
+        return slot
+
+    def key(self, slot: int) -> str:
+        start = self._ends[slot - 1] if slot else 0
+        return self._blob[start : self._ends[slot]].decode("utf-8", "surrogatepass")
+
+    def _place(self, slot: int, h: int) -> None:
+        table, mask = self._table, len(self._table) - 1
+        i = h & mask
+        while table[i] != -1:
+            i = (i + 1) & mask
+        table[i] = slot
+
+
 @dataclass(slots=True)
 class Kept:
     """One kept client as a tick reads it: its row, family, verdict and latest refresh revocation (NaN: none)."""
@@ -34,12 +90,11 @@ class Kept:
 
 
 class Columns:
-    """Kept clients by slot; `slots` maps a client's key to its slot. A dropped client's slot stays empty until
+    """Kept clients by slot; `keys` finds a client's slot by its key. A dropped client's slot stays empty until
     the state is rebuilt (a deletion makes the next tick scan fully in any case)."""
 
     def __init__(self) -> None:
-        self.slots: dict[str, int] = {}
-        self._keys: list[str | None] = []
+        self.keys = Keys()
         self._ids: list[str | None] | None = None  # the client_ids, once one is not its client's key
         self._texts: list[list[Any] | None] = [None] * len(_TEXTS)
         self._created = array("d")
@@ -58,18 +113,18 @@ class Columns:
         self._shared: dict[Any, Any] = {}  # text values many clients hold (a family's name), kept once
 
     def __len__(self) -> int:
-        return len(self.slots)
+        return len(self.keys)
 
     def put(self, row: ClientRow, family: str, verdict: Verdict, revoked: float) -> int:
         """Keep a client (replacing what was kept under its key); its slot."""
-        slot = self.slots.get(row.key)
+        key = row.key
+        slot = self.keys.find(key)
         if slot is None:
-            slot = self.slots[row.key] = len(self._keys)
+            slot = self.keys.add(key)
             self._grow()
-        key = self._keys[slot] = row.key
         if row.client_id != key:
             if self._ids is None:
-                self._ids = [None] * len(self._keys)
+                self._ids = [None] * len(self._flags)
             self._ids[slot] = row.client_id
         elif self._ids is not None:
             self._ids[slot] = None
@@ -88,7 +143,7 @@ class Columns:
             if column is not None:
                 column[slot] = shared.setdefault(value, value)
             elif value != _TEXT_DEFAULTS[i]:
-                column = self._texts[i] = [_TEXT_DEFAULTS[i]] * len(self._keys)
+                column = self._texts[i] = [_TEXT_DEFAULTS[i]] * len(self._flags)
                 column[slot] = shared.setdefault(value, value)
         flags = _DYNAMIC if row.dynamic else 0
         if row.cimd:
@@ -119,9 +174,9 @@ class Columns:
 
     def drop(self, key: str) -> int | None:
         """Forget a client; its former slot (None if it was not kept)."""
-        slot = self.slots.pop(key, None)
+        slot = self.keys.find(key)
         if slot is not None:
-            self._keys[slot] = None
+            self.keys.dropped.add(slot)
             self._problems.pop(slot, None)
         return slot
 
@@ -132,8 +187,7 @@ class Columns:
 
     def row(self, slot: int) -> ClientRow:
         """The kept client's row, rebuilt."""
-        key = self._keys[slot]
-        assert key is not None, "a dropped slot"
+        key = self.keys.key(slot)
         name, uris, software_id, software_version, subject, ip, network = (
             default if column is None else column[slot]
             for column, default in zip(self._texts, _TEXT_DEFAULTS, strict=True)
@@ -184,7 +238,6 @@ class Columns:
         return self._credentials[slot]
 
     def _grow(self) -> None:
-        self._keys.append(None)
         if self._ids is not None:
             self._ids.append(None)
         for i, text_column in enumerate(self._texts):

@@ -159,7 +159,7 @@ class ClientState:
         joining: list[tuple[str, int]] = []  # (family, slot): members that joined (or rejoined) it
         for key in keys - seen:  # gone: the counts below then do not add up, and the caller scans fully
             self.unreadable.discard(key)
-            gone = cols.slots.get(key)
+            gone = cols.keys.find(key)
             if gone is not None:
                 self.credentials -= cols.credentials(gone)
                 dirty.add(cols.family(gone))
@@ -174,7 +174,7 @@ class ClientState:
         # (before, now, slot): re-read members whose change may be their own
         alone: list[tuple[Kept, Kept, int]] = []
         for row in fresh:
-            slot = cols.slots.get(row.key)
+            slot = cols.keys.find(row.key)
             old = cols.kept(slot) if slot is not None else None
             fid = family_id(family_of(row))
             client = Kept(row, fid, Verdict.PROTECTED, _nan(revoked.get(row.key)))
@@ -204,14 +204,16 @@ class ClientState:
                 dirty.add(client.family)  # its verdict changed: the family is judged whole
         self.judged_alone = len(alone)
         # Re-judge every member of the families that changed or that time caught up with, each family whole.
-        rejudge = [cols.row(s) for fid in dirty if fid in self.families for s in self.families[fid].members]
+        slots = [s for fid in dirty if fid in self.families for s in self.families[fid].members]
+        rejudge = [cols.row(s) for s in slots]
+        slot_of = {row.key: s for row, s in zip(rejudge, slots, strict=True)}
         self.rejudged = len(rejudge)
         for fid in dirty:
             self.families.pop(fid, None)
         snapshot, scratch = self._snapshot(source, now), self._snapshot(source, now)
         touched: set[str] = set()
         for item in Classifier(settings.classify, scratch, now, new_since, seen_at_watermark).run(rejudge):
-            slot = cols.slots[item.row.key]
+            slot = slot_of[item.row.key]
             cols.judged(slot, item.family, item.verdict)
             touched.add(item.family)
             self._absorb(item, slot)
@@ -406,7 +408,7 @@ class ClientState:
     def _loops(self, snapshot: Snapshot, now: float) -> None:
         """Loops and floods over every kept client: floods by IP prefix span families."""
         snapshot.loops, snapshot.floods = {}, []
-        self._detector(self.cols.slots.values(), now, snapshot.families).finish(snapshot)
+        self._detector(self.cols.keys.slots(), now, snapshot.families).finish(snapshot)
 
     def size(self) -> int:
         """Clients kept."""
