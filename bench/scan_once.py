@@ -1,5 +1,6 @@
 """One measured scan in a fresh process: `floor` (bare psycopg server-side cursor, same SQL, an empty loop),
-`table` (`report`, the table written) or `json` (`report --format json`, written to a file).
+`table` (`report`, the table written), `json` (`report --format json`, written to a file) or `state` (`serve`'s
+first tick: a full scan that keeps the state incremental ticks read, with no memory bound; rows: clients kept).
 
 Prints one JSON line: seconds, peak RSS in MB, rows, and the CPU seconds the scan's PostgreSQL backends used
 (read from /proc, so only when the server runs on this host).
@@ -21,6 +22,7 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
+from reaper import commands
 from reaper.backends.sql.scan import build_query
 from reaper.commands import classified
 from reaper.config import load_config
@@ -118,9 +120,19 @@ def reaper_scan(url: str, config_overrides: dict, fmt: str) -> tuple[int, float 
     return snapshot.clients, cpu.seconds()
 
 
+def state_build(url: str, config_overrides: dict) -> tuple[int, float | None]:
+    """`serve`'s first tick, whatever the memory limit of the machine it runs on."""
+    overrides = {**config_overrides, "service": {"state_max_rss_mb": 1e9}}
+    config = load_config(None, {"database_url": url, **overrides}, environ={})
+    cpu = BackendCpu()
+    _, state = commands.tick(config)
+    assert state is not None, "the state was not kept"
+    return state.size(), cpu.seconds()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["floor", "table", "json"])
+    ap.add_argument("mode", choices=["floor", "table", "json", "state"])
     ap.add_argument("url")
     ap.add_argument("--profile", default="authlib")
     ap.add_argument("--max-rows-per-second", type=int, default=None, help="scan.max_rows_per_second")
@@ -131,6 +143,8 @@ def main() -> None:
     started, cpu_started = time.perf_counter(), time.process_time()
     if args.mode == "floor":
         rows, db_cpu = floor(args.url, overrides)
+    elif args.mode == "state":
+        rows, db_cpu = state_build(args.url, overrides)
     else:
         rows, db_cpu = reaper_scan(args.url, overrides, args.mode)
     seconds = time.perf_counter() - started

@@ -22,6 +22,7 @@ from reaper.backends.base import Finding, errors
 from reaper.config import Config
 from reaper.errors import ReaperError, SchemaError
 from reaper.ledger import Ledger, RunInfo
+from reaper.memory import cgroup_limit_bytes
 from reaper.reaping import runner
 from reaper.reaping.evidence import EvidenceCollector, replay
 from reaper.reaping.plan import Plan, RunResult, Selection, check_actions, choose
@@ -116,7 +117,7 @@ def tick(
                 snapshot = state.tick(source, delta, new_since, seen_at_watermark)
                 if snapshot is not None:
                     return snapshot, state
-            fresh = ClientState(config) if sound else None
+            fresh = ClientState(config, state_budget(config)) if sound else None
             with classify_source(
                 config, fresh.watch(source) if fresh else source, None, new_since, seen_at_watermark
             ) as (stream, snapshot):
@@ -128,7 +129,39 @@ def tick(
             if fresh is not None:
                 assert delta is not None
                 fresh.finish(snapshot, delta)
+                if fresh.over_budget:
+                    _warn_over_budget(config, snapshot.clients)
+                    fresh = None
             return snapshot, fresh
+
+
+STATE_SHARE_OF_LIMIT = 0.7  # of a memory limit: the rest is the scan's own, and the allocator's slack
+
+
+def state_budget(config: Config) -> int | None:
+    """Bytes of resident memory under which `serve` keeps an incremental state (None: no bound)."""
+    if config.service.state_max_rss_mb is not None:
+        return int(config.service.state_max_rss_mb * 2**20)
+    limit = cgroup_limit_bytes()
+    return int(limit * STATE_SHARE_OF_LIMIT) if limit is not None else None
+
+
+_warned_over_budget: set[int] = set()
+
+
+def _warn_over_budget(config: Config, clients: int) -> None:
+    """Once per process and bound: every tick will scan fully (a state is tried again at each)."""
+    budget = state_budget(config)
+    if budget is None or budget in _warned_over_budget:
+        return
+    _warned_over_budget.add(budget)
+    log.warning(
+        "not keeping the state incremental ticks need: with %d clients this process's memory passed %.0f MB "
+        "(service.state_max_rss_mb, by default 70%% of the memory limit); every tick scans fully. The state needs "
+        "about 300 bytes a client and 2 KB a family (docs/deployment.md, 'Incremental ticks')",
+        clients,
+        budget / 2**20,
+    )
 
 
 def report(config: Config, progress: Progress | None = None, backend: Backend | None = None) -> Snapshot:

@@ -234,6 +234,12 @@ class ServiceConfig(_Section):
         description="every Nth tick scans fully; the others read only what changed, where the profile can tell "
         "(1 = every tick scans fully)",
     )
+    state_max_rss_mb: float | None = Field(
+        None,
+        gt=0,
+        description="keep the state incremental ticks need only while this process's resident memory stays under "
+        "this many MB (default: 70 % of the container's or systemd unit's memory limit; none without one)",
+    )
     grace: Duration = Field(30.0, description="on SIGTERM, wait this long for the current batch")
     ready_max_age: Duration | None = Field(
         None, description="last success older than this -> not ready (default: 3 scan intervals)"

@@ -413,3 +413,33 @@ def test_the_scan_log_line_says_what_a_tick_read_again(sqlite_db: TestDB, caplog
     full, tick = (line for line in lines if line["event"] == "scan")
     assert (full["incremental"], full["reread"], full["judged_alone"], full["rejudged"]) == (False, None, None, None)
     assert tick["incremental"] is True and tick["reread"] == 1 and tick["judged_alone"] + tick["rejudged"] >= 1
+
+
+def test_a_state_the_memory_budget_cannot_hold_is_not_kept(
+    sqlite_db: TestDB, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over service.state_max_rss_mb the build is given up: every tick scans fully (and still gives a full scan's
+    Snapshot), one warning says why; with room, the same ticks keep their state. Without the setting, the bound is
+    70 % of the control group's memory limit."""
+    create_schema(sqlite_db.engine)
+    world = World(sqlite_db.engine)
+    for i in range(5):
+        world.apply(("register", i % 2, 4000))
+    world.apply(("token", 1, 3600, True))
+    tight = Ticker(_config(sqlite_db.url, service={"state_max_rss_mb": 1}))  # below any Python process
+    with caplog.at_level(logging.WARNING, logger="reaper.commands"):
+        for step in range(3):
+            snap, full = tight.tick(world.clock + 60 * step)
+            assert tight.state is None and _facts(snap) == _facts(full)
+    warnings = [r.getMessage() for r in caplog.records if "not keeping the state" in r.getMessage()]
+    assert len(warnings) == 1 and "with 5 clients" in warnings[0]
+    roomy = Ticker(_config(sqlite_db.url, service={"state_max_rss_mb": 1_000_000}))
+    roomy.tick(world.clock)
+    roomy.tick(world.clock + 60)
+    assert roomy.state is not None and roomy.incremental == 1
+
+    monkeypatch.setattr(commands, "cgroup_limit_bytes", lambda: 1000 * 2**20)
+    assert commands.state_budget(_config(sqlite_db.url)) == 700 * 2**20
+    assert commands.state_budget(_config(sqlite_db.url, service={"state_max_rss_mb": 64})) == 64 * 2**20
+    monkeypatch.setattr(commands, "cgroup_limit_bytes", lambda: None)
+    assert commands.state_budget(_config(sqlite_db.url)) is None

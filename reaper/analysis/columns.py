@@ -22,6 +22,7 @@ _NO_PROBLEMS: list[str] = []  # shared by every rebuilt row without problems: ro
 # The row's text fields, each a column of its own once a client has a value there (before: the default).
 _TEXTS = ("name", "redirect_uris", "software_id", "software_version", "subject", "ip", "ip_network")
 _TEXT_DEFAULTS: tuple[Any, ...] = (None, (), None, None, None, None, None)
+_NONE5 = (None,) * 5
 
 
 class Keys:
@@ -60,11 +61,16 @@ class Keys:
         self._ends.append(len(self._blob))
         h = hash(key)
         self._hashes.append(h)
-        if 2 * len(self._ends) > len(self._table):
-            self._table = array("i", [-1]) * (4 * len(self._table))
+        table = self._table
+        if 2 * len(self._ends) > len(table):
+            table = self._table = array("i", [-1]) * (4 * len(table))
             for s in range(slot):
                 self._place(s, self._hashes[s])
-        self._place(slot, h)
+        mask = len(table) - 1
+        i = h & mask
+        while table[i] != -1:
+            i = (i + 1) & mask
+        table[i] = slot
         return slot
 
     def key(self, slot: int) -> str:
@@ -108,27 +114,41 @@ class Columns:
         self._problems: dict[int, list[str]] = {}
         self._families: list[str] = []
         self._family_no: dict[str, int] = {}
-        self._lives: list[dict[str, int]] = []
-        self._live_no: dict[tuple[tuple[str, int], ...], int] = {}
+        self._lives: list[dict[str, int]] = [{}]  # 0: no live credential
+        self._live_no: dict[tuple[tuple[str, int], ...], int] = {(): 0}
+        self._rare_texts: int | None = None  # a text column past redirect_uris that exists (None: none yet)
         self._shared: dict[Any, Any] = {}  # text values many clients hold (a family's name), kept once
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def put(self, row: ClientRow, family: str, verdict: Verdict, revoked: float) -> int:
-        """Keep a client (replacing what was kept under its key); its slot."""
+    def append(self, row: ClientRow, family: str, verdict: Verdict, revoked: float) -> int:
+        """Keep a client not kept yet (a full scan gives each client once); its slot."""
         key = row.key
-        slot = self.keys.find(key)
-        if slot is None:
-            slot = self.keys.add(key)
-            self._grow()
-        if row.client_id != key:
-            if self._ids is None:
-                self._ids = [None] * len(self._flags)
-            self._ids[slot] = row.client_id
-        elif self._ids is not None:
-            self._ids[slot] = None
-        shared = self._shared
+        slot = self.keys.add(key)
+        created, used = row.created_at, row.last_used
+        self._flags.append(
+            (_DYNAMIC if row.dynamic else 0)
+            | (_CIMD if row.cimd else 0)
+            | (_DISABLED if row.disabled else 0)
+            | (_FOREVER_ONLY if row.live_forever_only else 0)
+            | (_NO_CREATED if created is None else 0)
+            | (_NO_USE if used is None else 0)
+        )
+        self._created.append(math.nan if created is None else created)
+        self._used.append(math.nan if used is None else used)
+        self._revoked.append(revoked)
+        self._credentials.append(row.total_credentials)
+        self._family.append(self._family_index(family))
+        self._verdict.append(_VERDICT_NO[verdict])
+        live = row.live
+        self._live.append(self._live_index(live) if live else 0)
+        ids = self._ids
+        if ids is not None:
+            ids.append(None if row.client_id == key else row.client_id)
+        elif row.client_id != key:
+            self._ids = [None] * slot + [row.client_id]
+        shared, texts = self._shared, self._texts
         values = (
             row.name,
             row.redirect_uris,
@@ -138,13 +158,43 @@ class Columns:
             row.ip,
             row.ip_network,
         )
-        for i, value in enumerate(values):
+        # Most rows have a name and redirect URIs and none of the rest: only the columns in use are walked.
+        for i in range(2) if values[2:] == _NONE5 and self._rare_texts is None else range(len(values)):
+            value, column = values[i], texts[i]
+            if column is not None:
+                column.append(shared.setdefault(value, value))
+            elif value != _TEXT_DEFAULTS[i]:
+                texts[i] = [_TEXT_DEFAULTS[i]] * slot + [shared.setdefault(value, value)]
+                if i >= 2:
+                    self._rare_texts = i
+        if row.problems:
+            self._problems[slot] = list(row.problems)
+        return slot
+
+    def put(self, row: ClientRow, family: str, verdict: Verdict, revoked: float) -> int:
+        """Keep a client, replacing what was kept under its key; its slot."""
+        key = row.key
+        slot = self.keys.find(key)
+        if slot is None:
+            return self.append(row, family, verdict, revoked)
+        if row.client_id != key:
+            if self._ids is None:
+                self._ids = [None] * len(self._flags)
+            self._ids[slot] = row.client_id
+        elif self._ids is not None:
+            self._ids[slot] = None
+        shared = self._shared
+        for i, value in enumerate(
+            (row.name, row.redirect_uris, row.software_id, row.software_version, row.subject, row.ip, row.ip_network)
+        ):
             column = self._texts[i]
             if column is not None:
                 column[slot] = shared.setdefault(value, value)
             elif value != _TEXT_DEFAULTS[i]:
                 column = self._texts[i] = [_TEXT_DEFAULTS[i]] * len(self._flags)
                 column[slot] = shared.setdefault(value, value)
+                if i >= 2:
+                    self._rare_texts = i
         flags = _DYNAMIC if row.dynamic else 0
         if row.cimd:
             flags |= _CIMD
@@ -236,17 +286,6 @@ class Columns:
 
     def credentials(self, slot: int) -> int:
         return self._credentials[slot]
-
-    def _grow(self) -> None:
-        if self._ids is not None:
-            self._ids.append(None)
-        for i, text_column in enumerate(self._texts):
-            if text_column is not None:
-                text_column.append(_TEXT_DEFAULTS[i])
-        for column in (self._created, self._used, self._revoked):
-            column.append(math.nan)
-        for int_column in (self._credentials, self._family, self._verdict, self._flags, self._live):
-            int_column.append(0)
 
     def _family_index(self, family: str) -> int:
         n = self._family_no.get(family)

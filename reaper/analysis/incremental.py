@@ -35,6 +35,7 @@ from reaper.analysis.model import (
 )
 from reaper.analysis.pipeline import ScanSource, with_ips
 from reaper.config import Config
+from reaper.memory import rss_bytes
 
 # Seconds a watermark reaches back: a row stamped just before the last scan but committed after it (a transaction
 # still open then, an application clock behind the database's) is read by the next tick all the same.
@@ -80,11 +81,19 @@ class _Family:
     flood: FloodEvidence | None = None  # a flood within the family (floods by IP prefix span families)
 
 
-class ClientState:
-    """Built from a full scan (`record` every classified client, then `finish`); advanced by `tick`."""
+# Clients recorded between two readings of the process's memory while a state is built.
+CHECK_MEMORY_EVERY = 4096
 
-    def __init__(self, config: Config):
+
+class ClientState:
+    """Built from a full scan (`record` every classified client, then `finish`); advanced by `tick`. With a memory
+    bound (`max_rss`, bytes), a build the process's resident memory outgrows is given up: `over_budget` is then set,
+    nothing is kept, and the caller scans fully every tick."""
+
+    def __init__(self, config: Config, max_rss: int | None = None):
         self.config = config
+        self.max_rss = max_rss
+        self.over_budget = False
         self.cols = Columns()
         self.families: dict[str, _Family] = {}
         self.now = 0.0
@@ -108,16 +117,29 @@ class ClientState:
 
     def record(self, item: Classified) -> None:
         """One client of the full scan, as the pipeline classified it."""
+        if self.over_budget:
+            return
         row = item.row
         revoked = self._revoked.at(row) if self._revoked else None
-        slot = self.cols.put(row, item.family, item.verdict, _nan(revoked))
+        slot = self.cols.append(row, item.family, item.verdict, _nan(revoked))
         self.credentials += row.total_credentials
         if row.problems:
             self.unreadable.add(row.key)
         self._absorb(item, slot)
+        if self.max_rss is not None and slot % CHECK_MEMORY_EVERY == 0:
+            self._check_memory()
+
+    def _check_memory(self) -> None:
+        rss = rss_bytes()
+        if self.max_rss is not None and rss is not None and rss > self.max_rss:
+            self.over_budget = True
+            self._forget()
 
     def finish(self, snapshot: Snapshot, delta: Delta) -> None:
         """The full scan is over: keep each family's stats, loops and floods, and the counts a tick compares."""
+        self._check_memory()
+        if self.over_budget:
+            return
         floods = {f.key: f for f in snapshot.floods if f.scope == "family"}
         for fid, fam in self.families.items():
             fam.stats = snapshot.families[fid]
