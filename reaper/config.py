@@ -238,7 +238,7 @@ class ServiceConfig(_Section):
         None,
         gt=0,
         description="keep the state incremental ticks need only while this process's resident memory stays under "
-        "this many MB (default: 70 % of the container's or systemd unit's memory limit; none without one)",
+        "this many MB (default: 80 % of the container's or systemd unit's memory limit; none without one)",
     )
     grace: Duration = Field(30.0, description="on SIGTERM, wait this long for the current batch")
     ready_max_age: Duration | None = Field(

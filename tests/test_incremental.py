@@ -420,7 +420,7 @@ def test_a_state_the_memory_budget_cannot_hold_is_not_kept(
 ) -> None:
     """Over service.state_max_rss_mb the build is given up: every tick scans fully (and still gives a full scan's
     Snapshot), one warning says why; with room, the same ticks keep their state. Without the setting, the bound is
-    70 % of the control group's memory limit."""
+    80 % of the control group's memory limit."""
     create_schema(sqlite_db.engine)
     world = World(sqlite_db.engine)
     for i in range(5):
@@ -439,7 +439,7 @@ def test_a_state_the_memory_budget_cannot_hold_is_not_kept(
     assert roomy.state is not None and roomy.incremental == 1
 
     monkeypatch.setattr(commands, "cgroup_limit_bytes", lambda: 1000 * 2**20)
-    assert commands.state_budget(_config(sqlite_db.url)) == 700 * 2**20
+    assert commands.state_budget(_config(sqlite_db.url)) == 800 * 2**20
     assert commands.state_budget(_config(sqlite_db.url, service={"state_max_rss_mb": 64})) == 64 * 2**20
     monkeypatch.setattr(commands, "cgroup_limit_bytes", lambda: None)
     assert commands.state_budget(_config(sqlite_db.url)) is None
