@@ -4,7 +4,7 @@ Everything is measured in one run, as ratios against a floor measured in the sam
 (table) against a bare psycopg cursor over the same query, `report --format json` against the table, peak RSS and
 its growth from the smallest size to the largest, what a scan costs PostgreSQL (backend CPU, temp files,
 buffers), the p99 latency of a concurrent token-issuing load when idle and during a scan (also a rate-limited
-one), and reap throughput.
+one), reap throughput, and `serve`'s incremental ticks and the peak memory of building their state.
 """
 
 from __future__ import annotations
@@ -243,6 +243,8 @@ def main() -> None:
 
             log(f"serve ticks, {n:,} clients (PostgreSQL):")
             results["ticks"][str(n)] = tick.measure(sqla_url(dsn), generated_at + tick.QUIET, args.repeats, log)
+            built = one_scan("state", sqla_url(dsn))  # in a fresh process: its own peak memory
+            results["ticks"][str(n)].update(state_rss_mb=built["rss_mb"], state_clients=built["rows"])
         if not args.no_load:
             results["load"][str(n)] = latency_phases(n, results["scan"][str(n)], args, log)
         if args.issue_families:
@@ -371,6 +373,15 @@ def report(r: dict[str, Any]) -> None:
                 f"... the tick after {int(n) // 30:,} access tokens expired at once, {int(n):,}",
                 f"incremental {t['wave_tick_s']:.3f}s vs full scan {t['full_s']:.2f}s",
                 f"{t['wave_ratio']:.3f}",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                f"serve's state build, peak RSS, {int(n):,}",
+                f"{t['state_rss_mb']:.0f} MB for {t['state_clients']:,} clients",
+                "",
                 "",
                 "",
             )

@@ -74,7 +74,9 @@ def test_bench_harness_runs_end_to_end(tmp_path):
     assert "auth p99 during a scan" in proc.stdout and "reap throughput" in proc.stdout
     for ticks in result["ticks"].values():  # bench.tick's phase, at each size
         assert ticks["full_s"] > 0 and 0 < ticks["tick_s"] and ticks["ratio"] > 0 and ticks["wave_tick_s"] > 0
+        assert ticks["state_rss_mb"] > 0 and ticks["state_clients"] > 0
     assert set(result["ticks"]) == {"3000", "6000"} and "serve tick on an unchanged database, 6,000" in proc.stdout
+    assert "serve's state build, peak RSS, 6,000" in proc.stdout
     assert "access tokens expired at once, 6,000" in proc.stdout
 
 
