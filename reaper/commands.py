@@ -117,7 +117,9 @@ def tick(
                 snapshot = state.tick(source, delta, new_since, seen_at_watermark)
                 if snapshot is not None:
                     return snapshot, state
-            fresh = ClientState(config, state_budget(config)) if sound else None
+            # A state only the next tick could use, and with full_scan_every = 1 none does.
+            keep = sound and config.service.full_scan_every > 1
+            fresh = ClientState(config, state_budget(config)) if keep else None
             with classify_source(
                 config, fresh.watch(source) if fresh else source, None, new_since, seen_at_watermark
             ) as (stream, snapshot):

@@ -254,6 +254,7 @@ def test_service_full_scan_every(sqlite_db: TestDB) -> None:
             before = service._state
             service._scan()
             modes.append(before is not None and service._state is before)
+            assert (service._state is None) == (every == 1)  # a state no tick would read is never built
         service.backend.close()
         assert modes == expected, every
 

@@ -409,7 +409,9 @@ def test_database_refused_at_start_then_recovers_without_restart(pg_db, proxy, s
 )
 def test_connection_cut_mid_scan_then_recovers(pg_db, proxy, service_events):
     fill_churning(pg_db.engine, families=100, orphans_per_family=100)  # ~3 MB of scan results
-    service = Service(_service_config(via_proxy(pg_db.url, proxy), scan_interval=0.5))
+    # Every tick a full scan: an incremental tick streams a few kB, and the cut waits for 1 MB in one connection
+    # (with one full scan in 12 ticks, that could take longer than the wait on a slow machine).
+    service = Service(_service_config(via_proxy(pg_db.url, proxy), scan_interval=0.5, full_scan_every=1))
     service.start()
     port = service.port
     try:

@@ -238,23 +238,20 @@ class Columns:
     def row(self, slot: int) -> ClientRow:
         """The kept client's row, rebuilt."""
         key = self.keys.key(slot)
-        name, uris, software_id, software_version, subject, ip, network = (
-            default if column is None else column[slot]
-            for column, default in zip(self._texts, _TEXT_DEFAULTS, strict=True)
-        )
+        name, uris, software_id, software_version, subject, ip, network = self._texts
         flags = self._flags[slot]
         cid = None if self._ids is None else self._ids[slot]
         return ClientRow(
             key,
             key if cid is None else cid,
             None if flags & _NO_CREATED else self._created[slot],
-            name,
-            uris,
-            software_id,
-            software_version,
-            subject,
-            ip,
-            network,
+            None if name is None else name[slot],
+            () if uris is None else uris[slot],
+            None if software_id is None else software_id[slot],
+            None if software_version is None else software_version[slot],
+            None if subject is None else subject[slot],
+            None if ip is None else ip[slot],
+            None if network is None else network[slot],
             bool(flags & _DYNAMIC),
             bool(flags & _CIMD),
             bool(flags & _DISABLED),
