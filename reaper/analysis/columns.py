@@ -171,10 +171,11 @@ class Columns:
             self._problems[slot] = list(row.problems)
         return slot
 
-    def put(self, row: ClientRow, family: str, verdict: Verdict, revoked: float) -> int:
-        """Keep a client, replacing what was kept under its key; its slot."""
+    def put(self, row: ClientRow, family: str, verdict: Verdict, revoked: float, slot: int | None = None) -> int:
+        """Keep a client, replacing what was kept under its key (at `slot`, where the caller found it); its slot."""
         key = row.key
-        slot = self.keys.find(key)
+        if slot is None:
+            slot = self.keys.find(key)
         if slot is None:
             return self.append(row, family, verdict, revoked)
         if row.client_id != key:

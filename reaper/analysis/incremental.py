@@ -200,7 +200,7 @@ class ClientState:
             old = cols.kept(slot) if slot is not None else None
             fid = family_id(family_of(row))
             client = Kept(row, fid, Verdict.PROTECTED, _nan(revoked.get(row.key)))
-            slot = cols.put(row, fid, client.verdict, client.revoked)
+            slot = cols.put(row, fid, client.verdict, client.revoked, slot)
             self.credentials += row.total_credentials
             if row.problems:
                 self.unreadable.add(row.key)
