@@ -132,7 +132,7 @@ def tick(
                 assert delta is not None
                 fresh.finish(snapshot, delta)
                 if fresh.over_budget:
-                    _warn_over_budget(config, snapshot.clients)
+                    _warn_over_budget(fresh.max_rss, snapshot.clients)
                     fresh = None
             return snapshot, fresh
 
@@ -151,9 +151,8 @@ def state_budget(config: Config) -> int | None:
 _warned_over_budget: set[int] = set()
 
 
-def _warn_over_budget(config: Config, clients: int) -> None:
+def _warn_over_budget(budget: int | None, clients: int) -> None:
     """Once per process and bound: every tick will scan fully (a state is tried again at each)."""
-    budget = state_budget(config)
     if budget is None or budget in _warned_over_budget:
         return
     _warned_over_budget.add(budget)

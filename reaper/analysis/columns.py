@@ -19,8 +19,8 @@ from reaper.analysis.model import VERDICTS, ClientRow, Verdict
 _NO_CREATED, _NO_USE, _DYNAMIC, _CIMD, _DISABLED, _FOREVER_ONLY = 1, 2, 4, 8, 16, 32
 _VERDICT_NO = {v: i for i, v in enumerate(VERDICTS)}
 _NO_PROBLEMS: list[str] = []  # shared by every rebuilt row without problems: rows are only read once kept
-# The row's text fields, each a column of its own once a client has a value there (before: the default).
-_TEXTS = ("name", "redirect_uris", "software_id", "software_version", "subject", "ip", "ip_network")
+# The row's text fields (name, redirect_uris, software_id, software_version, subject, ip, ip_network), each a
+# column of its own once a client has a value other than its default there.
 _TEXT_DEFAULTS: tuple[Any, ...] = (None, (), None, None, None, None, None)
 _NONE5 = (None,) * 5
 
@@ -61,16 +61,11 @@ class Keys:
         self._ends.append(len(self._blob))
         h = hash(key)
         self._hashes.append(h)
-        table = self._table
-        if 2 * len(self._ends) > len(table):
-            table = self._table = array("i", [-1]) * (4 * len(table))
+        if 2 * len(self._ends) > len(self._table):
+            self._table = array("i", [-1]) * (4 * len(self._table))
             for s in range(slot):
                 self._place(s, self._hashes[s])
-        mask = len(table) - 1
-        i = h & mask
-        while table[i] != -1:
-            i = (i + 1) & mask
-        table[i] = slot
+        self._place(slot, h)
         return slot
 
     def key(self, slot: int) -> str:
@@ -102,7 +97,7 @@ class Columns:
     def __init__(self) -> None:
         self.keys = Keys()
         self._ids: list[str | None] | None = None  # the client_ids, once one is not its client's key
-        self._texts: list[list[Any] | None] = [None] * len(_TEXTS)
+        self._texts: list[list[Any] | None] = [None] * len(_TEXT_DEFAULTS)
         self._created = array("d")
         self._used = array("d")
         self._revoked = array("d")
@@ -111,6 +106,16 @@ class Columns:
         self._verdict = array("b")
         self._flags = array("B")
         self._live = array("i")
+        self._numbers = (
+            self._created,
+            self._used,
+            self._revoked,
+            self._credentials,
+            self._family,
+            self._verdict,
+            self._flags,
+            self._live,
+        )
         self._problems: dict[int, list[str]] = {}
         self._families: list[str] = []
         self._family_no: dict[str, int] = {}
@@ -124,10 +129,29 @@ class Columns:
 
     def append(self, row: ClientRow, family: str, verdict: Verdict, revoked: float) -> int:
         """Keep a client not kept yet (a full scan gives each client once); its slot."""
-        key = row.key
-        slot = self.keys.add(key)
+        slot = self.keys.add(row.key)
+        for column in self._numbers:
+            column.append(0)
+        for i, texts in enumerate(self._texts):
+            if texts is not None:
+                texts.append(_TEXT_DEFAULTS[i])
+        if self._ids is not None:
+            self._ids.append(None)
+        self._write(slot, row, family, verdict, revoked)
+        return slot
+
+    def put(self, row: ClientRow, family: str, verdict: Verdict, revoked: float, slot: int | None = None) -> int:
+        """Keep a client, replacing what was kept under its key (at `slot`, where the caller found it); its slot."""
+        if slot is None:
+            slot = self.keys.find(row.key)
+        if slot is None:
+            return self.append(row, family, verdict, revoked)
+        self._write(slot, row, family, verdict, revoked)
+        return slot
+
+    def _write(self, slot: int, row: ClientRow, family: str, verdict: Verdict, revoked: float) -> None:
         created, used = row.created_at, row.last_used
-        self._flags.append(
+        self._flags[slot] = (
             (_DYNAMIC if row.dynamic else 0)
             | (_CIMD if row.cimd else 0)
             | (_DISABLED if row.disabled else 0)
@@ -135,19 +159,19 @@ class Columns:
             | (_NO_CREATED if created is None else 0)
             | (_NO_USE if used is None else 0)
         )
-        self._created.append(math.nan if created is None else created)
-        self._used.append(math.nan if used is None else used)
-        self._revoked.append(revoked)
-        self._credentials.append(row.total_credentials)
-        self._family.append(self._family_index(family))
-        self._verdict.append(_VERDICT_NO[verdict])
-        live = row.live
-        self._live.append(self._live_index(live) if live else 0)
-        ids = self._ids
-        if ids is not None:
-            ids.append(None if row.client_id == key else row.client_id)
-        elif row.client_id != key:
-            self._ids = [None] * slot + [row.client_id]
+        self._created[slot] = math.nan if created is None else created
+        self._used[slot] = math.nan if used is None else used
+        self._revoked[slot] = revoked
+        self._credentials[slot] = row.total_credentials
+        self._family[slot] = self._family_index(family)
+        self._verdict[slot] = _VERDICT_NO[verdict]
+        self._live[slot] = self._live_index(row.live)
+        if row.client_id != row.key:
+            if self._ids is None:
+                self._ids = [None] * len(self._flags)
+            self._ids[slot] = row.client_id
+        elif self._ids is not None:
+            self._ids[slot] = None
         shared, texts = self._shared, self._texts
         values = (
             row.name,
@@ -161,67 +185,17 @@ class Columns:
         # Most rows have a name and redirect URIs and none of the rest: only the columns in use are walked.
         for i in range(2) if values[2:] == _NONE5 and self._rare_texts is None else range(len(values)):
             value, column = values[i], texts[i]
-            if column is not None:
-                column.append(shared.setdefault(value, value))
-            elif value != _TEXT_DEFAULTS[i]:
-                texts[i] = [_TEXT_DEFAULTS[i]] * slot + [shared.setdefault(value, value)]
+            if column is None:
+                if value == _TEXT_DEFAULTS[i]:
+                    continue
+                column = texts[i] = [_TEXT_DEFAULTS[i]] * len(self._flags)
                 if i >= 2:
                     self._rare_texts = i
-        if row.problems:
-            self._problems[slot] = list(row.problems)
-        return slot
-
-    def put(self, row: ClientRow, family: str, verdict: Verdict, revoked: float, slot: int | None = None) -> int:
-        """Keep a client, replacing what was kept under its key (at `slot`, where the caller found it); its slot."""
-        key = row.key
-        if slot is None:
-            slot = self.keys.find(key)
-        if slot is None:
-            return self.append(row, family, verdict, revoked)
-        if row.client_id != key:
-            if self._ids is None:
-                self._ids = [None] * len(self._flags)
-            self._ids[slot] = row.client_id
-        elif self._ids is not None:
-            self._ids[slot] = None
-        shared = self._shared
-        for i, value in enumerate(
-            (row.name, row.redirect_uris, row.software_id, row.software_version, row.subject, row.ip, row.ip_network)
-        ):
-            column = self._texts[i]
-            if column is not None:
-                column[slot] = shared.setdefault(value, value)
-            elif value != _TEXT_DEFAULTS[i]:
-                column = self._texts[i] = [_TEXT_DEFAULTS[i]] * len(self._flags)
-                column[slot] = shared.setdefault(value, value)
-                if i >= 2:
-                    self._rare_texts = i
-        flags = _DYNAMIC if row.dynamic else 0
-        if row.cimd:
-            flags |= _CIMD
-        if row.disabled:
-            flags |= _DISABLED
-        if row.live_forever_only:
-            flags |= _FOREVER_ONLY
-        if row.created_at is None:
-            flags |= _NO_CREATED
-        else:
-            self._created[slot] = row.created_at
-        if row.last_used is None:
-            flags |= _NO_USE
-        else:
-            self._used[slot] = row.last_used
-        self._flags[slot] = flags
-        self._revoked[slot] = revoked
-        self._credentials[slot] = row.total_credentials
-        self._family[slot] = self._family_index(family)
-        self._verdict[slot] = _VERDICT_NO[verdict]
-        self._live[slot] = self._live_index(row.live)
+            column[slot] = shared.setdefault(value, value)
         if row.problems:
             self._problems[slot] = list(row.problems)
         else:
             self._problems.pop(slot, None)
-        return slot
 
     def drop(self, key: str) -> int | None:
         """Forget a client; its former slot (None if it was not kept)."""
@@ -293,6 +267,8 @@ class Columns:
         return n
 
     def _live_index(self, live: dict[str, int]) -> int:
+        if not live:
+            return 0
         items = tuple(live.items())
         n = self._live_no.get(items)
         if n is None:
