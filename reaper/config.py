@@ -237,6 +237,7 @@ class ServiceConfig(_Section):
     state_max_rss_mb: float | None = Field(
         None,
         gt=0,
+        allow_inf_nan=False,
         description="keep the state incremental ticks need only while this process's resident memory stays under "
         "this many MB (default: 80 % of the container's or systemd unit's memory limit; none without one)",
     )
